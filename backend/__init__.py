@@ -1,0 +1,10 @@
+"""pluto's backend: the Pluto-compatible HTTP API, its SQLite store and a small dashboard.
+
+>>> from backend import create_app, serve   # `python -m backend` / `pluto server` call serve()
+"""
+
+from ._app import create_app
+from ._serve import main, serve
+from ._settings import ServerSettings
+
+__all__ = ["ServerSettings", "create_app", "main", "serve"]

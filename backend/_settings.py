@@ -1,0 +1,106 @@
+"""The backend's settings: one frozen dataclass, read from the environment once at start.
+
+Explicit arguments win over the environment; nothing else in ``backend`` reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from pluto.errors import ConfigError
+
+DEFAULT_API_URL = "http://127.0.0.1:8080"
+DEFAULT_DB_URL = "sqlite:///.pluto/pluto.db"
+DEFAULT_MAX_BODY = 64 * 1024 * 1024
+
+
+def _keys(env: Mapping[str, str]) -> tuple[str, ...]:
+    """Keys from ``PLUTO_API_KEY`` (comma-separated) plus one per line of ``PLUTO_API_KEY_FILE``.
+
+    Several keys let an operator rotate one without stopping the workers holding the other.
+    """
+    raw = env.get("PLUTO_API_KEY", "").split(",")
+    path = env.get("PLUTO_API_KEY_FILE", "").strip()
+    if path:
+        try:
+            raw += Path(path).expanduser().read_text().splitlines()
+        except OSError as exc:
+            raise ConfigError(f"PLUTO_API_KEY_FILE={path!r} cannot be read: {exc}") from None
+    keys = [k.strip() for k in raw if k.strip() and not k.strip().startswith("#")]
+    return tuple(dict.fromkeys(keys))
+
+
+def db_path(db_url: str, cwd: Path | None = None) -> str:
+    """The file (or ``:memory:``) named by a ``sqlite:///`` URL; relative paths are under cwd.
+
+    ``sqlite:///rel/x.db`` is relative, ``sqlite:////abs/x.db`` absolute (SQLAlchemy's rule);
+    a bare path without the scheme is accepted too. The parent directory is created.
+    """
+    if db_url.startswith("sqlite://"):
+        rest = db_url[len("sqlite://"):]
+        if not rest.startswith("/"):
+            raise ConfigError(f"PLUTO_DB_URL={db_url!r}: use sqlite:///relative/path.db "
+                              "or sqlite:////absolute/path.db")
+        rest = rest[1:]
+    elif "://" in db_url:
+        raise ConfigError(f"PLUTO_DB_URL={db_url!r}: only sqlite:/// URLs are supported")
+    else:
+        rest = db_url
+    if rest in ("", ":memory:"):
+        return ":memory:"
+    path = Path(rest).expanduser()
+    if not path.is_absolute():
+        path = (cwd or Path.cwd()) / path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return str(path)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What ``pluto server`` needs; DESIGN.md §2 lists the variables."""
+
+    api_url: str = DEFAULT_API_URL
+    db_url: str = DEFAULT_DB_URL
+    api_keys: tuple[str, ...] = ()
+    max_body: int = DEFAULT_MAX_BODY
+    """Largest request body in bytes; beyond it the backend answers 413."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> ServerSettings:
+        """Settings from ``PLUTO_API_URL``, ``PLUTO_DB_URL``, ``PLUTO_API_KEY[_FILE]``,
+        ``PLUTO_MAX_BODY``.
+
+        >>> ServerSettings.from_env({"PLUTO_API_KEY": "k1,k2"}).api_keys
+        ('k1', 'k2')
+        """
+        env = os.environ if env is None else env
+        raw_max = env.get("PLUTO_MAX_BODY", "").strip()
+        try:
+            max_body = int(raw_max) if raw_max else DEFAULT_MAX_BODY
+        except ValueError:
+            raise ConfigError(f"PLUTO_MAX_BODY={raw_max!r} must be a number of bytes") from None
+        if max_body <= 0:
+            raise ConfigError(f"PLUTO_MAX_BODY={raw_max!r} must be positive")
+        settings = cls(
+            api_url=env.get("PLUTO_API_URL", "").strip() or DEFAULT_API_URL,
+            db_url=env.get("PLUTO_DB_URL", "").strip() or DEFAULT_DB_URL,
+            api_keys=_keys(env),
+            max_body=max_body,
+        )
+        settings.host_port()  # fail on a bad URL now, not when binding
+        return settings
+
+    def host_port(self) -> tuple[str, int]:
+        """Where to listen: the host and port of ``api_url``."""
+        parts = urlsplit(self.api_url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"PLUTO_API_URL={self.api_url!r} must look like http://host:port")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ConfigError(f"PLUTO_API_URL={self.api_url!r} has an invalid port") from None
+        return parts.hostname, port or (443 if parts.scheme == "https" else 80)

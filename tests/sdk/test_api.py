@@ -1,0 +1,101 @@
+"""The public surface and the paths of init that need no worker."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+import redis
+
+import pluto
+from pluto import _keys
+from pluto._settings import Settings
+from tests.conftest import ROOT
+
+
+def test_all_matches_public_names() -> None:
+    public = {n for n in dir(pluto) if not n.startswith("_")} - {"annotations"}
+    assert set(pluto.__all__) == public
+
+
+def test_import_is_cheap_and_pulls_no_server_code() -> None:
+    code = ("import sys, pluto; bad = [m for m in sys.modules if m.split('.')[0] in "
+            "('worker', 'backend', 'starlette', 'uvicorn', 'torch', 'numpy')]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=ROOT)
+    assert out.stdout.strip() == "[]"
+
+
+def test_errors_share_one_base() -> None:
+    for exc in (pluto.ConfigError, pluto.ConnectionFailed, pluto.InitTimeout, pluto.RunFinished):
+        assert issubclass(exc, pluto.PlutoError)
+
+
+def test_disabled_mode_touches_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PLUTO_MODE", "disabled")
+    monkeypatch.setenv("PLUTO_REDIS_URL", "redis://127.0.0.1:1/0")  # nothing listens there
+    run = pluto.init(project="p", name="n", config={"a": 1}, run_id="r")
+    run.log({"x": 1.0})
+    assert run.finish() == 0 and run.id == 0 and not run.resumed
+
+
+def test_unreachable_redis_fails_fast_naming_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from pluto._servers import free_port
+
+    monkeypatch.setenv("PLUTO_REDIS_URL", f"redis://user:secret@127.0.0.1:{free_port()}/0")
+    start = time.monotonic()
+    with pytest.raises(pluto.ConnectionFailed) as info:
+        pluto.init(project="p", run_id="r")
+    assert time.monotonic() - start < 10
+    assert "PLUTO_REDIS_URL" in str(info.value) and "secret" not in str(info.value)
+
+
+@pytest.mark.parametrize("url", ["not a url", "http://127.0.0.1:6379", "redis://127.0.0.1:abc/0"])
+def test_bad_redis_url_is_a_config_error(monkeypatch: pytest.MonkeyPatch, url: str) -> None:
+    monkeypatch.setenv("PLUTO_REDIS_URL", url)
+    with pytest.raises(pluto.PlutoError, match="PLUTO_REDIS_URL"):
+        pluto.init(project="p", run_id="r")
+
+
+@pytest.mark.parametrize("bad", ["", "x" * 10_000, "a\x00b", "line\nbreak", 3.5, ["a"], b"bytes"])
+def test_bad_run_id_is_rejected_before_anything_is_written(
+        redis_url: str, prefix: str, r: redis.Redis, bad: object) -> None:
+    settings = Settings.from_env({"PLUTO_REDIS_URL": redis_url, "PLUTO_PREFIX": prefix})
+    with pytest.raises(pluto.ConfigError, match="run_id"):
+        pluto.init(project="p", run_id=bad, settings=settings)  # type: ignore[arg-type]
+    assert list(r.scan_iter(match=f"{prefix}:*")) == []
+
+
+def test_bad_env_numbers_name_the_variable() -> None:
+    with pytest.raises(pluto.ConfigError, match="PLUTO_INIT_TIMEOUT"):
+        Settings.from_env({"PLUTO_INIT_TIMEOUT": "soon"})
+    with pytest.raises(pluto.ConfigError, match="PLUTO_INIT_TIMEOUT"):
+        Settings.from_env({"PLUTO_INIT_TIMEOUT": "nan"})
+    with pytest.raises(pluto.ConfigError, match="PLUTO_MODE"):
+        Settings.from_env({"PLUTO_MODE": "offline-ish"})
+
+
+def test_config_that_is_not_serialisable_names_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PLUTO_MODE", "disabled")
+    with pytest.raises(TypeError, match="optim.fn"):
+        pluto.init(project="p", run_id="r", config={"optim": {"fn": object()}})
+
+
+def test_no_worker_gives_init_timeout_naming_the_command(redis_url: str, prefix: str) -> None:
+    settings = Settings.from_env({"PLUTO_REDIS_URL": redis_url, "PLUTO_PREFIX": prefix,
+                                  "PLUTO_INIT_TIMEOUT": "1"})
+    start = time.monotonic()
+    with pytest.raises(pluto.InitTimeout, match="pluto worker"):
+        pluto.init(project="p", run_id="lonely", settings=settings)
+    assert time.monotonic() - start < 5
+
+
+def test_key_quoting_keeps_odd_ids_apart() -> None:
+    keys = _keys.Keys("p")
+    odd = ["a:b", "a{b}", "a b", "100%", "a%3Ab", "ünï"]
+    assert len({keys.run("proj", x) for x in odd}) == len(odd)
+    assert keys.run("my proj", "a:b") == "p:run:my%20proj:a%3Ab"
+    assert keys.run_of_stream(keys.metrics(42)) == 42
+    assert keys.run_of_stream(keys.dead(42)) is None

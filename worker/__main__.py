@@ -1,0 +1,7 @@
+"""``python -m worker``: run one worker until SIGTERM."""
+
+import sys
+
+from ._main import main
+
+sys.exit(main())

@@ -1,0 +1,182 @@
+"""The backend's HTTP API as the worker uses it (DESIGN.md §6), over one pooled httpx client.
+
+    BackendError
+     ├── Rejected      the backend refused the request for good (4xx): do not retry
+     └── Interrupted   the worker is shutting down while a request was still being retried
+
+Connection errors, timeouts, 5xx and the "try again" 4xx (401/403: a key being rotated or
+misconfigured, 408, 429) are retried here with exponential back-off and jitter, each retry
+logged at WARNING, until the request succeeds or the worker stops. So a caller sees either an
+answer, :class:`Rejected`, or :class:`Interrupted` — never a transient failure, which is what
+lets the worker acknowledge an entry only after the backend stored it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import msgpack
+
+from pluto._protocol import json_value
+
+from ._settings import WorkerSettings
+
+log = logging.getLogger("worker.backend")
+
+RETRY_STATUS = frozenset({401, 403, 408, 425, 429})
+MSGPACK = "application/msgpack"
+
+
+class BackendError(Exception):
+    """Base of the errors the backend client raises."""
+
+
+class Rejected(BackendError):
+    """The backend answered with a 4xx that retrying will not change."""
+
+    def __init__(self, what: str, status: int, body: str) -> None:
+        super().__init__(f"{what}: backend answered {status}: {body[:300]}")
+        self.status = status
+        self.body = body
+
+
+class Interrupted(BackendError):
+    """Retrying was abandoned because the worker is stopping; nothing was confirmed."""
+
+
+@dataclass
+class IngestResult:
+    stored: int
+    bad: dict[int, str] = field(default_factory=dict)
+    """Index in the posted batch -> the backend's reason, for lines it refused (HTTP 422)."""
+
+
+class Backend:
+    """``create_run``, ``ingest``, ``update_status``, ``update_config``, ``upsert_members``."""
+
+    def __init__(self, settings: WorkerSettings, stop: threading.Event | None = None,
+                 on_wait: Callable[[], None] | None = None,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self._stop = stop or threading.Event()
+        self._on_wait = on_wait
+        self._retry_max = settings.retry_max
+        self._msgpack = True  # until the backend answers 415 to a msgpack body
+        headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
+        self._http = httpx.Client(
+            base_url=settings.api_url, headers=headers,
+            timeout=httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout),
+            transport=transport,
+        )
+
+    def close(self) -> None:
+        self._http.close()
+
+    # -- the calls -------------------------------------------------------------------------
+
+    def create_run(self, project: str, external_id: str, name: str, config: Any,
+                   tags: Sequence[str]) -> tuple[int, bool]:
+        body = {"runName": name or external_id, "projectName": project, "externalId": external_id,
+                "config": None if config is None else json.dumps(config), "tags": list(tags)}
+        answer = self._json("POST", "/api/runs/create", f"create run {project}/{external_id}",
+                            json=body)
+        return int(answer["runId"]), bool(answer.get("resumed", False))
+
+    def update_status(self, run: int, status: str) -> None:
+        self._json("POST", "/api/runs/status/update", f"status of run {run}",
+                   json={"runId": run, "status": status})
+
+    def update_config(self, run: int, config: Any) -> None:
+        self._json("POST", "/api/runs/config/update", f"config of run {run}",
+                   json={"runId": run, "config": json.dumps(config)})
+
+    def upsert_members(self, run: int, members: list[dict[str, Any]]) -> None:
+        self._json("POST", f"/api/runs/{run}/members", f"members of run {run}", json=members)
+
+    def project_of(self, run: int) -> str | None:
+        """The run's project name (for ``X-Project-Name``), or None if the backend has no such run."""
+        try:
+            answer = self._json("GET", f"/api/runs/{run}", f"read run {run}")
+        except Rejected:
+            return None
+        return str(answer.get("project") or "") or None
+
+    def ingest(self, run: int, project: str | None, records: list[dict[str, Any]]) -> IngestResult:
+        """POST one run's batch; 200 and 422 are answers, any other 4xx raises :class:`Rejected`."""
+        headers = {"X-Run-Id": str(run), "X-Project-Name": project or ""}
+        what = f"ingest {len(records)} entries into run {run}"
+        resp = self._post_records(what, headers, records)
+        if resp.status_code == 415 and self._msgpack:
+            log.info("backend does not take msgpack (415); sending NDJSON from now on")
+            self._msgpack = False
+            resp = self._post_records(what, headers, records)
+        if resp.status_code == 200:
+            return IngestResult(int(_maybe_json(resp).get("stored", len(records))))
+        if resp.status_code == 422:
+            answer = _maybe_json(resp)
+            bad = {int(b["index"]): str(b.get("error", "rejected")) for b in answer.get("bad_lines", [])}
+            if bad:
+                return IngestResult(int(answer.get("stored", len(records) - len(bad))), bad)
+        raise Rejected(what, resp.status_code, resp.text)
+
+    # -- plumbing --------------------------------------------------------------------------
+
+    def _post_records(self, what: str, headers: dict[str, str],
+                      records: list[dict[str, Any]]) -> httpx.Response:
+        if self._msgpack:
+            body = msgpack.packb(records, use_bin_type=True)
+            headers = {**headers, "Content-Type": MSGPACK}
+        else:
+            body = "\n".join(json.dumps(_json_record(r)) for r in records).encode()
+            headers = {**headers, "Content-Type": "application/x-ndjson"}
+        return self._request("POST", "/ingest/metrics", what, content=body, headers=headers)
+
+    def _json(self, method: str, path: str, what: str, **kwargs: Any) -> Any:
+        resp = self._request(method, path, what, **kwargs)
+        if resp.status_code >= 400:
+            raise Rejected(what, resp.status_code, resp.text)
+        return _maybe_json(resp)
+
+    def _request(self, method: str, path: str, what: str, **kwargs: Any) -> httpx.Response:
+        """Send until the answer is final (2xx or a definite 4xx); back off between attempts."""
+        delay, attempt = 0.1, 0
+        while True:
+            if self._stop.is_set() and attempt:
+                raise Interrupted(f"{what}: worker stopping")
+            try:
+                resp = self._http.request(method, path, **kwargs)
+            except httpx.TransportError as exc:
+                reason = f"{type(exc).__name__}: {exc}"
+            else:
+                if resp.status_code < 500 and resp.status_code not in RETRY_STATUS:
+                    return resp
+                reason = f"HTTP {resp.status_code}: {resp.text[:200]}"
+                if resp.status_code in (401, 403):
+                    log.error("%s: the backend refused the API key (%s); check PLUTO_API_KEY",
+                              what, resp.status_code)
+            attempt += 1
+            pause = delay * random.uniform(0.5, 1.0)
+            log.warning("%s failed (%s); retry %d in %.2f s", what, reason, attempt, pause)
+            if self._on_wait is not None:
+                self._on_wait()
+            if self._stop.wait(pause):
+                raise Interrupted(f"{what}: worker stopping after {attempt} attempts ({reason})")
+            delay = min(delay * 2, self._retry_max)
+
+
+def _maybe_json(resp: httpx.Response) -> Any:
+    try:
+        return resp.json()
+    except ValueError:
+        return {}
+
+
+def _json_record(record: dict[str, Any]) -> dict[str, Any]:
+    data = {k: json_value(v) for k, v in record["data"].items()}
+    return {**record, "data": data}

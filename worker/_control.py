@@ -1,0 +1,107 @@
+"""Control stream operations: create, attach, finish, config (DESIGN.md §3).
+
+Every handler is idempotent, because a control entry is redelivered whenever a worker dies
+before acknowledging it: the backend upserts runs (on project + external id), members and
+config, and the Redis writes here only ever set the same values again.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from pluto import _keys as K
+from pluto._keys import Keys
+from pluto._protocol import decode_control, unpack
+
+from ._backend import Backend, Rejected
+from ._streams import ensure_group
+
+log = logging.getLogger("worker.control")
+
+RUN_KEY_TTL = 30 * 24 * 3600
+CREATED_TTL = 3600
+
+
+def member_row(member: str, info: dict[str, Any], state: str | None = None) -> dict[str, Any]:
+    """One row of ``POST /api/runs/{id}/members`` from a members-hash value (None if unknown)."""
+    host, _, pid = member.rpartition(":")
+
+    def num(key: str, default: int | None = None) -> int | None:
+        value = info.get(key)
+        return value if type(value) is int else default
+
+    return {
+        "member": member,
+        "rank": num("rank"),
+        "local_rank": num("local_rank"),
+        "host": str(info.get("host") or host or member),
+        "pid": num("pid", int(pid) if pid.isdigit() else None),
+        "state": state or str(info.get("state") or "running"),
+    }
+
+
+class Control:
+    """Applies one decoded control message to the backend and to Redis."""
+
+    def __init__(self, r: Any, keys: Keys, backend: Backend, projects: dict[int, str | None]) -> None:
+        self.r = r
+        self.keys = keys
+        self.backend = backend
+        self.projects = projects  # run id -> project name, shared with the metrics path
+
+    def handle(self, entry_id: bytes, fields: dict[bytes, bytes]) -> None:
+        """Apply one entry; a malformed message or a refusal by the backend is logged and
+        dropped (acknowledged), since retrying it can never succeed."""
+        try:
+            msg = decode_control(fields)
+        except ValueError as exc:
+            log.error("control entry %s dropped: %s", entry_id.decode(), exc)
+            return
+        handler = {K.OP_CREATE: self.create, K.OP_ATTACH: self.attach,
+                   K.OP_FINISH: self.finish, K.OP_CONFIG: self.config}[msg["op"]]
+        try:
+            handler(msg)
+        except Rejected as exc:
+            log.error("control %s %s dropped: %s", msg["op"], entry_id.decode(), exc)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.error("control %s %s malformed, dropped: %r", msg["op"], entry_id.decode(), exc)
+
+    def create(self, msg: dict[str, Any]) -> None:
+        project, run_id, token = msg["project"], msg["run_id"], msg["token"]
+        run, resumed = self.backend.create_run(project, run_id, msg.get("name") or "",
+                                               msg.get("config"), msg.get("tags") or [])
+        self.projects[run] = project
+        # Order matters: the creator polls the run key, and once it holds the id, the run must
+        # already be readable by every worker (in the runs set, with its group).
+        self.r.set(self.keys.created(token), "1" if resumed else "0", ex=CREATED_TTL)
+        self.activate(run)
+        self.r.set(self.keys.run(project, run_id), str(run), ex=RUN_KEY_TTL)
+        log.info("run %s/%s -> id %d (%s)", project, run_id, run, "resumed" if resumed else "new")
+
+    def attach(self, msg: dict[str, Any]) -> None:
+        run, member = msg["id"], msg["member"]
+        info = msg.get("info") or {}
+        self.backend.upsert_members(run, [member_row(member, info)])
+        if self.activate(run):
+            # The run had left the active set (it completed or failed before); a process has
+            # come back under the same run id, so it is running again.
+            self.backend.update_status(run, "RUNNING")
+            log.info("run %d: %s re-attached; status RUNNING again", run, member)
+        log.info("run %d: %s attached (rank %s)", run, member, info.get("rank"))
+
+    def finish(self, msg: dict[str, Any]) -> None:
+        run, member, state = msg["id"], msg["member"], msg.get("state") or "finished"
+        raw = self.r.hget(self.keys.members(run), member)
+        info = unpack(raw) if raw else {}
+        self.backend.upsert_members(run, [member_row(member, info, state)])
+        log.info("run %d: %s %s", run, member, state)
+
+    def config(self, msg: dict[str, Any]) -> None:
+        self.backend.update_config(msg["id"], msg.get("config") or {})
+
+    def activate(self, run: int) -> bool:
+        """Make ``run`` one the workers read; True if it was not active before."""
+        added = bool(self.r.sadd(self.keys.runs, str(run)))
+        ensure_group(self.r, self.keys.metrics(run))
+        return added

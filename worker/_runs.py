@@ -1,0 +1,121 @@
+"""Run lifecycle checks the worker makes in maintenance: dead members and completed runs.
+
+A run is done when no member in its members hash is ``running`` and the ``workers`` group has
+persisted every entry of its metrics stream. The SDK XADDs a process's last entries before it
+marks itself finished, so once every member is finished, "drained" means "all of it stored".
+Every worker replica may run these checks; they are idempotent, and marking a member failed is
+a compare-and-set so it never overwrites the member's own last word.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from pluto._keys import Keys
+from pluto._protocol import pack, unpack
+
+from ._backend import Backend
+from ._control import member_row
+from ._streams import drained, trim
+
+log = logging.getLogger("worker.runs")
+
+RUNNING = "running"
+
+# Set a member's value only if it is still the one we judged on (the SDK may finish meanwhile).
+_CAS = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+  return 1
+end
+return 0
+"""
+
+
+def final_status(states: list[str]) -> str:
+    if "failed" in states:
+        return "FAILED"
+    if "terminated" in states:
+        return "TERMINATED"
+    return "COMPLETED"
+
+
+def _epoch_ms(value: Any) -> int | None:
+    """``attached_at`` as epoch ms, whether the SDK wrote seconds or milliseconds."""
+    if not isinstance(value, (int, float)) or value <= 0:
+        return None
+    return int(value if value > 1e11 else value * 1000)
+
+
+class RunWatcher:
+    def __init__(self, r: Any, keys: Keys, backend: Backend, heartbeat_timeout: float,
+                 retention: int) -> None:
+        self.r = r
+        self.keys = keys
+        self.backend = backend
+        self.timeout_ms = int(heartbeat_timeout * 1000)
+        self.retention = retention
+        self._cas = r.register_script(_CAS)
+        self._first_seen: dict[tuple[int, str], int] = {}
+
+    def check(self, runs: list[int]) -> None:
+        """Fail members whose heartbeat stopped, then complete the runs that are done."""
+        if not runs:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for run in runs:
+            pipe.hgetall(self.keys.members(run))
+            pipe.hgetall(self.keys.heartbeats(run))
+        replies = pipe.execute()
+        for i, run in enumerate(runs):
+            members = {m.decode(): (raw, unpack(raw)) for m, raw in replies[2 * i].items()}
+            self._reap_dead(run, members, replies[2 * i + 1])
+            states = [info.get("state") for _, info in members.values()]
+            if states and RUNNING not in states:
+                self._complete(run)
+
+    def _reap_dead(self, run: int, members: dict[str, tuple[bytes, dict[str, Any]]],
+                   beats: dict[bytes, bytes]) -> None:
+        now = int(time.time() * 1000)
+        for member, (raw, info) in members.items():
+            if info.get("state") != RUNNING:
+                self._first_seen.pop((run, member), None)
+                continue
+            beat = beats.get(member.encode())
+            last = int(beat) if beat else _epoch_ms(info.get("attached_at"))
+            if last is None:
+                last = self._first_seen.setdefault((run, member), now)
+            if now - last > self.timeout_ms:
+                self._mark_failed(run, member, raw, info, (now - last) / 1000)
+
+    def _mark_failed(self, run: int, member: str, raw: bytes, info: dict[str, Any],
+                     silent_s: float) -> None:
+        new = {**info, "state": "failed", "reason": "heartbeat lost"}
+        if not self._cas(keys=[self.keys.members(run)], args=[member, raw, pack(new)]):
+            return  # the member changed meanwhile (finished, or another worker marked it)
+        info["state"] = "failed"
+        log.warning("run %d: member %s (rank %s) heartbeat lost (silent %.1f s); marked failed",
+                    run, member, info.get("rank"), silent_s)
+        self.backend.upsert_members(run, [member_row(member, new)])
+
+    def _complete(self, run: int) -> None:
+        stream = self.keys.metrics(run)
+        if not drained(self.r, stream):
+            return  # entries still to persist; checked again next round
+        raw = self.r.hgetall(self.keys.members(run))
+        states = [unpack(v).get("state") for v in raw.values()]
+        if not states or RUNNING in states:
+            return
+        status = final_status(states)
+        self.backend.update_status(run, status)
+        self.r.srem(self.keys.runs, str(run))
+        # A process may have re-attached between our read and the SREM: put the run back.
+        again = [unpack(v).get("state") for v in self.r.hvals(self.keys.members(run))]
+        if RUNNING in again:
+            self.r.sadd(self.keys.runs, str(run))
+            self.backend.update_status(run, "RUNNING")
+            return
+        log.info("run %d %s (%d members)", run, status, len(states))
+        trim(self.r, stream, self.retention)

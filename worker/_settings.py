@@ -1,0 +1,107 @@
+"""The worker's settings: one frozen dataclass, read from the environment once at start.
+
+Explicit keyword arguments to :meth:`WorkerSettings.from_env` win over the environment; nothing
+else in ``worker`` reads ``os.environ``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from pluto.errors import ConfigError
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+DEFAULT_API_URL = "http://127.0.0.1:8080"
+
+
+def _num(env: Mapping[str, str], name: str, default: float, low: float = 0.0) -> float:
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number; unset it or give a number") from None
+    if not value > low or value != value or value == float("inf"):
+        raise ConfigError(f"{name}={raw!r} must be a finite number above {low}")
+    return value
+
+
+def _flag(env: Mapping[str, str], name: str) -> bool:
+    return env.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def redact(url: str) -> str:
+    """``url`` without its password, for log lines."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    """What one worker replica needs; DESIGN.md §2 lists the shared variables.
+
+    >>> WorkerSettings.from_env({"PLUTO_PREFIX": "demo"}).prefix
+    'demo'
+    """
+
+    redis_url: str = DEFAULT_REDIS_URL
+    cluster: bool = False
+    prefix: str = "pluto"
+    api_url: str = DEFAULT_API_URL
+    api_key: str = ""
+    name: str = ""
+    """Consumer name in the group; ``<host>:<pid>`` unless ``PLUTO_WORKER_NAME`` is set."""
+    batch: int = 5000
+    """Entries read per stream per iteration (XREADGROUP COUNT), split over the active runs."""
+    block_ms: int = 200
+    claim_idle_ms: int = 15_000
+    """Entries pending this long on another consumer are taken over (XAUTOCLAIM)."""
+    heartbeat_timeout: float = 30.0
+    """Seconds without a producer heartbeat after which a running member counts as dead."""
+    retention: int = 10_000
+    """Acknowledged entries kept at the tail of each stream for live viewing."""
+    trim_interval: float = 5.0
+    check_interval: float = 0.25
+    """Seconds between completion / dead-member checks of the active runs."""
+    heartbeat_interval: float = 1.0
+    connect_timeout: float = 3.0
+    read_timeout: float = 10.0
+    retry_max: float = 5.0
+    """Longest pause between two attempts against the backend or Redis."""
+    log_level: str = "INFO"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = dict(
+            redis_url=env.get("PLUTO_REDIS_URL") or DEFAULT_REDIS_URL,
+            cluster=_flag(env, "PLUTO_REDIS_CLUSTER"),
+            prefix=env.get("PLUTO_PREFIX") or "pluto",
+            api_url=(env.get("PLUTO_API_URL") or DEFAULT_API_URL).rstrip("/"),
+            api_key=env.get("PLUTO_API_KEY") or "",
+            name=env.get("PLUTO_WORKER_NAME") or f"{socket.gethostname()}:{os.getpid()}",
+            batch=int(_num(env, "PLUTO_WORKER_BATCH", 5000, low=0.5)),
+            block_ms=int(_num(env, "PLUTO_WORKER_BLOCK_MS", 200, low=0.5)),
+            claim_idle_ms=int(_num(env, "PLUTO_CLAIM_IDLE_MS", 15_000, low=0.5)),
+            heartbeat_timeout=_num(env, "PLUTO_HEARTBEAT_TIMEOUT", 30.0),
+            retention=int(_num(env, "PLUTO_RETENTION", 10_000, low=-0.5)),
+            trim_interval=_num(env, "PLUTO_TRIM_INTERVAL", 5.0),
+            connect_timeout=_num(env, "PLUTO_HTTP_CONNECT_TIMEOUT", 3.0),
+            read_timeout=_num(env, "PLUTO_HTTP_READ_TIMEOUT", 10.0),
+            log_level=(env.get("PLUTO_LOG_LEVEL") or "INFO").strip().upper(),
+        )
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> WorkerSettings:
+        return dataclasses.replace(self, **changes)
