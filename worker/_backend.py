@@ -100,7 +100,7 @@ class Backend:
         self._json("POST", f"/api/runs/{run}/members", f"members of run {run}", json=members)
 
     def project_of(self, run: int) -> str | None:
-        """The run's project name (for ``X-Project-Name``), or None if the backend has no such run."""
+        """The run's project (for ``X-Project-Name``); None if the backend has no such run."""
         try:
             answer = self._json("GET", f"/api/runs/{run}", f"read run {run}")
         except Rejected:
@@ -120,7 +120,8 @@ class Backend:
             return IngestResult(int(_maybe_json(resp).get("stored", len(records))))
         if resp.status_code == 422:
             answer = _maybe_json(resp)
-            bad = {int(b["index"]): str(b.get("error", "rejected")) for b in answer.get("bad_lines", [])}
+            bad = {int(b["index"]): str(b.get("error", "rejected"))
+                   for b in answer.get("bad_lines", [])}
             if bad:
                 return IngestResult(int(answer.get("stored", len(records) - len(bad))), bad)
         raise Rejected(what, resp.status_code, resp.text)

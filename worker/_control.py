@@ -44,7 +44,8 @@ def member_row(member: str, info: dict[str, Any], state: str | None = None) -> d
 class Control:
     """Applies one decoded control message to the backend and to Redis."""
 
-    def __init__(self, r: Any, keys: Keys, backend: Backend, projects: dict[int, str | None]) -> None:
+    def __init__(self, r: Any, keys: Keys, backend: Backend,
+                 projects: dict[int, str | None]) -> None:
         self.r = r
         self.keys = keys
         self.backend = backend

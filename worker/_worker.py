@@ -101,8 +101,9 @@ class Worker:
                 self.run_once()
                 delay = 0.1
             except (redis.ConnectionError, redis.TimeoutError) as exc:
-                log.warning("redis unreachable (%s); retrying in %.1f s", exc, delay)
-                self._stop.wait(delay * random.uniform(0.5, 1.0))
+                pause = delay * random.uniform(0.5, 1.0)
+                log.warning("redis unreachable (%s); retrying in %.1f s", exc, pause)
+                self._stop.wait(pause)
                 delay = min(delay * 2, self.settings.retry_max)
             except Interrupted as exc:
                 log.info("stopped while retrying: %s (left pending, not acknowledged)", exc)

@@ -158,7 +158,7 @@ def test_bad_input_warns_once_and_good_keys_land(stack: Stack, tmp_path: Path) -
     [res] = json_lines(out)
     warned = "\n".join(res["warnings"])
     for key in ("bad/str", "bad/none", "bad/list", "bad/array", "''", "kkkk", "ctl", "_private",
-                "5", "not a dict", "step"):
+                "5", "takes a dict", "step"):
         assert key in warned, (key, warned)
     assert sum("bad/str" in w for w in res["warnings"]) == 1
     assert res["raised"] and "bad/str" in res["raised"] and "PLUTO_STRICT" in res["raised"]

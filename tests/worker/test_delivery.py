@@ -11,6 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import redis
 
 from pluto import _servers
@@ -111,6 +112,7 @@ def test_restarted_worker_rereads_its_own_pending(bare_stack: Stack, project: st
     assert held > 0
 
 
+@pytest.mark.slow
 def test_backend_outage_is_retried_without_loss(private_backend: Backend, redis_url: str,
                                                 prefix: str, project: str, r: redis.Redis,
                                                 keys: Keys, tmp_path: Path) -> None:
@@ -165,6 +167,7 @@ def test_second_signal_exits_at_once(bare_stack: Stack, project: str, r: redis.R
     assert w.proc.wait(10) in (0, 1)
 
 
+@pytest.mark.slow
 def test_control_is_served_while_a_backlog_drains(bare_stack: Stack, project: str,
                                                   r: redis.Redis, keys: Keys) -> None:
     bare_stack.start_worker()

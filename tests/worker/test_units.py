@@ -1,0 +1,123 @@
+"""The worker's small parts: public surface, settings, entry decoding, the backend client's
+protocol handling (415 fallback, 422 bad lines) through httpx's transport seam."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+
+import httpx
+import msgpack
+import pytest
+
+import worker
+from pluto._protocol import decode_entry
+from pluto.errors import ConfigError
+from worker import WorkerSettings
+from worker._backend import Backend, Interrupted, Rejected
+from worker._entries import flatten, record
+from worker._settings import redact
+
+
+def test_public_names_match_all() -> None:
+    public = {n for n in vars(worker) if not n.startswith("_")} - {"annotations"}
+    assert set(worker.__all__) == public
+
+
+def test_settings_from_env() -> None:
+    s = WorkerSettings.from_env({"PLUTO_PREFIX": "x", "PLUTO_WORKER_BATCH": "7",
+                                 "PLUTO_CLAIM_IDLE_MS": "100", "PLUTO_HEARTBEAT_TIMEOUT": "2.5",
+                                 "PLUTO_REDIS_CLUSTER": "1", "PLUTO_API_URL": "http://h:1/"})
+    assert (s.prefix, s.batch, s.claim_idle_ms, s.heartbeat_timeout, s.cluster, s.api_url) == (
+        "x", 7, 100, 2.5, True, "http://h:1")
+    d = WorkerSettings.from_env({})
+    assert (d.redis_url, d.api_url, d.batch, d.block_ms, d.retention) == (
+        "redis://127.0.0.1:6379/0", "http://127.0.0.1:8080", 5000, 200, 10_000)
+    with pytest.raises(ConfigError, match="PLUTO_WORKER_BATCH"):
+        WorkerSettings.from_env({"PLUTO_WORKER_BATCH": "lots"})
+    assert redact("redis://u:secret@h:6379/0") == "redis://u:***@h:6379/0"
+
+
+@pytest.mark.parametrize("fields", [
+    {b"_rank": b"0", b"_step": b"3", b"_time": b"9", b"a": b"1.5", b"b": b"-7", b"c": b"nan"},
+    {b"_rank": b"0", b"_step": b"3", b"_time": b"9", b"_extra": b"x", b"a": b"1e300"},
+    {b"_rank": b"0", b"_step": b"3", b"_time": b"9"},
+])
+def test_fast_decoding_matches_decode_entry(fields: dict[bytes, bytes]) -> None:
+    for _ in range(2):  # the second time through, names come from the cache
+        rec = record(b"5-1", flatten(fields))
+        _, step, time_ms, data = decode_entry(fields)
+        assert (rec["step"], rec["time"], rec["seq"]) == (step, time_ms, "5-1")
+        assert [(k, type(v), repr(v)) for k, v in rec["data"].items()] == [
+            (k, type(v), repr(v)) for k, v in data.items()]
+
+
+@pytest.mark.parametrize("fields", [
+    {b"_rank": b"0", b"_step": b"3", b"_time": b"9", b"a": b"abc"},
+    {b"_rank": b"0", b"_time": b"9", b"a": b"1"},
+    {b"_step": b"3", b"_time": b"9", b"a": b"1"},
+    {b"_rank": b"0", b"_step": b"3", b"_time": b"9", b"bad\x01name": b"1"},
+])
+def test_fast_decoding_rejects_what_decode_entry_rejects(fields: dict[bytes, bytes]) -> None:
+    record(b"1-0", flatten({b"_rank": b"0", b"_step": b"1", b"_time": b"1", b"a": b"2"}))
+    with pytest.raises(ValueError) as fast:
+        record(b"1-1", flatten(fields))
+    with pytest.raises(ValueError) as slow:
+        decode_entry(fields)
+    assert str(fast.value) == str(slow.value)
+
+
+def client(handler: object) -> Backend:
+    settings = WorkerSettings.from_env({}, api_url="http://backend", api_key="k", retry_max=0.01)
+    return Backend(settings, transport=httpx.MockTransport(handler))  # type: ignore[arg-type]
+
+
+def test_ingest_falls_back_to_ndjson_on_415() -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers["content-type"])
+        assert request.headers["authorization"] == "Bearer k"
+        if request.headers["content-type"] == "application/msgpack":
+            return httpx.Response(415, json={"error": "no msgpack"})
+        lines = [json.loads(x) for x in request.content.decode().splitlines()]
+        assert lines[0]["data"] == {"a": "NaN", "b": "-Infinity", "c": 1.5}
+        return httpx.Response(200, json={"stored": len(lines)})
+
+    b = client(handler)
+    rec = {"time": 1, "step": 1, "data": {"a": math.nan, "b": -math.inf, "c": 1.5}, "seq": "1-0"}
+    assert b.ingest(1, "p", [rec]).stored == 1
+    assert b.ingest(1, "p", [rec]).stored == 1
+    assert seen == ["application/msgpack", "application/x-ndjson", "application/x-ndjson"]
+
+
+def test_ingest_answers() -> None:
+    answers = [httpx.Response(503), httpx.Response(422, json={
+        "stored": 1, "bad_lines": [{"index": 1, "error": "bad"}]}), httpx.Response(404)]
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        body = msgpack.unpackb(request.content)
+        assert body[0]["data"]["x"] == 1 and request.headers["x-run-id"] == "9"
+        return answers.pop(0)
+
+    b = client(handler)
+    recs = [{"time": 1, "step": i, "data": {"x": 1}, "seq": f"1-{i}"} for i in range(2)]
+    result = b.ingest(9, None, recs)  # the 503 is retried
+    assert (result.stored, result.bad) == (1, {1: "bad"})
+    with pytest.raises(Rejected) as exc:
+        b.ingest(9, None, recs)
+    assert exc.value.status == 404
+
+
+def test_retries_stop_when_the_worker_stops() -> None:
+    stop = threading.Event()
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        stop.set()
+        raise httpx.ConnectError("refused")
+
+    settings = WorkerSettings.from_env({}, api_url="http://backend")
+    b = Backend(settings, stop, transport=httpx.MockTransport(handler))
+    with pytest.raises(Interrupted):
+        b.update_status(1, "RUNNING")
