@@ -17,8 +17,8 @@ from typing import Any
 import redis
 
 from . import _protocol as proto
-from ._keys import PENDING_PREFIX, Keys
-from .errors import InitTimeout
+from ._keys import CREATE_REFUSED, PENDING_PREFIX, Keys
+from .errors import InitTimeout, PlutoError
 
 # Extend the lease only while the key still holds *our* token (a compare-and-expire).
 _REFRESH = """
@@ -75,6 +75,11 @@ def elect(client: redis.Redis, keys: Keys, req: CreateRequest, lease: float,
                 client.xadd(keys.control, proto.control_create(  # type: ignore[arg-type]
                     req.project, req.run_id, req.name, req.config, req.tags, token))
                 requested = True
+            refused = client.get(keys.created(token))
+            if refused and refused.startswith(CREATE_REFUSED.encode()):
+                raise PlutoError(f"the backend refused to create run {req.run_id!r} of project "
+                                 f"{req.project!r}: {refused[len(CREATE_REFUSED):].decode()} "
+                                 "(see the `pluto worker` log)")
             now = time.monotonic()
             if now >= next_refresh:
                 refresh(keys=[key], args=[mine, lease_ms])

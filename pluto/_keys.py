@@ -25,6 +25,13 @@ OP_ATTACH = "attach"
 OP_FINISH = "finish"
 OP_CONFIG = "config"
 
+# Fields a dead-letter entry starts with; the original entry's fields follow them.
+F_DEAD_ID = "id"
+F_DEAD_REASON = "reason"
+
+CREATE_REFUSED = "error:"
+"""``created(token)`` value when the backend refused the create: ``error:<why>``."""
+
 PENDING_PREFIX = "pending:"
 """Run key value while the creator's request is in flight: ``pending:<token>``."""
 
@@ -63,7 +70,8 @@ class Keys:
         return f"{self.prefix}:run:{quote(project)}:{quote(run_id)}"
 
     def created(self, token: str) -> str:
-        """String: the backend's answer to one create request (``0``/``1`` = resumed)."""
+        """String: the backend's answer to one create request (``0``/``1`` = resumed, or
+        ``error:<why>`` when it refused)."""
         return f"{self.prefix}:created:{token}"
 
     def metrics(self, run: int | str) -> str:

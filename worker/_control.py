@@ -70,8 +70,12 @@ class Control:
 
     def create(self, msg: dict[str, Any]) -> None:
         project, run_id, token = msg["project"], msg["run_id"], msg["token"]
-        run, resumed = self.backend.create_run(project, run_id, msg.get("name") or "",
-                                               msg.get("config"), msg.get("tags") or [])
+        try:
+            run, resumed = self.backend.create_run(project, run_id, msg.get("name") or "",
+                                                   msg.get("config"), msg.get("tags") or [])
+        except Rejected as exc:  # tell the waiting init why, instead of letting it time out
+            self.r.set(self.keys.created(token), f"{K.CREATE_REFUSED}{exc}"[:2000], ex=CREATED_TTL)
+            raise
         self.projects[run] = project
         # Order matters: the creator polls the run key, and once it holds the id, the run must
         # already be readable by every worker (in the runs set, with its group).

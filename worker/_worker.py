@@ -21,6 +21,7 @@ from typing import Any
 
 import redis
 
+from pluto import _keys as K
 from pluto._keys import GROUP, Keys
 
 from ._backend import Backend, IngestResult, Interrupted, Rejected
@@ -273,7 +274,7 @@ class Worker:
         cap = max(self.settings.retention, 1000)
         for run, entry_id, fields, reason in acks.dead:
             pipe.execute_command("XADD", self.keys.dead(run), "MAXLEN", "~", cap, "*",
-                                 "id", entry_id, "reason", reason, *fields)
+                                 K.F_DEAD_ID, entry_id, K.F_DEAD_REASON, reason, *fields)
         for stream, ids in acks.ids.items():
             pipe.xack(stream, GROUP, *ids)
         pipe.execute()

@@ -190,3 +190,15 @@ def test_odd_run_ids_round_trip(stack: Stack, tmp_path: Path, run_id: str) -> No
     assert len({x["id"] for x in results}) == 1 and sum(not x["resumed"] for x in results) == 1
     stored = [x for x in stack.backend.runs("odd ids") if x["externalId"] == run_id]
     assert len(stored) == 1
+
+
+def test_a_refused_create_is_reported_to_the_waiting_creator(stack: Stack, r: redis.Redis) -> None:
+    """The backend refuses a create (here: tags that are not strings): init must not time out."""
+    from pluto import _protocol as proto
+
+    token = uuid.uuid4().hex
+    msg = proto.control_create("refused", "r1", "n", None, None, token)
+    msg["tags"] = proto.pack([1, 2])
+    r.xadd(stack.keys.control, msg)  # type: ignore[arg-type]
+    answer = wait_until(lambda: r.get(stack.keys.created(token)), 20, "the worker's answer")
+    assert answer.startswith(b"error:") and b"tags" in answer
