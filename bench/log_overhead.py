@@ -7,6 +7,7 @@ Target (issue 3): median <= 2 us, p99 <= 10 us, peak RSS <= 60 MB, and as cheap 
 from __future__ import annotations
 
 import gc
+from array import array
 import json
 import os
 import subprocess
@@ -18,8 +19,8 @@ from _common import args, median, peak_rss_mb, percentile, report, servers
 import pluto
 
 
-def measure(run: pluto.Run, calls: int) -> dict[str, float]:
-    timings = [0] * calls
+def measure(run: pluto.Run, calls: int) -> tuple[array, float]:
+    timings = array("q", bytes(8 * calls))  # no int objects: the instrument must not weigh much
     clock = time.perf_counter_ns
     log = run.log
     gc.disable()
@@ -30,9 +31,13 @@ def measure(run: pluto.Run, calls: int) -> dict[str, float]:
         timings[i] = clock() - t0
     total = clock() - start
     gc.enable()
+    return timings, calls / (total / 1e9)
+
+
+def stats(timings: array, rate: float) -> dict[str, float]:
     us = [t / 1000 for t in timings]
     return {"median_us": round(median(us), 3), "p99_us": round(percentile(us, 99), 3),
-            "calls_per_s": round(calls / (total / 1e9))}
+            "max_us": round(max(us), 1), "calls_per_s": round(rate)}
 
 
 def phase(calls: int, down: bool) -> None:
@@ -41,9 +46,10 @@ def phase(calls: int, down: bool) -> None:
     if down:
         print("READY", flush=True)
         sys.stdin.readline()  # the parent stops Redis, then says go
-    result = measure(run, calls)
-    result["lost"] = run.finish(timeout=0.5 if down else None)
-    result["peak_rss_mb"] = round(peak_rss_mb(), 1)
+    timings, rate = measure(run, calls)
+    lost = run.finish(timeout=0.5 if down else None)
+    rss = round(peak_rss_mb(), 1)  # before the statistics allocate their own lists
+    result = {**stats(timings, rate), "lost": lost, "peak_rss_mb": rss}
     print("RESULT " + json.dumps(result), flush=True)
 
 

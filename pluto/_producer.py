@@ -15,22 +15,17 @@ import socket
 import threading
 import time
 from collections import deque
+from itertools import repeat, starmap
 from typing import Any
 
-import hiredis
 import redis
 
-from ._keys import F_RANK, F_STEP, F_TIME
+from ._resp import ReplyCounter, XaddPacker, count_entries, whole_entries
 
 log = logging.getLogger("pluto")
 
-Entry = tuple[int, float, dict[str, Any]]
-CHUNK = 2000
+CHUNK = 4000
 """Entries per pipelined write: large enough to amortise the round trip, small enough to bound memory."""
-
-
-def _bulk(data: bytes) -> bytes:
-    return b"$%d\r\n%s\r\n" % (len(data), data)
 
 
 class Producer(threading.Thread):
@@ -40,7 +35,8 @@ class Producer(threading.Thread):
                  member: str, flush_interval: float, heartbeat_interval: float,
                  max_buffer: int) -> None:
         super().__init__(name="pluto-producer", daemon=True)
-        self.queue: deque[Entry] = deque()
+        self.queue: deque[Any] = deque()
+        """Flat: ``step, time, names, value...`` per entry (no per-entry tuple or dict)."""
         self.max_buffer = max_buffer
         self.dropped = 0
         self.failed = 0
@@ -53,11 +49,9 @@ class Producer(threading.Thread):
         self._drained = threading.Event()
         self._stopping = False
         self._busy = False
-        self._templates: dict[tuple[str, ...], str] = {}
-        self._head = (_bulk(b"XADD") + _bulk(stream.encode()) + _bulk(b"*") + _bulk(F_RANK.encode())
-                      + _bulk(b"%d" % rank)).decode().replace("%", "%%")
+        self._packer = XaddPacker(stream, rank)
         self._conn: Any = None
-        self._reader = hiredis.Reader()
+        self._target, self._replies = 0, ReplyCounter()  # reply accounting of the connection
         self._down_since: float | None = None
         self._next_heartbeat = 0.0
         self._reported_drops = 0
@@ -77,20 +71,31 @@ class Producer(threading.Thread):
             self._report_drops()
 
     def _send_all(self) -> bool:
-        """Send until the deque is empty; False if Redis failed (entries stay queued)."""
-        while self.queue:
-            self._busy = True
-            batch = [self.queue.popleft() for _ in range(min(CHUNK, len(self.queue)))]
-            try:
-                self._send(batch)
-            except Exception as exc:  # noqa: BLE001 - the thread must survive anything, keep the entries
-                self.queue.extendleft(reversed(batch))
-                self._busy = False
-                self._disconnect()
-                if not isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError)):
-                    log.exception("pluto: unexpected error sending entries; will retry")
-                self._note_down(exc)
-                return False
+        """Send until the deque is empty; False if Redis failed (entries stay queued).
+
+        Two chunks are kept in flight, so Redis works through one while this thread packs the
+        next; an entry leaves memory for good only once Redis answered for it.
+        """
+        inflight: deque[tuple[list[Any], int]] = deque()
+        try:
+            while self.queue or inflight:
+                self._busy = True
+                if self.queue and len(inflight) < 2:
+                    self._drop_overflow()
+                    items = self._take()
+                    inflight.append((items, self._write(items)))
+                else:
+                    self._await_replies(inflight.popleft()[1])
+        except Exception as exc:  # noqa: BLE001 - the thread must survive anything, keep the entries
+            for items, _ in reversed(inflight):
+                self.queue.extendleft(reversed(items))
+            self._disconnect()
+            if not isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError)):
+                log.exception("pluto: unexpected error sending entries; will retry")
+            self._note_down(exc)
+            self._drop_overflow()
+            return False
+        finally:
             self._busy = False
         if self._down_since is not None:
             log.warning("pluto: Redis answers again after %.1f s; buffered entries sent",
@@ -98,57 +103,65 @@ class Producer(threading.Thread):
             self._down_since = None
         return True
 
-    def _send(self, batch: list[Entry]) -> None:
-        """Write the batch down the socket, then count its replies (hiredis parses them)."""
-        sock = self._socket()
-        sock.sendall(b"".join([self._pack(*e) for e in batch]))
-        reader, expected = self._reader, len(batch)
-        while expected:
-            reply = reader.gets()
-            if reply is False:
-                chunk = sock.recv(262_144)
-                if not chunk:
-                    raise redis.ConnectionError("Redis closed the connection")
-                reader.feed(chunk)
-                continue
-            expected -= 1
-            if isinstance(reply, hiredis.ReplyError):  # the server refused this entry (e.g. OOM)
-                self.failed += 1
-                if self.failed == 1:
-                    log.warning("pluto: Redis refused a metrics entry: %s", reply)
+    def _take(self) -> list[Any]:
+        """Pop up to CHUNK whole entries off the left of the deque.
 
-    def _pack(self, step: int, ts: float, data: dict[str, Any]) -> bytes:
-        """One ``XADD`` in RESP from a template cached per set of names: one ``%`` per entry.
-
-        ``repr`` of an int or float is exactly the text DESIGN §4 asks for (``nan``, ``inf``...).
+        ``Run.log`` extends the deque with a whole entry at once (atomic under the GIL), and only
+        this thread pops, so the deque always starts on an entry boundary.
         """
-        template = self._templates.get(tuple(data))
-        if template is None:
-            template = self._template(tuple(data))
-        values = list(map(repr, data.values()))
-        pairs: list[Any] = values + values
-        pairs[0::2] = map(len, values)
-        pairs[1::2] = values
-        step_text, time_text = str(step), str(int(ts * 1000))
-        return (template % (len(step_text), step_text, len(time_text), time_text, *pairs)).encode()
+        queue = self.queue
+        width = 3 + len(queue[2])
+        count = min(len(queue), CHUNK * width)
+        count -= count % width
+        items = list(starmap(queue.popleft, repeat((), count)))  # a C-level loop of pops
+        cut = whole_entries(items)
+        if cut < len(items):  # entries of other widths: give back the broken tail
+            queue.extendleft(reversed(items[cut:]))
+            del items[cut:]
+        return items
 
-    def _template(self, names: tuple[str, ...]) -> str:
-        if len(self._templates) > 10_000:  # names that change every call: don't grow forever
-            self._templates.clear()
-        fields = "".join(_bulk(n.encode()).decode().replace("%", "%%") + "$%d\r\n%s\r\n"
-                         for n in names)
-        template = self._templates[names] = (
-            f"*{9 + 2 * len(names)}\r\n" + self._head + _bulk(F_STEP.encode()).decode()
-            + "$%d\r\n%s\r\n" + _bulk(F_TIME.encode()).decode() + "$%d\r\n%s\r\n" + fields)
-        return template
+    def _drop_overflow(self) -> None:
+        """Keep at most ``max_buffer`` entries (of the current width): drop the oldest, count them."""
+        queue = self.queue
+        if not queue:
+            return
+        limit = self.max_buffer * (3 + len(queue[2]))
+        while len(queue) > limit:
+            for _ in range(3 + len(queue[2])):
+                queue.popleft()
+            self.dropped += 1
+
+    def _write(self, items: list[Any]) -> int:
+        """Send the entries as XADDs; returns the reply count that marks them all answered."""
+        payload, count = self._packer.pack(items)
+        self._socket().sendall(payload)
+        self._target += 2 * count
+        return self._target
+
+    def _await_replies(self, target: int) -> None:
+        """Read replies until the connection's count reaches ``target``."""
+        sock, counter = self._conn._sock, self._replies
+        while counter.count < target:
+            chunk = sock.recv(262_144)
+            if not chunk:
+                raise redis.ConnectionError("Redis closed the connection")
+            errors = counter.feed(chunk)
+            if errors:
+                self.failed += errors
+                log.warning("pluto: Redis refused %d metrics entries (see its log; e.g. OOM)",
+                            errors)
+
+    def pending(self) -> int:
+        """Entries still in memory (after the thread stopped: never sent)."""
+        return count_entries(list(self.queue))
 
     # -- connection ---------------------------------------------------------------------------
     def _socket(self) -> socket.socket:
         """The raw socket of a pooled redis-py connection: it has done AUTH, SELECT and TLS."""
         if self._conn is None:
             self._conn = self._client.connection_pool.get_connection()
-            self._reader = hiredis.Reader()
-        self._conn.connect()
+            self._target, self._replies = 0, ReplyCounter()
+            self._conn.connect()
         return self._conn._sock  # type: ignore[no-any-return]
 
     def _disconnect(self) -> None:

@@ -59,6 +59,7 @@ class Run:
         self._producer = producer
         self._queue = producer.queue if producer else None
         self._max = settings.buffer_size
+        self._interned: dict[tuple[str, ...], tuple[str, ...]] = {}
         self._cleaner = Cleaner(settings.strict)
         self._names = self._cleaner.good_names
         self._step = 0
@@ -79,19 +80,20 @@ class Run:
         if (type(data) is not dict or self._closed or not self._names.issuperset(data)
                 or not all(map(_is_scalar, map(type, data.values())))):
             data = self._slow_path(data)
-        else:
-            data = data.copy()
         if step is None and timestamp is None:
             self._step += 1
             ts = time.time()
         else:
             ts = self._explicit_stamp(step, timestamp)
-        queue = self._queue
-        if queue is not None and data:
-            if len(queue) >= self._max:
-                queue.popleft()
-                self._producer.dropped += 1  # type: ignore[union-attr]
-            queue.append((self._step, ts, data))
+        if self._queue is not None and data:
+            names = tuple(data)  # one shared tuple per set of names: entries stay small
+            names = self._interned.get(names) or self._intern(names)
+            self._queue.extend((self._step, ts, names, *data.values()))
+
+    def _intern(self, names: tuple[str, ...]) -> tuple[str, ...]:
+        if len(self._interned) > 10_000:
+            self._interned.clear()
+        return self._interned.setdefault(names, names)
 
     def _slow_path(self, data: Any) -> dict[str, Any]:
         if self._closed:
@@ -137,7 +139,7 @@ class Run:
             limit = self.settings.finish_timeout if timeout is None else max(float(timeout), 0.0)
             self._producer.flush(limit)
             self._producer.stop()
-            self.lost = self._producer.dropped + self._producer.failed + len(self._producer.queue)
+            self.lost = self._producer.dropped + self._producer.failed + self._producer.pending()
             self._announce(state)
         if self.lost:
             warnings.warn(f"pluto: {self.lost} logged entries of run {self.run_id!r} never reached "

@@ -1,0 +1,110 @@
+"""The producer thread and its RESP packing, against a real Redis: what lands is what was logged."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import redis
+
+from pluto import _producer
+from pluto._keys import Keys
+from pluto._producer import Producer
+from pluto._protocol import decode_entry
+from pluto._resp import count_entries, whole_entries
+
+NAMES = [("a",), ("loss", "acc", "lr"), ("wéird name %s %d\"", "x/y"), ("n",)]
+
+
+def _entries(n: int, seed: int = 1) -> list[tuple[int, float, dict[str, int | float]]]:
+    rng = random.Random(seed)
+    out = []
+    for step in range(1, n + 1):
+        names = NAMES[rng.randrange(len(NAMES))] if rng.random() < 0.3 else NAMES[1]
+        values = [rng.choice([rng.random(), -0.0, math.inf, -math.inf, 2**70, -3, 1e-310,
+                              rng.getrandbits(40)]) for _ in names]
+        out.append((step, 1_700_000_000 + step / 1000, dict(zip(names, values))))
+    return out
+
+
+def _flat(entries: list[tuple[int, float, dict[str, int | float]]]) -> list[object]:
+    items: list[object] = []
+    for step, ts, data in entries:
+        items += [step, ts, tuple(data), *data.values()]
+    return items
+
+
+def test_whole_entries_finds_the_last_boundary() -> None:
+    items = _flat(_entries(50))
+    assert whole_entries(items) == len(items) and count_entries(items) == 50
+    width = 3 + len(_entries(50)[-1][2])
+    for cut in range(1, width + 1):  # any broken last entry is left out, the 49 before kept
+        assert whole_entries(items[:-cut]) == len(items) - width
+        assert count_entries(items[:len(items) - width]) == 49
+
+
+
+@pytest.mark.parametrize("chunk", [3, 4000])
+def test_mixed_entries_land_in_order_exactly(r: redis.Redis, keys: Keys, chunk: int,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_producer, "CHUNK", chunk)
+    stream = keys.metrics(7)
+    producer = Producer(r, stream, 3, keys.heartbeats(7), "h:1", 0.01, 1.0, 100_000)
+    producer.start()
+    entries = _entries(3000)
+    for entry in entries:  # as Run.log does: one atomic extend per entry
+        producer.queue.extend(_flat([entry]))
+    assert producer.flush(30)
+    producer.stop()
+    got = [decode_entry(fields) for _, fields in r.xrange(stream)]
+    assert len(got) == len(entries) and producer.dropped == producer.failed == 0
+    for (rank, step, time_ms, data), (want_step, ts, want) in zip(got, entries):
+        assert (rank, step, time_ms) == (3, want_step, int(ts * 1000))
+        assert list(data) == list(want)
+        assert [repr(v) for v in data.values()] == [repr(v) for v in want.values()]
+
+
+def test_overflow_drops_the_oldest_whole_entries(r: redis.Redis, keys: Keys) -> None:
+    producer = Producer(r, keys.metrics(8), 0, keys.heartbeats(8), "h:1", 0.01, 1.0, 100)
+    for step in range(1, 1001):
+        producer.queue.extend((step, 1.0, ("a", "b"), step, float(step)))
+    producer._drop_overflow()
+    assert producer.dropped == 900 and producer.pending() == 100
+    assert producer.queue[0] == 901
+
+
+def test_reply_counter_at_every_split_point() -> None:
+    from pluto._resp import ReplyCounter
+
+    replies = [b"$15\r\n1764000000123-0\r\n", b"-OOM command not allowed\r\n",
+               b"$15\r\n1764000000123-1\r\n", b"-ERR x\r\n", b"-ERR y\r\n", b"$3\r\n1-0\r\n"]
+    stream = b"".join(replies)
+    for cut in range(len(stream) + 1):
+        for cut2 in range(cut, len(stream) + 1, 7):
+            counter = ReplyCounter()
+            errors = sum(counter.feed(part) for part in
+                         (stream[:cut], stream[cut:cut2], stream[cut2:]) if part)
+            assert (counter.count, errors) == (2 * len(replies), 3), (cut, cut2)
+
+
+def test_refused_entries_are_counted_not_retried(r: redis.Redis, keys: Keys) -> None:
+    stream = keys.metrics(9)
+    r.set(stream, "not a stream")  # every XADD to it fails with WRONGTYPE
+    producer = Producer(r, stream, 0, keys.heartbeats(9), "h:1", 0.01, 1.0, 100_000)
+    for step in range(1, 5001):
+        producer.queue.extend((step, 1.0, ("a",), 1.0))
+    assert producer._send_all() and producer.failed == 5000 and not producer.queue
+    r.delete(stream)
+    for step in range(1, 11):
+        producer.queue.extend((step, 1.0, ("a",), 1.0))
+    assert producer._send_all() and producer.failed == 5000 and r.xlen(stream) == 10
+
+
+def test_repeated_values_keep_their_exact_text() -> None:
+    from pluto._resp import _texts
+
+    nan = float("nan")
+    for column in ([0.0, -0.0] * 20, [1, 1.0] * 20, [nan, nan, 0.25, 0.25] * 20,
+                   [0.001] * 50, [3] * 50 + [3.5], [float("inf")] * 9 + [-float("inf")]):
+        assert _texts(column) == [repr(v) for v in column]
