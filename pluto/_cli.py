@@ -18,9 +18,8 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from . import _servers
-from ._init import redact
 from ._keys import F_RANK, F_STEP, F_TIME, Keys
-from ._settings import DEFAULT_REDIS_URL
+from ._settings import DEFAULT_REDIS_URL, redact
 from .errors import PlutoError
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")

@@ -15,7 +15,6 @@ import warnings
 from collections.abc import Mapping
 from types import FrameType
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import redis
 
@@ -24,7 +23,7 @@ from ._attach import CreateRequest, elect
 from ._keys import Keys
 from ._producer import Producer
 from ._run import Run, State
-from ._settings import Settings
+from ._settings import Settings, redact
 from ._values import PlutoWarning, clean_config
 from .errors import ConfigError, ConnectionFailed
 
@@ -94,19 +93,6 @@ def connect(s: Settings) -> redis.Redis:
         raise ConnectionFailed(f"cannot reach Redis at {where} ({exc}): set PLUTO_REDIS_URL to a "
                                "running Redis, or start one on this machine with `pluto up`") from exc
     return client  # type: ignore[no-any-return]
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    try:
-        parts = urlsplit(url)
-        if parts.password:
-            host = parts.hostname or ""
-            netloc = f"{parts.username or ''}:***@{host}" + (f":{parts.port}" if parts.port else "")
-            return urlunsplit(parts._replace(netloc=netloc))
-    except ValueError:
-        pass
-    return url
 
 
 def _check_id(what: str, value: Any, env: str) -> str:

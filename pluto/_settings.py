@@ -11,15 +11,20 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ConfigError
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
-def _num(env: Mapping[str, str], name: str, default: float, low: float = 0.0) -> float:
+def env_number(env: Mapping[str, str], name: str, default: float, low: float = 0.0) -> float:
+    """A finite number above ``low`` from ``env[name]``, or one ``ConfigError`` naming it.
+
+    Shared by the SDK, the worker and the backend settings, so every variable fails alike.
+    """
     raw = env.get(name)
-    if raw is None or raw == "":
+    if raw is None or raw.strip() == "":
         return default
     try:
         value = float(raw)
@@ -51,7 +56,20 @@ def _torch_rank() -> int:
     return 0
 
 
-def _flag(env: Mapping[str, str], name: str) -> bool:
+def redact(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    try:
+        parts = urlsplit(url)
+        if parts.password:
+            netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (
+                f":{parts.port}" if parts.port else "")
+            return urlunsplit(parts._replace(netloc=netloc))
+    except ValueError:
+        pass
+    return url
+
+
+def env_flag(env: Mapping[str, str], name: str) -> bool:
     return env.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
 
@@ -86,16 +104,16 @@ class Settings:
             raise ConfigError(f"PLUTO_MODE={mode!r}: use 'online' or 'disabled'")
         values: dict[str, Any] = dict(
             redis_url=env.get("PLUTO_REDIS_URL") or DEFAULT_REDIS_URL,
-            cluster=_flag(env, "PLUTO_REDIS_CLUSTER"),
+            cluster=env_flag(env, "PLUTO_REDIS_CLUSTER"),
             prefix=env.get("PLUTO_PREFIX") or "pluto",
             mode=mode,
             project=env.get("PLUTO_PROJECT") or "default",
             run_id=env.get("PLUTO_RUN_ID") or env.get("MLOP_RUN_ID") or None,
-            init_timeout=_num(env, "PLUTO_INIT_TIMEOUT", 60.0),
-            strict=_flag(env, "PLUTO_STRICT"),
-            lease=_num(env, "PLUTO_LEASE", 10.0),
-            buffer_size=int(_num(env, "PLUTO_BUFFER_SIZE", 1_000_000, low=0.5)),
-            finish_timeout=_num(env, "PLUTO_FINISH_TIMEOUT", 30.0),
+            init_timeout=env_number(env, "PLUTO_INIT_TIMEOUT", 60.0),
+            strict=env_flag(env, "PLUTO_STRICT"),
+            lease=env_number(env, "PLUTO_LEASE", 10.0),
+            buffer_size=int(env_number(env, "PLUTO_BUFFER_SIZE", 1_000_000, low=0.5)),
+            finish_timeout=env_number(env, "PLUTO_FINISH_TIMEOUT", 30.0),
             rank=_int(env, "RANK", _torch_rank()),
             local_rank=_int(env, "LOCAL_RANK", 0),
         )
