@@ -76,14 +76,15 @@ class Producer(threading.Thread):
         Two chunks are kept in flight, so Redis works through one while this thread packs the
         next; an entry leaves memory for good only once Redis answered for it.
         """
-        inflight: deque[tuple[list[Any], int]] = deque()
+        inflight: deque[list[Any]] = deque()  # [entries, reply target], oldest first
         try:
             while self.queue or inflight:
                 self._busy = True
                 if self.queue and len(inflight) < 2:
                     self._drop_overflow()
-                    items = self._take()
-                    inflight.append((items, self._write(items)))
+                    chunk = [self._take(), 0]
+                    inflight.append(chunk)  # before writing: a failed write must give it back
+                    chunk[1] = self._write(chunk[0])
                 else:
                     self._await_replies(inflight.popleft()[1])
         except Exception as exc:  # noqa: BLE001 - the thread must survive anything, keep the entries

@@ -108,3 +108,15 @@ def test_repeated_values_keep_their_exact_text() -> None:
     for column in ([0.0, -0.0] * 20, [1, 1.0] * 20, [nan, nan, 0.25, 0.25] * 20,
                    [0.001] * 50, [3] * 50 + [3.5], [float("inf")] * 9 + [-float("inf")]):
         assert _texts(column) == [repr(v) for v in column]
+
+
+def test_entries_survive_a_redis_that_refuses_connections(keys: Keys) -> None:
+    """Nothing listens: every write fails, and every entry stays queued, in order."""
+    from pluto._servers import free_port
+
+    client = redis.Redis(port=free_port(), socket_connect_timeout=0.5)
+    producer = Producer(client, keys.metrics(10), 0, keys.heartbeats(10), "h:1", 0.01, 1.0, 100_000)
+    for step in range(1, 10_001):
+        producer.queue.extend((step, 1.0, ("a", "b"), step, 0.5))
+    assert not producer._send_all()
+    assert producer.pending() == 10_000 and producer.queue[0] == 1 and producer.queue[-5] == 10_000
