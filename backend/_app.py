@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from . import _compat
+from . import _compat, _faults
 from ._http import (
     BearerAuth,
     error,
@@ -30,7 +30,7 @@ from ._http import (
     run_id_of,
     store_of,
 )
-from ._ingest import MSGPACK_TYPES, TEXT_TYPES, BadBody, decode
+from ._ingest import COLUMNS_TYPE, MSGPACK_TYPES, TEXT_TYPES, BadBody, columns, decode
 from ._settings import ServerSettings, db_path
 from ._store import STATUSES, Store, loaded
 
@@ -133,8 +133,12 @@ async def upsert_members(request: Request) -> Response:
 
 async def ingest_metrics(request: Request) -> Response:
     """Upsert points; 200 ``{"stored": n}``, or 422 ``{"stored": n, "bad_lines": [...]}``."""
+    faults = request.app.state.settings.faults_file
+    if faults and (injected := await _faults.inject(faults)) is not None:  # test hook only
+        return injected
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if media_type not in MSGPACK_TYPES and media_type not in TEXT_TYPES:
+    if media_type not in MSGPACK_TYPES and media_type not in TEXT_TYPES \
+            and media_type != COLUMNS_TYPE:
         return error(415, f"unsupported Content-Type {media_type!r}: send application/x-ndjson"
                           " or application/msgpack")
     run = run_id_of(request.headers.get("x-run-id"), "X-Run-Id header")
@@ -146,13 +150,19 @@ async def ingest_metrics(request: Request) -> Response:
         stored, bad = await in_thread(_ingest, store, run, body, media_type)
     except BadBody as exc:
         return error(400, str(exc))
+    offer = {"X-Pluto-Ingest": INGEST_FORMATS}  # our worker switches to columns on seeing it
     if bad:
-        return JSONResponse({"stored": stored, "bad_lines": bad}, status_code=422)
-    return JSONResponse({"stored": stored})
+        return JSONResponse({"stored": stored, "bad_lines": bad}, status_code=422, headers=offer)
+    return JSONResponse({"stored": stored}, headers=offer)
 
 
 def _ingest(store: Store, run: int, body: bytes, media_type: str
             ) -> tuple[int, list[dict[str, Any]]]:
+    if media_type == COLUMNS_TYPE:
+        try:
+            return store.write_columns(run, *columns(body)), []
+        except OverflowError:
+            raise BadBody("a value is an integer beyond 64 bits") from None
     entries, bad = decode(body, media_type)
     return store.write_points(run, entries), bad
 
@@ -224,7 +234,7 @@ async def metric_points(request: Request) -> Response:
     return JSONResponse({"name": name, "points": points})
 
 
-INGEST_FORMATS = "application/msgpack, application/x-ndjson"
+INGEST_FORMATS = f"{COLUMNS_TYPE}, application/msgpack, application/x-ndjson"
 
 
 async def healthz(request: Request) -> Response:

@@ -68,6 +68,9 @@ class ServerSettings:
     api_keys: tuple[str, ...] = ()
     max_body: int = DEFAULT_MAX_BODY
     """Largest request body in bytes; beyond it the backend answers 413."""
+    faults_file: str = ""
+    """Test hook (``PLUTO_FAULTS_FILE``): a file selecting an injected ingest fault; see
+    ``backend/_faults.py``. Empty (the default) disables it; never set it in production."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServerSettings:
@@ -90,6 +93,7 @@ class ServerSettings:
             db_url=env.get("PLUTO_DB_URL", "").strip() or DEFAULT_DB_URL,
             api_keys=_keys(env),
             max_body=max_body,
+            faults_file=env.get("PLUTO_FAULTS_FILE", "").strip(),
         )
         settings.host_port()  # fail on a bad URL now, not when binding
         return settings

@@ -24,6 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from itertools import chain, repeat
 from typing import Any
 
 STATUSES = ("RUNNING", "COMPLETED", "FAILED", "TERMINATED")
@@ -315,6 +316,42 @@ class Store:
             db.execute("UPDATE runs SET updated_at = ? WHERE id = ?", (now_ms(), run))
         self._run_metrics |= new  # after COMMIT: a rolled-back batch stored no (run, name)
         return len(rows)
+
+    def write_columns(self, run: int, names: list[str], name_idx: list[int], values: list[Any],
+                      counts: list[int], steps: list[int], times: list[int], seq_ms: list[int],
+                      seq_n: list[int]) -> int:
+        """``write_points`` for a columnar batch (``_ingest.columns``): the per-entry columns
+        are repeated ``counts`` times and zipped into rows in C, so the only per-point work left
+        is SQLite's. A NaN is bound as NULL by SQLite itself; an int beyond 64 bits raises
+        ``OverflowError`` and rolls the batch back."""
+        fresh: list[str] = []
+
+        def undo() -> None:
+            for name in fresh:
+                self._names.pop(name, None)
+
+        def each(col: list[int]) -> Iterator[int]:
+            return chain.from_iterable(map(repeat, col, counts))
+
+        with self._write(undo) as db:
+            known = self._names
+            for name in names:
+                if name not in known:
+                    known[name] = self._intern(db, name)
+                    fresh.append(name)
+            ids = [known[n] for n in names]
+            if not values:
+                return 0
+            db.executemany(_UPSERT_POINT, zip(repeat(run), map(ids.__getitem__, name_idx),
+                                              each(steps), values, each(times), each(seq_ms),
+                                              each(seq_n)))
+            new = {(run, ids[i]) for i in set(name_idx)} - self._run_metrics
+            if new:
+                db.executemany("INSERT OR IGNORE INTO run_metrics (run, name) VALUES (?, ?)",
+                               sorted(new))
+            db.execute("UPDATE runs SET updated_at = ? WHERE id = ?", (now_ms(), run))
+        self._run_metrics |= new
+        return len(values)
 
     @staticmethod
     def _intern(db: sqlite3.Connection, name: str) -> int:

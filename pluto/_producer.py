@@ -58,12 +58,16 @@ class Producer(threading.Thread):
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
-        backoff = 0.0
+        backoff, retry_at = 0.0, 0.0
         while True:
-            self._wake.wait(max(self._interval, backoff))
+            self._wake.wait(self._interval)
             self._wake.clear()
             stopping = self._stopping
-            backoff = 0.0 if self._send_all() else min(max(backoff * 2, 0.05), 1.0)
+            if stopping or time.monotonic() >= retry_at:
+                backoff = 0.0 if self._send_all() else min(max(backoff * 2, 0.05), 1.0)
+                retry_at = time.monotonic() + backoff
+            else:  # Redis is down: between retries, keep the buffer within PLUTO_BUFFER_SIZE
+                self._drop_overflow()
             self._drained.set()
             if stopping:
                 return
@@ -86,7 +90,8 @@ class Producer(threading.Thread):
                     inflight.append(chunk)  # before writing: a failed write must give it back
                     chunk[1] = self._write(chunk[0])
                 else:
-                    self._await_replies(inflight.popleft()[1])
+                    self._await_replies(inflight[0][1])
+                    inflight.popleft()  # only once Redis answered for every entry of the chunk
         except Exception as exc:  # noqa: BLE001 - the thread must survive anything, keep the entries
             for items, _ in reversed(inflight):
                 self.queue.extendleft(reversed(items))

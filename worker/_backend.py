@@ -26,12 +26,17 @@ import msgpack
 
 from pluto._protocol import json_value
 
+from ._entries import Columns, record
 from ._settings import WorkerSettings
+from ._streams import Entry
 
 log = logging.getLogger("worker.backend")
 
 RETRY_STATUS = frozenset({401, 403, 408, 425, 429})
 MSGPACK = "application/msgpack"
+COLUMNS = "application/x-pluto-columns"
+"""Ours only: a batch as one msgpack map of columns (``backend._ingest.columns``); sent once an
+ingest answer's ``X-Pluto-Ingest`` header lists it, so other servers never see it."""
 
 
 class BackendError(Exception):
@@ -68,6 +73,7 @@ class Backend:
         self._on_wait = on_wait
         self._retry_max = settings.retry_max
         self._msgpack = True  # until the backend answers 415 to a msgpack body
+        self._columns = False  # until an ingest answer offers COLUMNS
         headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
         self._http = httpx.Client(
             base_url=settings.api_url, headers=headers,
@@ -107,6 +113,27 @@ class Backend:
             return None
         return str(answer.get("project") or "") or None
 
+    @property
+    def takes_columns(self) -> bool:
+        """Whether the backend offered ``COLUMNS`` in its last ingest answer."""
+        return self._columns
+
+    def ingest_columns(self, run: int, project: str | None, columns: Columns,
+                       entries: list[Entry]) -> IngestResult:
+        """POST a batch decoded into columns; as records (``entries`` decoded again) when it
+        holds an int beyond 64 bits or the backend stopped taking columns."""
+        if not columns.big:
+            headers = {"X-Run-Id": str(run), "X-Project-Name": project or "",
+                       "Content-Type": COLUMNS}
+            what = f"ingest {len(entries)} entries into run {run}"
+            resp = self._request("POST", "/ingest/metrics", what, content=columns.pack(),
+                                 headers=headers)
+            if resp.status_code != 415:
+                return self._answer(resp, what, len(entries))
+            log.info("backend no longer takes columns (415); sending records")
+            self._columns = False
+        return self.ingest(run, project, [record(e, f or []) for e, f in entries])
+
     def ingest(self, run: int, project: str | None, records: list[dict[str, Any]]) -> IngestResult:
         """POST one run's batch; 200 and 422 are answers, any other 4xx raises :class:`Rejected`."""
         headers = {"X-Run-Id": str(run), "X-Project-Name": project or ""}
@@ -116,24 +143,33 @@ class Backend:
             log.info("backend does not take msgpack (415); sending NDJSON from now on")
             self._msgpack = False
             resp = self._post_records(what, headers, records)
+        return self._answer(resp, what, len(records))
+
+    def _answer(self, resp: httpx.Response, what: str, sent: int) -> IngestResult:
+        if resp.status_code in (200, 422):
+            self._columns = COLUMNS in resp.headers.get("x-pluto-ingest", "")
         if resp.status_code == 200:
-            return IngestResult(int(_maybe_json(resp).get("stored", len(records))))
+            return IngestResult(int(_maybe_json(resp).get("stored", sent)))
         if resp.status_code == 422:
             answer = _maybe_json(resp)
             bad = {int(b["index"]): str(b.get("error", "rejected"))
                    for b in answer.get("bad_lines", [])}
             if bad:
-                return IngestResult(int(answer.get("stored", len(records) - len(bad))), bad)
+                return IngestResult(int(answer.get("stored", sent - len(bad))), bad)
         raise Rejected(what, resp.status_code, resp.text)
 
     # -- plumbing --------------------------------------------------------------------------
 
     def _post_records(self, what: str, headers: dict[str, str],
                       records: list[dict[str, Any]]) -> httpx.Response:
+        body: bytes | None = None
         if self._msgpack:
-            body = msgpack.packb(records, use_bin_type=True)
-            headers = {**headers, "Content-Type": MSGPACK}
-        else:
+            try:
+                body = msgpack.packb(records, use_bin_type=True)
+                headers = {**headers, "Content-Type": MSGPACK}
+            except OverflowError:  # an int beyond 64 bits (a user may log 2**70): JSON takes it
+                body = None
+        if body is None:
             body = "\n".join(json.dumps(_json_record(r)) for r in records).encode()
             headers = {**headers, "Content-Type": "application/x-ndjson"}
         return self._request("POST", "/ingest/metrics", what, content=body, headers=headers)

@@ -34,6 +34,19 @@ return 0
 """
 
 
+def live_states(members: list[dict[str, Any]]) -> list[str]:
+    """Member states that decide the run's status: a failed member whose rank attached again
+    later (the job restarted that rank under the same run id) is replaced by the newcomer."""
+    later: dict[Any, int] = {}
+    for info in members:
+        if info.get("state") != "failed":
+            at = _epoch_ms(info.get("attached_at")) or 0
+            later[info.get("rank")] = max(later.get(info.get("rank"), 0), at)
+    return [str(info.get("state")) for info in members
+            if not (info.get("state") == "failed"
+                    and later.get(info.get("rank"), 0) > (_epoch_ms(info.get("attached_at")) or 0))]
+
+
 def final_status(states: list[str]) -> str:
     if "failed" in states:
         return "FAILED"
@@ -59,6 +72,17 @@ class RunWatcher:
         self.retention = retention
         self._cas = r.register_script(_CAS)
         self._first_seen: dict[tuple[int, str], int] = {}
+        # Heartbeats are judged only over time this worker could watch Redis: after Redis was
+        # down or paused (or this loop stalled), no process could write its heartbeat either,
+        # so silence counts from the moment the view came back, not from the last beat.
+        self.blind_s = max(1.0, heartbeat_timeout / 4)
+        self._last_check = 0.0
+        self._excused = 0.0
+        self._watching_since = 0
+
+    def excuse(self, seconds: float) -> None:
+        """Time the loop spent waiting for the backend, not for Redis: not a blind spell."""
+        self._excused += seconds
 
     def check(self, runs: list[int]) -> None:
         """Fail members whose heartbeat stopped, then complete the runs that are done."""
@@ -69,6 +93,10 @@ class RunWatcher:
             pipe.hgetall(self.keys.members(run))
             pipe.hgetall(self.keys.heartbeats(run))
         replies = pipe.execute()
+        now = time.monotonic()
+        if now - self._last_check - self._excused > self.blind_s:
+            self._watching_since = int(time.time() * 1000)
+        self._last_check, self._excused = now, 0.0
         for i, run in enumerate(runs):
             members = {m.decode(): (raw, unpack(raw)) for m, raw in replies[2 * i].items()}
             self._reap_dead(run, members, replies[2 * i + 1])
@@ -87,6 +115,7 @@ class RunWatcher:
             last = int(beat) if beat else _epoch_ms(info.get("attached_at"))
             if last is None:
                 last = self._first_seen.setdefault((run, member), now)
+            last = max(last, self._watching_since)
             if now - last > self.timeout_ms:
                 self._mark_failed(run, member, raw, info, (now - last) / 1000)
 
@@ -105,7 +134,7 @@ class RunWatcher:
         if not drained(self.r, stream):
             return  # entries still to persist; checked again next round
         raw = self.r.hgetall(self.keys.members(run))
-        states = [unpack(v).get("state") for v in raw.values()]
+        states = live_states([unpack(v) for v in raw.values()])
         if not states or RUNNING in states:
             return
         status = final_status(states)

@@ -26,7 +26,7 @@ from pluto._keys import GROUP, Keys
 
 from ._backend import Backend, IngestResult, Interrupted, Rejected
 from ._control import Control
-from ._entries import fields_dict, record
+from ._entries import Columns, fields_dict, record
 from ._runs import RunWatcher
 from ._settings import WorkerSettings
 from ._streams import (
@@ -46,6 +46,8 @@ class Post:
     stream: str
     project: str | None
     records: list[dict[str, Any]] = field(default_factory=list)
+    columns: Columns | None = None
+    """The batch as columns instead of records, when the backend takes them."""
     kept: list[Entry] = field(default_factory=list)
     result: IngestResult | Rejected | None = None
 
@@ -210,18 +212,22 @@ class Worker:
             run = self.keys.run_of_stream(stream)
             if run is not None and entries:
                 post = self._decode(run, stream, entries, acks)
-                if post.records:
+                if post.kept:
                     posts.append(post)
         return posts
 
     def _decode(self, run: int, stream: str, entries: list[Entry], acks: Acks) -> Post:
         post = Post(run, stream, self._project(run))
+        cols = post.columns = Columns() if self.backend.takes_columns else None
         for entry_id, fields in entries:
             if fields is None:  # deleted while pending: nothing left to store
                 acks.add(stream, entry_id)
                 continue
             try:
-                post.records.append(record(entry_id, fields))
+                if cols is None:
+                    post.records.append(record(entry_id, fields))
+                else:
+                    cols.add(entry_id, fields)
             except ValueError as exc:
                 acks.bury(stream, run, entry_id, fields, f"undecodable: {exc}")
                 continue
@@ -236,7 +242,11 @@ class Worker:
         """On the poster thread: one ingest call per run; Interrupted ends it unanswered."""
         for post in posts:
             try:
-                post.result = self.backend.ingest(post.run, post.project, post.records)
+                if post.columns is not None:
+                    post.result = self.backend.ingest_columns(post.run, post.project,
+                                                              post.columns, post.kept)
+                else:
+                    post.result = self.backend.ingest(post.run, post.project, post.records)
             except Rejected as exc:
                 post.result = exc
         return posts
@@ -246,7 +256,10 @@ class Worker:
         if self._inflight is None:
             return
         future, self._inflight = self._inflight, None
-        for post in future.result():
+        waited = time.monotonic()
+        posts = future.result()
+        self.watcher.excuse(time.monotonic() - waited)  # a slow backend is not a Redis outage
+        for post in posts:
             self._settle_post(post, acks)
 
     def _settle_post(self, post: Post, acks: Acks) -> None:
@@ -264,7 +277,9 @@ class Worker:
         if bad:
             log.warning("run %d: backend refused %d of %d entries; dead-lettered",
                         run, len(bad), len(post.kept))
-        self.stored += sum(len(rec["data"]) for rec in post.records) - len(bad)
+        points = post.columns.points() if post.columns is not None else sum(
+            len(rec["data"]) for rec in post.records)
+        self.stored += points - len(bad)
 
     def _ack(self, acks: Acks) -> None:
         """Dead letters first, then XACK, in one round trip."""

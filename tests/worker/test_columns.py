@@ -1,0 +1,69 @@
+"""Columns: the same values as ``decode_entry``, sent only to a backend that offered them."""
+
+from __future__ import annotations
+
+import httpx
+import msgpack
+import pytest
+
+from pluto._protocol import decode_entry
+from worker._backend import COLUMNS, MSGPACK, Backend
+from worker._entries import Columns, flatten
+from worker._settings import WorkerSettings
+
+HEAD = {b"_rank": b"0", b"_step": b"3", b"_time": b"9"}
+
+
+@pytest.mark.parametrize("fields", [
+    {**HEAD, b"a": b"1.5", b"b": b"-7", b"c": b"nan", b"d": b"-0.0", b"e": b"5e-324"},
+    {**HEAD, b"_extra": b"x", b"a": b"1e300"},
+    {b"_time": b"9", b"a": b"2", b"_rank": b"0", b"_step": b"3"},  # another field order
+    {**HEAD, b"big": b"18446744073709551615"},
+    HEAD,
+])
+def test_columns_hold_what_decode_entry_decodes(fields: dict[bytes, bytes]) -> None:
+    cols = Columns()
+    for _ in range(2):  # the second time through, names come from the cache
+        cols.add(b"5-1", flatten(fields))
+    _, step, time_ms, data = decode_entry(fields)
+    assert (step, time_ms) == (3, 9)
+    assert cols.names == list(data)
+    assert [repr(v) for v in cols.value] == [repr(v) for v in data.values()] * 2
+    assert [type(v) for v in cols.value] == [type(v) for v in data.values()] * 2
+    assert cols.name == list(range(len(data))) * 2 and cols.count == [len(data)] * 2
+    assert (cols.step, cols.time, cols.seq_ms, cols.seq_n) == ([3] * 2, [9] * 2, [5] * 2, [1] * 2)
+    assert cols.big == (b"big" in fields)
+
+
+def test_a_malformed_entry_adds_nothing() -> None:
+    cols = Columns()
+    cols.add(b"1-0", flatten({**HEAD, b"a": b"2"}))
+    for bad in ({**HEAD, b"a": b"abc"}, {b"_rank": b"0", b"_time": b"9", b"a": b"1"},
+                {**HEAD, b"bad\x01name": b"1"}):
+        with pytest.raises(ValueError):
+            cols.add(b"1-1", flatten(bad))
+    assert (cols.value, cols.count) == ([2], [1])
+
+
+def test_columns_only_after_the_offer_and_records_for_huge_ints() -> None:
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers["content-type"])
+        if request.headers["content-type"] == COLUMNS:
+            body = msgpack.unpackb(request.content)
+            assert (body["names"], body["value"], body["step"]) == (["a"], [1.5], [3])
+        return httpx.Response(200, json={"stored": 1}, headers={"X-Pluto-Ingest": COLUMNS})
+
+    settings = WorkerSettings.from_env({}, api_url="http://backend", api_key="k")
+    b = Backend(settings, transport=httpx.MockTransport(handler))  # type: ignore[arg-type]
+    assert not b.takes_columns
+    b.ingest(1, "p", [{"time": 9, "step": 3, "data": {"a": 1.5}, "seq": "5-0"}])
+    assert b.takes_columns
+    for step, value in ((b"3", b"1.5"), (b"3", b"18446744073709551615"), (b"%d" % 2**70, b"1")):
+        entry = (b"5-0", flatten({**HEAD, b"_step": step, b"a": value}))
+        cols = Columns()
+        cols.add(*entry)
+        assert b.ingest_columns(1, "p", cols, [entry]).stored == 1
+    # msgpack carries a uint64 (the backend keeps it as text); a 70-bit step needs JSON
+    assert seen == [MSGPACK, COLUMNS, MSGPACK, "application/x-ndjson"]
