@@ -12,7 +12,7 @@ from tests.chaos import ranks
 from tests.conftest import Stack
 from tests.helpers import wait_until
 
-RANKS, WORKERS, CHAOS_S, EVERY_S = 8, 3, 16.0, 2.0
+RANKS, WORKERS, CHAOS_S, EVERY_S = 8, 3, 30.0, 2.0
 
 
 def test_workers_killed_every_2s(bare_stack: Stack, tmp_path: Path,
