@@ -8,7 +8,9 @@ import signal
 import sys
 from types import FrameType
 
-from ._settings import WorkerSettings, redact
+from pluto._settings import redact
+
+from ._settings import WorkerSettings
 from ._worker import Worker
 
 log = logging.getLogger("worker")

@@ -12,39 +12,12 @@ import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
-from pluto.errors import ConfigError
+from pluto._settings import DEFAULT_REDIS_URL
+from pluto._settings import env_flag as _flag
+from pluto._settings import env_number as _num
 
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 DEFAULT_API_URL = "http://127.0.0.1:8080"
-
-
-def _num(env: Mapping[str, str], name: str, default: float, low: float = 0.0) -> float:
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number; unset it or give a number") from None
-    if not value > low or value != value or value == float("inf"):
-        raise ConfigError(f"{name}={raw!r} must be a finite number above {low}")
-    return value
-
-
-def _flag(env: Mapping[str, str], name: str) -> bool:
-    return env.get(name, "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def redact(url: str) -> str:
-    """``url`` without its password, for log lines."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    port = f":{parts.port}" if parts.port else ""
-    netloc = f"{parts.username or ''}:***@{parts.hostname}{port}"
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pluto.errors import ConfigError
 from worker import WorkerSettings
 from worker._backend import Backend, Interrupted, Rejected
 from worker._entries import flatten, record
-from worker._settings import redact
+from pluto._settings import redact
 
 
 def test_public_names_match_all() -> None:
