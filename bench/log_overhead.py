@@ -9,7 +9,6 @@ from __future__ import annotations
 import gc
 from array import array
 import json
-import os
 import subprocess
 import sys
 import time
@@ -42,9 +41,6 @@ def stats(timings: array, rate: float) -> dict[str, float]:
 
 def phase(calls: int, down: bool) -> None:
     """One measurement in this process; Redis is stopped by the parent when ``down``."""
-    if os.environ.get("PLUTO_BENCH_CHUNK"):  # experiments with the producer's chunk size
-        from pluto import _producer
-        _producer.CHUNK = int(os.environ["PLUTO_BENCH_CHUNK"])
     run = pluto.init(project="bench", run_id=f"log-{time.time_ns()}")
     if down:
         print("READY", flush=True)
