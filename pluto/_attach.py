@@ -2,7 +2,8 @@
 
 Every process of a job calls ``elect``. ``SET NX`` on the run key with a short lease picks one
 creator, which asks the workers (control stream) to create the run and keeps its lease alive while
-it waits. The others poll the key until it holds the numeric id. If the creator dies before the id
+it waits. The others wait on the run's announce stream and re-read the key until it holds the
+numeric id. If the creator dies before the id
 arrives, its lease expires, the key disappears and the next ``SET NX`` picks a new creator — a
 duplicate create request is harmless because the backend is idempotent on (project, run id).
 """
@@ -28,8 +29,8 @@ end
 return 0
 """
 
-POLL_MIN = 0.005
-POLL_MAX = 0.05
+MAX_BLOCK = 5.0
+"""Longest XREAD BLOCK on the announce stream: well under the client's 10 s socket timeout."""
 
 
 @dataclass(frozen=True)
@@ -49,27 +50,33 @@ class CreateRequest:
 
 def elect(client: redis.Redis, keys: Keys, req: CreateRequest, lease: float,
           timeout: float, redis_url: str) -> Election:
-    """The run's numeric id, and whether it existed before this process asked for it."""
-    key = keys.run(req.project, req.run_id)
+    """The run's numeric id, and whether it existed before this process asked for it.
+
+    Between reads of the run key every process blocks on the run's announce stream, which the
+    worker appends to right after it writes the id: all waiters wake within one round trip of
+    the answer, and no one polls. They still wake every lease/3 to take over from a dead
+    creator (its key expired) or, as the creator, to extend the lease.
+    """
+    key, announce = keys.run(req.project, req.run_id), keys.announce(req.project, req.run_id)
     token = uuid.uuid4().hex
     mine = PENDING_PREFIX + token
     lease_ms = max(int(lease * 1000), 100)
     refresh = client.register_script(_REFRESH)
     deadline = time.monotonic() + timeout
-    requested = False
-    poll = POLL_MIN
+    seen: bytes | str = "0-0"
+    won_once = requested = False
     next_refresh = 0.0
     while True:
         value = client.get(key)
         if value is None:
-            if client.set(key, mine, nx=True, px=lease_ms):
-                value = mine.encode()
-                next_refresh = 0.0
-                requested = False
-            else:
+            if not client.set(key, mine, nx=True, px=lease_ms):
                 continue  # someone else won between GET and SET: read what they wrote
+            value, won_once, requested, next_refresh = mine.encode(), True, False, 0.0
         if value.isdigit():
-            return Election(int(value), resumed=_was_resumed(client, keys, token, value))
+            # Only the process whose request created the run is not resumed.
+            resumed = not won_once or client.get(keys.created(token)) != b"0"
+            return Election(int(value), resumed)
+        wake = deadline
         if value.decode() == mine:
             if not requested:
                 client.xadd(keys.control, proto.control_create(  # type: ignore[arg-type]
@@ -84,17 +91,15 @@ def elect(client: redis.Redis, keys: Keys, req: CreateRequest, lease: float,
             if now >= next_refresh:
                 refresh(keys=[key], args=[mine, lease_ms])
                 next_refresh = now + lease / 3
-        if time.monotonic() >= deadline:
+            wake = min(deadline, next_refresh)
+        now = time.monotonic()
+        if now >= deadline:
             raise InitTimeout(
                 f"pluto.init waited {timeout:.0f} s for run {req.run_id!r} of project "
                 f"{req.project!r} to be created, and no worker answered: is `pluto worker` running "
                 f"against this Redis ({redis_url})? Start one with `pluto worker` (or everything "
                 "on one machine with `pluto up`), or raise PLUTO_INIT_TIMEOUT.")
-        time.sleep(poll)
-        poll = min(poll * 1.5, POLL_MAX)
-
-
-def _was_resumed(client: redis.Redis, keys: Keys, token: str, value: bytes) -> bool:
-    """Only the process whose request created the run is not resumed."""
-    answer = client.get(keys.created(token))
-    return answer != b"0"
+        block = min(wake - now, lease / 3, MAX_BLOCK)
+        news = client.xread({announce: seen}, block=max(1, int(block * 1000)))
+        if news:
+            seen = news[0][1][-1][0]

@@ -74,6 +74,11 @@ class Keys:
         ``error:<why>`` when it refused)."""
         return f"{self.prefix}:created:{token}"
 
+    def announce(self, project: str, run_id: str) -> str:
+        """Stream: one entry each time a worker answers a create request for this run, so that
+        waiting ``init`` calls block on it (XREAD) instead of polling the run key."""
+        return f"{self.prefix}:announce:{quote(project)}:{quote(run_id)}"
+
     def metrics(self, run: int | str) -> str:
         return f"{self.prefix}:{{{run}}}:metrics"
 

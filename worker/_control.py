@@ -75,14 +75,24 @@ class Control:
                                                    msg.get("config"), msg.get("tags") or [])
         except Rejected as exc:  # tell the waiting init why, instead of letting it time out
             self.r.set(self.keys.created(token), f"{K.CREATE_REFUSED}{exc}"[:2000], ex=CREATED_TTL)
+            self.announce(project, run_id, "")
             raise
         self.projects[run] = project
-        # Order matters: the creator polls the run key, and once it holds the id, the run must
+        # Order matters: once the run key holds the id (and waiters are woken), the run must
         # already be readable by every worker (in the runs set, with its group).
         self.r.set(self.keys.created(token), "1" if resumed else "0", ex=CREATED_TTL)
         self.activate(run)
         self.r.set(self.keys.run(project, run_id), str(run), ex=RUN_KEY_TTL)
+        self.announce(project, run_id, str(run))
         log.info("run %s/%s -> id %d (%s)", project, run_id, run, "resumed" if resumed else "new")
+
+    def announce(self, project: str, run_id: str, run: str) -> None:
+        """Wake every init blocked on this run (they re-read the run key, the source of truth)."""
+        key = self.keys.announce(project, run_id)
+        with self.r.pipeline(transaction=False) as pipe:
+            pipe.xadd(key, {"id": run}, maxlen=1, approximate=False)
+            pipe.expire(key, CREATED_TTL)
+            pipe.execute()
 
     def attach(self, msg: dict[str, Any]) -> None:
         run, member = msg["id"], msg["member"]

@@ -97,6 +97,18 @@ def test_second_job_with_same_run_id_resumes(stack: Stack, tmp_path: Path) -> No
     assert len([x for x in stack.backend.runs("jobs") if x["externalId"] == run_id]) == 1
 
 
+def test_the_worker_announces_each_answer_to_the_waiting_ranks(stack: Stack, r: redis.Redis,
+                                                              tmp_path: Path) -> None:
+    """Waiting ranks block on the announce stream; the worker appends the id right after the
+    run key holds it (and the entry expires with the answer)."""
+    run_id = f"announce-{uuid.uuid4().hex[:6]}"
+    results = _attach(stack, tmp_path, 3, project="jobs", run_id=run_id)
+    key = stack.keys.announce("jobs", run_id)
+    entries = r.xrange(key)
+    assert [fields for _, fields in entries] == [{b"id": str(results[0]["id"]).encode()}]
+    assert 0 < r.ttl(key) <= 3600
+
+
 def test_resume_survives_an_expired_run_key(stack: Stack, tmp_path: Path) -> None:
     """Even when Redis forgot the run, the backend's idempotent create gives back the same id."""
     run_id = f"forgot-{uuid.uuid4().hex[:6]}"
@@ -202,3 +214,5 @@ def test_a_refused_create_is_reported_to_the_waiting_creator(stack: Stack, r: re
     r.xadd(stack.keys.control, msg)  # type: ignore[arg-type]
     answer = wait_until(lambda: r.get(stack.keys.created(token)), 20, "the worker's answer")
     assert answer.startswith(b"error:") and b"tags" in answer
+    announced = r.xrange(stack.keys.announce("refused", "r1"))
+    assert [fields for _, fields in announced] == [{b"id": b""}]  # wakes the creator to read it
