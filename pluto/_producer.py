@@ -11,7 +11,6 @@ which the backend's upsert on (run, name, step) absorbs.
 from __future__ import annotations
 
 import logging
-import socket
 import threading
 import time
 from collections import deque
@@ -20,6 +19,7 @@ from typing import Any
 
 import redis
 
+from ._io import Wire
 from ._resp import ReplyCounter, XaddPacker, count_entries, whole_entries
 
 log = logging.getLogger("pluto")
@@ -51,6 +51,7 @@ class Producer(threading.Thread):
         self._busy = False
         self._packer = XaddPacker(stream, rank)
         self._conn: Any = None
+        self._wire: Wire | None = None
         self._target, self._replies = 0, ReplyCounter()  # reply accounting of the connection
         self._down_since: float | None = None
         self._next_heartbeat = 0.0
@@ -140,18 +141,15 @@ class Producer(threading.Thread):
     def _write(self, items: list[Any]) -> int:
         """Send the entries as XADDs; returns the reply count that marks them all answered."""
         payload, count = self._packer.pack(items)
-        self._socket().sendall(payload)
+        self._connected().send(payload)
         self._target += 2 * count
         return self._target
 
     def _await_replies(self, target: int) -> None:
         """Read replies until the connection's count reaches ``target``."""
-        sock, counter = self._conn._sock, self._replies
+        wire, counter = self._connected(), self._replies
         while counter.count < target:
-            chunk = sock.recv(262_144)
-            if not chunk:
-                raise redis.ConnectionError("Redis closed the connection")
-            errors = counter.feed(chunk)
+            errors = counter.feed(wire.recv())
             if errors:
                 self.failed += errors
                 log.warning("pluto: Redis refused %d metrics entries (see its log; e.g. OOM)",
@@ -162,13 +160,14 @@ class Producer(threading.Thread):
         return count_entries(list(self.queue))
 
     # -- connection ---------------------------------------------------------------------------
-    def _socket(self) -> socket.socket:
+    def _connected(self) -> Wire:
         """The raw socket of a pooled redis-py connection: it has done AUTH, SELECT and TLS."""
-        if self._conn is None:
+        if self._wire is None:
             self._conn = self._client.connection_pool.get_connection()
             self._target, self._replies = 0, ReplyCounter()
             self._conn.connect()
-        return self._conn._sock  # type: ignore[no-any-return]
+            self._wire = Wire(self._conn._sock)
+        return self._wire
 
     def _disconnect(self) -> None:
         if self._conn is not None:
@@ -177,7 +176,7 @@ class Producer(threading.Thread):
                 self._client.connection_pool.release(self._conn)
             except Exception:  # noqa: BLE001 - a broken connection may fail to close; drop it
                 pass
-            self._conn = None
+            self._conn = self._wire = None
 
     def _note_down(self, exc: BaseException) -> None:
         if self._down_since is None:

@@ -87,7 +87,9 @@ class Settings:
     strict: bool = False
     lease: float = 10.0
     """Seconds a creator's ``pending`` claim lives unless refreshed; a dead creator frees it."""
-    flush_interval: float = 0.1
+    flush_interval: float = 0.02
+    """Longest an entry waits in memory before the producer sends it: short, so that a tight
+    logging loop never piles up much before the first send (an idle wake costs microseconds)."""
     buffer_size: int = 1_000_000
     """Entries held in memory while Redis is unreachable; beyond it the oldest are dropped."""
     finish_timeout: float = 30.0

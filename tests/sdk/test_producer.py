@@ -8,7 +8,7 @@ import random
 import pytest
 import redis
 
-from pluto import _producer
+from pluto import _io, _producer
 from pluto._keys import Keys
 from pluto._producer import Producer
 from pluto._protocol import decode_entry
@@ -45,10 +45,12 @@ def test_whole_entries_finds_the_last_boundary() -> None:
 
 
 
-@pytest.mark.parametrize("chunk", [3, 4000])
-def test_mixed_entries_land_in_order_exactly(r: redis.Redis, keys: Keys, chunk: int,
+@pytest.mark.parametrize(("chunk", "libc"), [(3, True), (4000, True), (4000, False)])
+def test_mixed_entries_land_in_order_exactly(r: redis.Redis, keys: Keys, chunk: int, libc: bool,
                                              monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_producer, "CHUNK", chunk)
+    if not libc:  # the portable path: plain socket calls
+        monkeypatch.setattr(_io, "_LIBC", None)
     stream = keys.metrics(7)
     producer = Producer(r, stream, 3, keys.heartbeats(7), "h:1", 0.01, 1.0, 100_000)
     producer.start()
@@ -120,3 +122,40 @@ def test_entries_survive_a_redis_that_refuses_connections(keys: Keys) -> None:
         producer.queue.extend((step, 1.0, ("a", "b"), step, 0.5))
     assert not producer._send_all()
     assert producer.pending() == 10_000 and producer.queue[0] == 1 and producer.queue[-5] == 10_000
+
+
+@pytest.mark.parametrize("raw", [True, False])
+def test_wire_sends_past_a_full_socket_buffer_and_reports_a_closed_peer(raw: bool) -> None:
+    import socket
+    import threading
+
+    ours, theirs = socket.socketpair()
+    ours.settimeout(5.0)
+    wire = _io.Wire(ours, raw=raw)
+    assert wire.raw == (raw and _io._LIBC is not None)
+    data = bytes(range(256)) * 40_000  # 10 MB: far more than the socket buffer holds
+    got = bytearray()
+    reader = threading.Thread(target=lambda: [got.extend(theirs.recv(65536))
+                                              for _ in iter(lambda: len(got) < len(data), False)])
+    reader.start()
+    wire.send(data)
+    reader.join(10)
+    assert bytes(got) == data
+    theirs.sendall(b"+OK\r\n")
+    assert wire.recv() == b"+OK\r\n"
+    theirs.close()
+    with pytest.raises(ConnectionError):
+        wire.recv()
+    ours.close()
+
+
+@pytest.mark.parametrize("raw", [True, False])
+def test_wire_gives_up_after_the_socket_timeout(raw: bool) -> None:
+    import socket
+
+    ours, theirs = socket.socketpair()
+    ours.settimeout(0.2)
+    with pytest.raises((TimeoutError, socket.timeout)):
+        _io.Wire(ours, raw=raw).recv()
+    ours.close()
+    theirs.close()
