@@ -229,7 +229,7 @@ async def metric_points(request: Request) -> Response:
     store = store_of(request)
     if not await in_thread(store.run_exists, run):
         raise HTTPException(404, f"no run with id {run}")
-    rows = downsample(await in_thread(store.points, run, name, since), max_points)
+    rows = downsample(await in_thread(store.points, run, name, since, max_points == 1), max_points)
     points = [[s, json_number(loaded(v)), t] for s, v, t in rows]
     return JSONResponse({"name": name, "points": points})
 

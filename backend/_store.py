@@ -364,17 +364,19 @@ class Store:
                               "WHERE m.run = ? ORDER BY n.name", (run,)).fetchall()
         return [r[0] for r in rows]
 
-    def points(self, run: int, name: str, since_step: int | None = None
+    def points(self, run: int, name: str, since_step: int | None = None, last_only: bool = False
                ) -> list[tuple[int, Stored, int]]:
-        """``(step, stored value, time_ms)`` ordered by step, from ``since_step`` on."""
+        """``(step, stored value, time_ms)`` ordered by step, from ``since_step`` on; with
+        ``last_only`` just the newest one (a live view's poll, without reading the history)."""
         with self._read() as db:
             row = db.execute("SELECT id FROM names WHERE name = ?", (name,)).fetchone()
             if row is None:
                 return []
+            order = "DESC LIMIT 1" if last_only else ""
             return db.execute(
                 "SELECT step, value, time FROM points WHERE run = ? AND name = ? AND step >= ?"
-                " ORDER BY step", (run, row[0], -(2**63) if since_step is None else since_step)
-            ).fetchall()
+                f" ORDER BY step {order}",
+                (run, row[0], -(2**63) if since_step is None else since_step)).fetchall()
 
 
 def _run_dict(row: tuple[Any, ...]) -> dict[str, Any]:

@@ -11,6 +11,8 @@ a new name, a missing field, a value ``float`` refuses — it hands the whole en
 
 from __future__ import annotations
 
+import re
+from operator import itemgetter
 from typing import Any
 
 import msgpack
@@ -82,6 +84,15 @@ def record(entry_id: bytes, flat: list[bytes]) -> dict[str, Any]:
 
 
 _INT64 = (-(2**63), 2**63 - 1)
+_INTS = re.compile(rb"-?[0-9]+(?:\n-?[0-9]+)*")
+_AN_INT = re.compile(rb"\n-?[0-9]+\n")
+_HEAD = [_RANK, _STEP, _TIME]
+_MANY = 16
+"""Entries below which :meth:`Columns.add_many` is not worth its set-up."""
+
+
+def _fits(*columns: list[int]) -> bool:
+    return all(_INT64[0] <= min(c) and max(c) <= _INT64[1] for c in columns)
 
 
 class Columns:
@@ -143,6 +154,62 @@ class Columns:
         self.time.append(time_ms)
         self.seq_ms.append(seq_ms)
         self.seq_n.append(seq_n)
+
+    def add_many(self, entries: list[tuple[bytes, list[bytes]]]) -> bool:
+        """Append a batch whose entries all have the producer's layout and the same, known
+        names, column by column in C (about half the cost of :meth:`add` per entry); False,
+        with nothing appended, for any other batch: the caller then adds entries one by one."""
+        if len(entries) < _MANY:
+            return False
+        ids, flats = [e[0] for e in entries], [e[1] for e in entries]
+        first = flats[0]
+        if first is None or len(first) < 8 or None in flats:
+            return False
+        fields = first[0::2]
+        names = fields[3:]
+        if (fields[:3] != _HEAD or len(set(names)) != len(names)
+                or not all(map(_names.get, names))  # each a metric name validated before
+                or list(map(itemgetter(slice(0, None, 2)), flats)).count(fields) != len(flats)):
+            return False
+        parts = b"-".join(ids).split(b"-")
+        try:
+            list(map(int, map(itemgetter(1), flats)))  # ranks: valid, not stored
+            steps = list(map(int, map(itemgetter(3), flats)))
+            times = list(map(int, map(itemgetter(5), flats)))
+            seq_ms, seq_n = list(map(int, parts[0::2])), list(map(int, parts[1::2]))
+            columns = [self._column(list(map(itemgetter(7 + 2 * i), flats)))
+                       for i in range(len(names))]
+        except ValueError:
+            return False
+        if len(seq_ms) != len(flats) or None in columns:
+            return False
+        width, count = len(names), len(flats)
+        values: list[Any] = [None] * (width * count)
+        slots: list[int] = [0] * (width * count)
+        for i, (raw, column) in enumerate(zip(names, columns)):
+            values[i::width] = column
+            slots[i::width] = [self._slot(raw, _names[raw])] * count
+        self.big = self.big or not _fits(steps, times, seq_ms, seq_n) or not all(
+            _fits(c) for c in columns if type(c[0]) is int)
+        self.name += slots
+        self.value += values
+        self.count += [width] * count
+        self.step += steps
+        self.time += times
+        self.seq_ms += seq_ms
+        self.seq_n += seq_n
+        return True
+
+    @staticmethod
+    def _column(texts: list[bytes]) -> list[int] | list[float] | None:
+        """One metric's values with :func:`record`'s rule (``-?\\d+`` is an int, else float);
+        None for a column mixing both (left to the per-entry path)."""
+        joined = b"\n".join(texts)
+        if _INTS.fullmatch(joined):
+            return list(map(int, texts))
+        if _AN_INT.search(b"\n%s\n" % joined):
+            return None
+        return list(map(float, texts))
 
     def _slot(self, raw: bytes, name: str) -> int:
         slot = self.index.get(raw)

@@ -67,3 +67,73 @@ def test_columns_only_after_the_offer_and_records_for_huge_ints() -> None:
         assert b.ingest_columns(1, "p", cols, [entry]).stored == 1
     # msgpack carries a uint64 (the backend keeps it as text); a 70-bit step needs JSON
     assert seen == [MSGPACK, COLUMNS, MSGPACK, "application/x-ndjson"]
+
+
+def _batch(seed: int) -> list[tuple[bytes, list[bytes] | None]]:
+    """A batch as XREADGROUP returns it: mostly uniform, sometimes with one odd entry."""
+    import random
+
+    rng = random.Random(seed)
+    names = rng.choice([[b"loss"], [b"loss", b"acc", b"lr"], [b"w\xc3\xa9ird/x y", b"n"]])
+    kinds = [rng.choice(["float", "int", "neg", "big", "special", "mixed"]) for _ in names]
+
+    def value(kind: str, i: int) -> bytes:
+        return {"float": repr(rng.random() * 10 ** rng.randint(-300, 300)),
+                "int": str(rng.getrandbits(40)), "neg": str(-rng.getrandbits(63)),
+                "big": str(2**64 + i), "special": rng.choice(["nan", "inf", "-inf", "-0.0"]),
+                "mixed": rng.choice(["1", "-2", "0.5"])}[kind].encode()
+
+    batch: list[tuple[bytes, list[bytes] | None]] = []
+    for i in range(rng.randint(1, 60)):
+        flat = [b"_rank", b"2", b"_step", str(i).encode(), b"_time", str(1764 + i).encode()]
+        for name, kind in zip(names, kinds):
+            flat += [name, value(kind, i)]
+        batch.append((f"{1764000 + i}-{i % 3}".encode(), flat))
+    odd = rng.randrange(len(batch))
+    twist = rng.choice(["none", "none", "deleted", "unknown name", "bad value", "field order"])
+    if twist == "deleted":
+        batch[odd] = (batch[odd][0], None)
+    elif twist == "unknown name":
+        batch[odd][1][-2] = b"never-seen-%d" % seed  # type: ignore[index]
+    elif twist == "bad value":
+        batch[odd][1][-1] = b"abc"  # type: ignore[index]
+    elif twist == "field order":
+        flat = batch[odd][1]
+        assert flat is not None
+        flat[0:2], flat[2:4] = flat[2:4], flat[0:2]
+    return batch
+
+
+@pytest.mark.parametrize("seed", range(200))
+def test_add_many_stores_exactly_what_add_stores_or_declines(seed: int) -> None:
+    """The column-wise path either takes the whole batch with add()'s exact values and types,
+    or declines and appends nothing (the caller then adds entry by entry)."""
+    batch = _batch(seed)
+    one_by_one = Columns()
+    for entry_id, flat in batch:
+        if flat is not None:
+            try:
+                one_by_one.add(entry_id, flat)  # also teaches the name cache, as a worker would
+            except ValueError:
+                pass
+    many = Columns()
+    if not many.add_many(batch):  # type: ignore[arg-type]
+        assert _state(many) == _state(Columns())
+        return
+    assert _state(many) == _state(one_by_one)
+
+
+def _state(c: Columns) -> tuple[object, ...]:
+    return (c.names, c.name, [(type(v), repr(v)) for v in c.value], c.count, c.step, c.time,
+            c.seq_ms, c.seq_n, c.big)
+
+
+def test_add_many_takes_a_uniform_batch() -> None:
+    """The fast path is really taken for what producers write (else the test above proves little)."""
+    flat = [b"_rank", b"0", b"_step", b"1", b"_time", b"9", b"a", b"0.5", b"b", b"-3"]
+    Columns().add(b"1-0", flat)  # names validated once
+    batch = [(b"%d-0" % i, flat[:3] + [b"%d" % i] + flat[4:]) for i in range(1, 40)]
+    cols = Columns()
+    assert cols.add_many(batch)  # type: ignore[arg-type]
+    assert cols.step == list(range(1, 40)) and cols.value[:2] == [0.5, -3]
+    assert type(cols.value[1]) is int and cols.seq_ms == list(range(1, 40))
