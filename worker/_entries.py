@@ -86,7 +86,7 @@ def record(entry_id: bytes, flat: list[bytes]) -> dict[str, Any]:
 _INT64 = (-(2**63), 2**63 - 1)
 _INTS = re.compile(rb"-?[0-9]+(?:\n-?[0-9]+)*")
 _AN_INT = re.compile(rb"\n-?[0-9]+\n")
-_HEAD = [_RANK, _STEP, _TIME]
+_HEAD = (_RANK, _STEP, _TIME)
 _MANY = 16
 """Entries below which :meth:`Columns.add_many` is not worth its set-up."""
 
@@ -155,22 +155,34 @@ class Columns:
         self.seq_ms.append(seq_ms)
         self.seq_n.append(seq_n)
 
-    def add_many(self, entries: list[tuple[bytes, list[bytes]]]) -> bool:
-        """Append a batch whose entries all have the producer's layout and the same, known
-        names, column by column in C (about half the cost of :meth:`add` per entry); False,
-        with nothing appended, for any other batch: the caller then adds entries one by one."""
-        if len(entries) < _MANY:
+    def add_many(self, entries: list[tuple[bytes, list[bytes] | None]]
+                 ) -> tuple[list[Any], list[Any]]:
+        """Append, column by column in C (about half :meth:`add`'s cost per entry), every
+        group of entries that share one field list (a rank's names, in the producer's layout);
+        returns ``(taken, left)``: the caller adds what is left one by one with :meth:`add`.
+        Within a group stream order is kept; across groups it does not matter, since entries
+        with other names never touch the same (name, step)."""
+        groups: dict[tuple[bytes, ...] | None, list[Any]] = {}
+        for entry in entries:
+            flat = entry[1]
+            groups.setdefault(None if flat is None else tuple(flat[0::2]), []).append(entry)
+        taken: list[Any] = []
+        left: list[Any] = []
+        for fields, group in groups.items():
+            if fields is not None and len(group) >= _MANY and self._add_group(fields, group):
+                taken += group
+            else:
+                left += group
+        return taken, left
+
+    def _add_group(self, fields: tuple[bytes, ...], entries: list[tuple[bytes, list[bytes]]]
+                   ) -> bool:
+        """All of ``entries`` (one field list), or nothing and False if any is not plain."""
+        names = fields[3:]
+        if (fields[:3] != _HEAD or not names or len(set(names)) != len(names)
+                or not all(map(_names.get, names))):  # each a metric name validated before
             return False
         ids, flats = [e[0] for e in entries], [e[1] for e in entries]
-        first = flats[0]
-        if first is None or len(first) < 8 or None in flats:
-            return False
-        fields = first[0::2]
-        names = fields[3:]
-        if (fields[:3] != _HEAD or len(set(names)) != len(names)
-                or not all(map(_names.get, names))  # each a metric name validated before
-                or list(map(itemgetter(slice(0, None, 2)), flats)).count(fields) != len(flats)):
-            return False
         parts = b"-".join(ids).split(b"-")
         try:
             list(map(int, map(itemgetter(1), flats)))  # ranks: valid, not stored

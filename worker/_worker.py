@@ -219,9 +219,8 @@ class Worker:
     def _decode(self, run: int, stream: str, entries: list[Entry], acks: Acks) -> Post:
         post = Post(run, stream, self._project(run))
         cols = post.columns = Columns() if self.backend.takes_columns else None
-        if cols is not None and cols.add_many(entries):  # type: ignore[arg-type]
-            post.kept += entries  # type: ignore[arg-type]
-            return post
+        if cols is not None:
+            post.kept, entries = cols.add_many(entries)
         for entry_id, fields in entries:
             if fields is None:  # deleted while pending: nothing left to store
                 acks.add(stream, entry_id)
