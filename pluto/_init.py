@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import functools
 import inspect
 import os
 import re
@@ -70,10 +71,11 @@ def init(project: str | None = None, name: str | None = None, config: Any = None
         warnings.warn(f"pluto: run {run_id!r} already exists (id {won.id}); this process attached "
                       f"to it and ignored name={name!r} (the creator's name stands)",
                       PlutoWarning, stacklevel=2)
-    _register_member(client, keys, s, won.id, member, project, run_id, cfg if won.resumed else None)
+    register = functools.partial(_register_member, client, keys, s, won.id, member, project,
+                                 run_id, cfg if won.resumed else None)
     producer = Producer(_stream_client(client, keys.metrics(won.id)), keys.metrics(won.id), s.rank,
                         keys.heartbeats(won.id), member, s.flush_interval, s.heartbeat_interval,
-                        s.buffer_size)
+                        s.buffer_size, register=register)
     run = Run(id=won.id, run_id=run_id, resumed=won.resumed, name=name, project=project, config=cfg,
               rank=s.rank, member=member, settings=s, client=client, keys=keys, producer=producer)
     producer.start()

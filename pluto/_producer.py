@@ -14,6 +14,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from itertools import repeat, starmap
 from typing import Any
 
@@ -33,7 +34,7 @@ class Producer(threading.Thread):
 
     def __init__(self, client: redis.Redis, stream: str, rank: int, heartbeat_key: str,
                  member: str, flush_interval: float, heartbeat_interval: float,
-                 max_buffer: int) -> None:
+                 max_buffer: int, register: Callable[[], None] | None = None) -> None:
         super().__init__(name="pluto-producer", daemon=True)
         self.queue: deque[Any] = deque()
         """Flat: ``step, time, names, value...`` per entry (no per-entry tuple or dict)."""
@@ -46,6 +47,11 @@ class Producer(threading.Thread):
         self._interval = flush_interval
         self._heartbeat_interval = heartbeat_interval
         self._wake = threading.Event()
+        self._register = register
+        """Records this process in the run before any entry is sent; here, not in ``init``,
+        so that 64 ranks woken together by their run id return from ``init`` at once."""
+        if register is not None:
+            self._wake.set()  # the first cycle runs at once
         self._drained = threading.Event()
         self._stopping = False
         self._busy = False
@@ -83,6 +89,10 @@ class Producer(threading.Thread):
         """
         inflight: deque[list[Any]] = deque()  # [entries, reply target], oldest first
         try:
+            if self._register is not None:  # retried like any send until Redis takes it
+                self._busy = True
+                self._register()
+                self._register = None
             while self.queue or inflight:
                 self._busy = True
                 if self.queue and len(inflight) < 2:
@@ -205,7 +215,8 @@ class Producer(threading.Thread):
     def flush(self, timeout: float) -> bool:
         """Wait until everything logged so far is in Redis; False if ``timeout`` ran out first."""
         deadline = time.monotonic() + timeout
-        while self.queue or self._busy:  # queue first: an entry is popped only while busy is set
+        # queue first: an entry is popped only while busy is set
+        while self.queue or self._busy or self._register is not None:
             remaining = deadline - time.monotonic()
             if remaining <= 0 or not self.is_alive():
                 return False

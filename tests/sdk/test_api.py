@@ -92,6 +92,30 @@ def test_no_worker_gives_init_timeout_naming_the_command(redis_url: str, prefix:
     assert time.monotonic() - start < 5
 
 
+def test_init_returns_at_once_and_the_producer_records_the_member_first(
+        r: redis.Redis, redis_url: str, prefix: str) -> None:
+    """Registration (members, heartbeat, attach op) is the producer's first job, before any
+    entry: it is in Redis once finish() returns, attach before finish on the control stream."""
+    from pluto import _protocol as proto
+
+    keys = _keys.Keys(prefix)
+    r.set(keys.run("p", "known"), "41")  # as a worker leaves it: no worker needed to attach
+    settings = Settings.from_env({"PLUTO_REDIS_URL": redis_url, "PLUTO_PREFIX": prefix,
+                                  "RANK": "3"})
+    run = pluto.init(project="p", run_id="known", settings=settings)
+    assert run.id == 41 and run.resumed
+    for i in range(3):
+        run.log({"x": i})
+    assert run.finish() == 0
+    info = proto.unpack(r.hget(keys.members(41), run.member))
+    assert (info["rank"], info["state"]) == (3, "finished")
+    assert int(r.hget(keys.heartbeats(41), run.member)) > 0
+    ops = [proto.decode_control(f) for _, f in r.xrange(keys.control)]
+    assert [(m["op"], m.get("member")) for m in ops if m["op"] != "config"] == [
+        ("attach", run.member), ("finish", run.member)]
+    assert r.xlen(keys.metrics(41)) == 3
+
+
 def test_key_quoting_keeps_odd_ids_apart() -> None:
     keys = _keys.Keys("p")
     odd = ["a:b", "a{b}", "a b", "100%", "a%3Ab", "ünï"]

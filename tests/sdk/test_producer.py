@@ -159,3 +159,25 @@ def test_wire_gives_up_after_the_socket_timeout(raw: bool) -> None:
         _io.Wire(ours, raw=raw).recv()
     ours.close()
     theirs.close()
+
+
+def test_registration_is_retried_before_any_entry_is_sent(r: redis.Redis, keys: Keys) -> None:
+    """init leaves the member registration to the producer: while it fails, nothing is sent;
+    once it succeeds, the entries follow, in order."""
+    calls: list[int] = []
+    stream = keys.metrics(11)
+
+    def register() -> None:
+        calls.append(r.xlen(stream))  # what was in the stream when registration ran
+        if len(calls) < 3:
+            raise redis.ConnectionError("Redis went away")
+
+    producer = Producer(r, stream, 0, keys.heartbeats(11), "h:1", 0.01, 1.0, 100_000,
+                        register=register)
+    for step in range(1, 101):
+        producer.queue.extend((step, 1.0, ("a",), step))
+    producer.start()
+    assert producer.flush(30)
+    producer.stop()
+    assert calls == [0, 0, 0]
+    assert [decode_entry(f)[1] for _, f in r.xrange(stream)] == list(range(1, 101))
