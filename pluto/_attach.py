@@ -67,7 +67,7 @@ def elect(client: redis.Redis, keys: Keys, req: CreateRequest, lease: float,
     won_once = requested = False
     next_refresh = 0.0
     while True:
-        value = client.get(key)
+        value: Any = client.get(key)  # bytes: the client does not decode responses
         if value is None:
             if not client.set(key, mine, nx=True, px=lease_ms):
                 continue  # someone else won between GET and SET: read what they wrote
@@ -82,7 +82,7 @@ def elect(client: redis.Redis, keys: Keys, req: CreateRequest, lease: float,
                 client.xadd(keys.control, proto.control_create(  # type: ignore[arg-type]
                     req.project, req.run_id, req.name, req.config, req.tags, token))
                 requested = True
-            refused = client.get(keys.created(token))
+            refused: Any = client.get(keys.created(token))
             if refused and refused.startswith(CREATE_REFUSED.encode()):
                 raise PlutoError(f"the backend refused to create run {req.run_id!r} of project "
                                  f"{req.project!r}: {refused[len(CREATE_REFUSED):].decode()} "
@@ -100,6 +100,6 @@ def elect(client: redis.Redis, keys: Keys, req: CreateRequest, lease: float,
                 f"against this Redis ({redis_url})? Start one with `pluto worker` (or everything "
                 "on one machine with `pluto up`), or raise PLUTO_INIT_TIMEOUT.")
         block = min(wake - now, lease / 3, MAX_BLOCK)
-        news = client.xread({announce: seen}, block=max(1, int(block * 1000)))
+        news: Any = client.xread({announce: seen}, block=max(1, int(block * 1000)))
         if news:
             seen = news[0][1][-1][0]

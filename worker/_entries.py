@@ -91,7 +91,7 @@ _MANY = 16
 """Entries below which :meth:`Columns.add_many` is not worth its set-up."""
 
 
-def _fits(*columns: list[int]) -> bool:
+def _fits(*columns: list[int] | list[float]) -> bool:
     return all(_INT64[0] <= min(c) and max(c) <= _INT64[1] for c in columns)
 
 
@@ -189,11 +189,12 @@ class Columns:
             steps = list(map(int, map(itemgetter(3), flats)))
             times = list(map(int, map(itemgetter(5), flats)))
             seq_ms, seq_n = list(map(int, parts[0::2])), list(map(int, parts[1::2]))
-            columns = [self._column(list(map(itemgetter(7 + 2 * i), flats)))
-                       for i in range(len(names))]
+            found = [self._column(list(map(itemgetter(7 + 2 * i), flats)))
+                     for i in range(len(names))]
         except ValueError:
             return False
-        if len(seq_ms) != len(flats) or None in columns:
+        columns = [c for c in found if c is not None]
+        if len(seq_ms) != len(flats) or len(columns) != len(found):
             return False
         width, count = len(names), len(flats)
         values: list[Any] = [None] * (width * count)
