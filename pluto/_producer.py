@@ -28,6 +28,9 @@ log = logging.getLogger("pluto")
 CHUNK = 4000
 """Entries per pipelined write: large enough to amortise the round trip, small enough to bound memory."""
 
+DROP_REPORT_EVERY = 10.0
+"""Seconds between two "buffer full, dropped N" warnings during one long outage."""
+
 
 class Producer(threading.Thread):
     """Owns the send side of one process's run: buffer → stream, plus the member heartbeat."""
@@ -62,6 +65,7 @@ class Producer(threading.Thread):
         self._down_since: float | None = None
         self._next_heartbeat = 0.0
         self._reported_drops = 0
+        self._next_drop_report = 0.0
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
@@ -205,9 +209,10 @@ class Producer(threading.Thread):
             self._note_down(exc)
 
     def _report_drops(self) -> None:
-        dropped = self.dropped
-        if dropped != self._reported_drops:
-            self._reported_drops = dropped
+        """At most one warning per DROP_REPORT_EVERY while dropping (finish() tells the total)."""
+        dropped, now = self.dropped, time.monotonic()
+        if dropped != self._reported_drops and now >= self._next_drop_report:
+            self._reported_drops, self._next_drop_report = dropped, now + DROP_REPORT_EVERY
             log.warning("pluto: buffer full (PLUTO_BUFFER_SIZE=%d) while Redis is unreachable: "
                         "dropped the %d oldest entries so far", self.max_buffer, dropped)
 

@@ -181,3 +181,27 @@ def test_registration_is_retried_before_any_entry_is_sent(r: redis.Redis, keys: 
     producer.stop()
     assert calls == [0, 0, 0]
     assert [decode_entry(f)[1] for _, f in r.xrange(stream)] == list(range(1, 101))
+
+
+def test_a_long_overflow_warns_once_not_every_tick(keys: Keys,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """Redis unreachable, entries keep coming: the oldest are dropped all along, and the log
+    gets one "buffer full" line per DROP_REPORT_EVERY, not one per 20 ms tick."""
+    import time
+
+    from pluto._servers import free_port
+
+    client = redis.Redis(port=free_port(), socket_connect_timeout=0.2)
+    producer = Producer(client, keys.metrics(12), 0, keys.heartbeats(12), "h:1", 0.02, 1.0, 100)
+    producer.start()
+    deadline, step = time.monotonic() + 1.5, 0
+    with caplog.at_level("WARNING", logger="pluto"):
+        while time.monotonic() < deadline:
+            for _ in range(100):
+                step += 1
+                producer.queue.extend((step, 1.0, ("a",), step))
+            time.sleep(0.005)
+        producer.stop(timeout=1)
+    assert producer.dropped > 1000
+    full = [r for r in caplog.records if "buffer full" in r.getMessage()]
+    assert len(full) == 1, [r.getMessage() for r in full]
