@@ -19,6 +19,8 @@ from types import FrameType
 from typing import Any
 
 import redis
+from redis.backoff import ExponentialBackoff
+from redis.retry import Retry
 
 from . import _protocol as proto
 from ._attach import CreateRequest, elect
@@ -39,6 +41,9 @@ _NO_SETINFO: dict[str, Any] = (
     {"driver_info": None} if "driver_info" in inspect.signature(redis.Redis.__init__).parameters
     else {})
 
+# redis-py 8 retries a failed command 10 times with up to 1 s of back-off (~4 s in all); the
+# producer has its own back-off and must trim its buffer and answer finish() meanwhile, so a
+# command here fails within ~0.1 s instead.
 _active: list[Run] = []
 _hooks_installed = False
 _uncaught = False
@@ -83,13 +88,19 @@ def init(project: str | None = None, name: str | None = None, config: Any = None
     return run
 
 
+def quick_retry() -> Retry:
+    """Two retries within ~0.1 s (see above)."""
+    return Retry(ExponentialBackoff(0.1, 0.01), 2)
+
+
 def connect(s: Settings) -> redis.Redis:
     """A client for ``PLUTO_REDIS_URL`` that answered PING, or one clear ``PlutoError``."""
     where = redact(s.redis_url)
     kind: Any = redis.RedisCluster if s.cluster else redis.Redis
     try:
         client = kind.from_url(s.redis_url, socket_connect_timeout=s.connect_timeout,
-                               socket_timeout=10.0, **_NO_SETINFO)
+                               socket_timeout=10.0, retry=quick_retry(),
+                               **_NO_SETINFO)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"PLUTO_REDIS_URL={where!r} is not a Redis URL ({exc}); use "
                           "redis://host:port/0, rediss:// for TLS, redis://user:pass@host:port") from None

@@ -35,6 +35,14 @@ def _flat(entries: list[tuple[int, float, dict[str, int | float]]]) -> list[obje
     return items
 
 
+def _nobody_listens() -> redis.Redis:
+    """A client of a port nothing listens on, retrying as ``pluto.init``'s client does."""
+    from pluto._init import quick_retry
+    from pluto._servers import free_port
+
+    return redis.Redis(port=free_port(), socket_connect_timeout=0.5, retry=quick_retry())
+
+
 def test_whole_entries_finds_the_last_boundary() -> None:
     items = _flat(_entries(50))
     assert whole_entries(items) == len(items) and count_entries(items) == 50
@@ -114,9 +122,7 @@ def test_repeated_values_keep_their_exact_text() -> None:
 
 def test_entries_survive_a_redis_that_refuses_connections(keys: Keys) -> None:
     """Nothing listens: every write fails, and every entry stays queued, in order."""
-    from pluto._servers import free_port
-
-    client = redis.Redis(port=free_port(), socket_connect_timeout=0.5)
+    client = _nobody_listens()
     producer = Producer(client, keys.metrics(10), 0, keys.heartbeats(10), "h:1", 0.01, 1.0, 100_000)
     for step in range(1, 10_001):
         producer.queue.extend((step, 1.0, ("a", "b"), step, 0.5))
@@ -189,9 +195,7 @@ def test_a_long_overflow_warns_once_not_every_tick(keys: Keys,
     gets one "buffer full" line per DROP_REPORT_EVERY, not one per 20 ms tick."""
     import time
 
-    from pluto._servers import free_port
-
-    client = redis.Redis(port=free_port(), socket_connect_timeout=0.2)
+    client = _nobody_listens()
     producer = Producer(client, keys.metrics(12), 0, keys.heartbeats(12), "h:1", 0.02, 1.0, 100)
     producer.start()
     deadline, step = time.monotonic() + 1.5, 0
