@@ -123,3 +123,34 @@ def test_key_quoting_keeps_odd_ids_apart() -> None:
     assert keys.run("my proj", "a:b") == "p:run:my%20proj:a%3Ab"
     assert keys.run_of_stream(keys.metrics(42)) == 42
     assert keys.run_of_stream(keys.dead(42)) is None
+
+
+def test_a_unix_socket_url_carries_everything(tmp_path: object) -> None:
+    """redis+unix: the producer's raw, GIL-keeping I/O works on an AF_UNIX socket too."""
+    from pathlib import Path
+
+    from pluto import _servers
+
+    tmp = Path(str(tmp_path))
+    sock = tmp / "redis.sock"
+    child = _servers.spawn("redis-unix", [
+        _servers.redis_binary(), "--port", "0", "--unixsocket", str(sock), "--save", "",
+        "--appendonly", "no", "--dir", str(tmp)], tmp)
+    try:
+        _servers.wait_for(sock.exists, 15, "redis on a unix socket", child)
+        url = f"unix://{sock}?db=0"
+        r = redis.Redis.from_url(url)
+        _servers.wait_for(lambda: r.ping(), 15, "redis answering", child)
+        keys = _keys.Keys("unix")
+        r.set(keys.run("p", "u"), "7")
+        run = pluto.init(project="p", run_id="u",
+                         settings=Settings.from_env({"PLUTO_REDIS_URL": url, "PLUTO_PREFIX": "unix"}))
+        assert run._producer is not None
+        for i in range(20_000):
+            run.log({"loss": i / 7, "step_int": i})
+        assert run.finish() == 0
+        assert r.xlen(keys.metrics(7)) == 20_000
+        last = r.xrevrange(keys.metrics(7), count=1)[0][1]
+        assert last[b"loss"] == repr(19_999 / 7).encode() and last[b"step_int"] == b"19999"
+    finally:
+        child.stop()
