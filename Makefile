@@ -26,7 +26,11 @@ demo: $(VENV)/.installed
 test: $(VENV)/.installed $(PLUTO_ML_VENV)/.installed
 	PLUTO_ML_PYTHON=$(CURDIR)/$(PLUTO_ML_VENV)/bin/python $(PY) -m pytest $(PYTEST_ARGS)
 
-bench: $(VENV)/.installed
+$(VENV)/.bench: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[server,test,bench]'
+	touch $@
+
+bench: $(VENV)/.bench
 	$(PY) bench/run_all.py
 
 lint: $(VENV)/.installed
