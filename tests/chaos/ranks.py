@@ -136,6 +136,22 @@ def check_rank(backend: Backend, run: int, rank: int, steps: list[int]) -> dict[
     return {"stored": len(seen), "duplicates": dups}
 
 
+def stop_ranks(backend: Backend, run: int, procs: list[subprocess.Popen[str]],
+               stop: Path) -> list[dict[str, Any]]:
+    """Tell the ranks to finish (their stop file); their results, once the backend holds
+    every entry each says it logged and did not lose."""
+    stop.touch()
+    got = results(procs)
+    wait_stored(backend, run, {x["rank"]: x["logged"] - x["lost"] for x in got})
+    return got
+
+
+def check_ranks(backend: Backend, run: int, got: list[dict[str, Any]]) -> tuple[int, int]:
+    """:func:`check_rank` for every rank's steps 1..last; returns (stored, duplicates)."""
+    checks = [check_rank(backend, run, x["rank"], list(range(1, x["last"] + 1))) for x in got]
+    return sum(c["stored"] for c in checks), sum(c["duplicates"] for c in checks)
+
+
 def row(scenario: str, logged: int, stored: int, duplicates: int, recover_s: float | None,
         **extra: Any) -> dict[str, Any]:
     return {"scenario": scenario, "logged": logged, "stored": stored, "duplicates": duplicates,

@@ -76,14 +76,9 @@ def test_backend_500_hang_refuse(redis_url: str, prefix: str, fault_backend: Fau
                        < 50, 15, f"drained after {fault}")
             recover = max(recover, time.monotonic() - back)
             hold(0.5)
-        stop.touch()
-        got = ranks.results(procs)
-        ranks.wait_stored(fault_backend, run, {x["rank"]: x["logged"] for x in got})
-        stored = dups = 0
-        for x in got:
-            assert x["lost"] == 0
-            c = ranks.check_rank(fault_backend, run, x["rank"], list(range(1, x["last"] + 1)))
-            stored, dups = stored + c["stored"], dups + c["duplicates"]
+        got = ranks.stop_ranks(fault_backend, run, procs, stop)
+        assert all(x["lost"] == 0 for x in got), got
+        stored, dups = ranks.check_ranks(fault_backend, run, got)
         wait_until(lambda: fault_backend.run(run)["status"] == "COMPLETED", 30, "COMPLETED")
         [(_, letter)] = r.xrange(dead)
         assert letter[K.F_DEAD_ID.encode()] == bad and b"rejected" in letter[b"reason"]

@@ -58,10 +58,7 @@ def test_sigkilled_rank(bare_stack: Stack, tmp_path: Path, report: list[dict[str
                        "COMPLETED after the restarted rank finished")
     states = sorted((m["rank"], m["state"]) for m in final["members"])
     assert states == [(0, "finished"), (1, "finished"), (2, "failed"), (2, "finished")]
-    stored = dups = 0
-    for x in got:
-        c = ranks.check_rank(stack.backend, run, x["rank"], list(range(1, x["last"] + 1)))
-        stored, dups = stored + c["stored"], dups + c["duplicates"]
+    stored, dups = ranks.check_ranks(stack.backend, run, got)
     c = ranks.check_rank(stack.backend, run, 2, have + list(range(1001, 1201)))
     stored += c["stored"]
     logged = sum(x["logged"] for x in got) + len(have) + 200

@@ -6,6 +6,7 @@ overflowed, exactly the oldest entries ``finish()`` reported lost.
 
 from __future__ import annotations
 
+import subprocess
 import time
 import uuid
 from pathlib import Path
@@ -23,15 +24,21 @@ from tests.helpers import wait_until
 RANKS = 4
 
 
-def _run_id(stack: Stack, r: redis.Redis, run_id: str) -> int:
+def _start_logging(stack: Stack, own_redis: OwnRedis, tmp: Path, name: str, pace: float,
+                   n: int = RANKS, env: dict[str, str] | None = None
+                   ) -> tuple[list[subprocess.Popen[str]], Path, redis.Redis, int]:
+    """``n`` ranks logging one run, returned once the backend holds points of every one:
+    (processes, their stop file, a client of our Redis, the run's id)."""
+    run_id, stop = f"{name}-{uuid.uuid4().hex[:6]}", tmp / "stop"
+    procs = [ranks.start(stack, tmp, k, env, run_id=run_id, stop_file=str(stop), pace=pace)
+             for k in range(n)]
+    r = own_redis.client()
     raw = wait_until(lambda: (v := r.get(stack.keys.run("chaos", run_id))) and v.isdigit() and v,
                      30, "run id")
-    return int(raw)
-
-
-def _logging(stack: Stack, run: int, n: int) -> None:
+    run = int(raw)
     wait_until(lambda: all(ranks.points(stack.backend, run, k) for k in range(n)), 30,
                "every rank logging")
+    return procs, stop, r, run
 
 
 def _status(stack: Stack, run: int, want: str) -> dict[str, Any]:
@@ -46,12 +53,7 @@ def test_redis_unreachable_for_10s(how: str, chaos_stack: Stack, own_redis: OwnR
     # A heartbeat timeout far shorter than the outage: healthy ranks must not be declared dead
     # because Redis itself was away.
     stack.start_worker(PLUTO_HEARTBEAT_TIMEOUT="4", PLUTO_CLAIM_IDLE_MS="2000")
-    run_id, stop = f"out-{how}-{uuid.uuid4().hex[:6]}", tmp_path / "stop"
-    procs = [ranks.start(stack, tmp_path, k, run_id=run_id, stop_file=str(stop), pace=0.01)
-             for k in range(RANKS)]
-    r = own_redis.client()
-    run = _run_id(stack, r, run_id)
-    _logging(stack, run, RANKS)
+    procs, stop, r, run = _start_logging(stack, own_redis, tmp_path, f"out-{how}", 0.01)
     if how == "stopped":
         own_redis.stop()
         time.sleep(10)
@@ -61,17 +63,13 @@ def test_redis_unreachable_for_10s(how: str, chaos_stack: Stack, own_redis: OwnR
         time.sleep(10)
     back = time.monotonic()
     time.sleep(1)  # the ranks keep logging; their producers reconnect by themselves
-    stop.touch()
-    got = ranks.results(procs)
-    ranks.wait_stored(stack.backend, run, {x["rank"]: x["logged"] for x in got})
+    got = ranks.stop_ranks(stack.backend, run, procs, stop)
     recover = time.monotonic() - back
-    stored = dups = 0
     for x in got:
         assert x["lost"] == 0, x
         assert x["max_log_ms"] < 50, x  # generous: log() never waits for Redis
         assert x["max_queue"] > 100, x  # the buffer held the entries during the outage
-        c = ranks.check_rank(stack.backend, run, x["rank"], list(range(1, x["last"] + 1)))
-        stored, dups = stored + c["stored"], dups + c["duplicates"]
+    stored, dups = ranks.check_ranks(stack.backend, run, got)
     final = _status(stack, run, "COMPLETED")  # nobody was marked dead for Redis's outage
     assert {m["state"] for m in final["members"]} == {"finished"}
     assert "heartbeat lost" not in stack.worker_logs()
@@ -88,12 +86,7 @@ def test_redis_sigkilled_and_restarted_from_its_aof(chaos_stack: Stack, own_redi
     stack = chaos_stack
     for _ in range(2):
         stack.start_worker(PLUTO_CLAIM_IDLE_MS="1000", PLUTO_HEARTBEAT_TIMEOUT="6")
-    run_id, stop = f"aof-{uuid.uuid4().hex[:6]}", tmp_path / "stop"
-    procs = [ranks.start(stack, tmp_path, k, run_id=run_id, stop_file=str(stop), pace=0.005)
-             for k in range(RANKS)]
-    r = own_redis.client()
-    run = _run_id(stack, r, run_id)
-    _logging(stack, run, RANKS)
+    procs, stop, r, run = _start_logging(stack, own_redis, tmp_path, "aof", 0.005)
     time.sleep(1)
     own_redis.kill()  # SIGKILL: only what the AOF holds survives (appendfsync always)
     time.sleep(2)
@@ -105,15 +98,10 @@ def test_redis_sigkilled_and_restarted_from_its_aof(chaos_stack: Stack, own_redi
     r = own_redis.client()
     r.xgroup_destroy(stack.keys.metrics(run), GROUP)
     time.sleep(1)
-    stop.touch()
-    got = ranks.results(procs)
-    ranks.wait_stored(stack.backend, run, {x["rank"]: x["logged"] for x in got})
+    got = ranks.stop_ranks(stack.backend, run, procs, stop)
     recover = time.monotonic() - back
-    stored = dups = 0
-    for x in got:
-        assert x["lost"] == 0, x
-        c = ranks.check_rank(stack.backend, run, x["rank"], list(range(1, x["last"] + 1)))
-        stored, dups = stored + c["stored"], dups + c["duplicates"]
+    assert all(x["lost"] == 0 for x in got), got
+    stored, dups = ranks.check_ranks(stack.backend, run, got)
     _status(stack, run, "COMPLETED")
     assert "consumer group missing" in stack.worker_logs()
     logged = sum(x["logged"] for x in got)
@@ -126,21 +114,14 @@ def test_buffer_overflow_drops_the_oldest_and_says_how_many(
         report: list[dict[str, Any]]) -> None:
     stack, size = chaos_stack, 500
     stack.start_worker(PLUTO_HEARTBEAT_TIMEOUT="30")
-    run_id, stop = f"overflow-{uuid.uuid4().hex[:6]}", tmp_path / "stop"
-    env = {"PLUTO_BUFFER_SIZE": str(size)}
-    procs = [ranks.start(stack, tmp_path, k, env, run_id=run_id, stop_file=str(stop),
-                         pace=0.005) for k in range(2)]
-    r = own_redis.client()
-    run = _run_id(stack, r, run_id)
-    _logging(stack, run, 2)
+    procs, stop, _, run = _start_logging(stack, own_redis, tmp_path, "overflow", 0.005, n=2,
+                                         env={"PLUTO_BUFFER_SIZE": str(size)})
     own_redis.stop()
     time.sleep(4)  # ~1,500 entries/s per rank: far more than 500 fit
     own_redis.start()
     back = time.monotonic()
     time.sleep(1)
-    stop.touch()
-    got = ranks.results(procs)
-    ranks.wait_stored(stack.backend, run, {x["rank"]: x["logged"] - x["lost"] for x in got})
+    got = ranks.stop_ranks(stack.backend, run, procs, stop)
     recover = time.monotonic() - back
     stored = 0
     for x in got:
