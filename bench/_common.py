@@ -92,6 +92,40 @@ def servers(redis: bool = True, backend: bool = False, worker: bool = False) -> 
                 child.stop()
 
 
+def log_flat_out(s: Servers, n: int, repeats: int, name: str) -> list[dict[str, Any]]:
+    """``repeats`` fresh runs, each logging ``n`` 3-scalar entries as fast as possible, then
+    ``finish()``. The worker is paused (SIGSTOP) meanwhile, so the stream's length after
+    ``finish()`` proves what reached Redis and the time is the SDK's own."""
+    import signal
+    import time
+
+    import redis
+
+    import pluto
+
+    settings = pluto.Settings.from_env(s.env())
+    client = redis.Redis.from_url(s.redis_url)
+    worker = s.children[-1]
+    rounds = []
+    for _ in range(repeats):
+        run = pluto.init(project="bench", run_id=f"{name}-{time.time_ns()}", settings=settings)
+        worker.signal(signal.SIGSTOP)
+        try:
+            start = time.perf_counter()
+            for i in range(n):
+                run.log({"train/loss": 0.5 + i * 1e-6, "train/acc": 0.25, "lr": 0.001})
+            logged = time.perf_counter()
+            lost = run.finish()
+            done = time.perf_counter()
+            in_redis = client.xlen(s.keys.metrics(run.id))
+        finally:
+            worker.signal(signal.SIGCONT)
+        rounds.append({"log_s": logged - start, "finish_s": done - logged, "in_redis": in_redis,
+                       "lost": lost})
+        client.delete(s.keys.metrics(run.id))
+    return rounds
+
+
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]

@@ -9,13 +9,9 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-import time
 from urllib.parse import urlsplit
 
-import redis
-from _common import args, report, servers
-
-import pluto
+from _common import args, log_flat_out, report, servers
 
 
 def ceiling(redis_url: str, n: int) -> float | None:
@@ -35,23 +31,12 @@ def ceiling(redis_url: str, n: int) -> float | None:
 def main() -> None:
     a = args(entries=500_000, repeats=3)
     n = 5_000 if a.tiny else a.entries
-    rates = []
     with servers(backend=True, worker=True) as s:
-        settings = pluto.Settings.from_env(s.env())
-        client = redis.Redis.from_url(s.redis_url)
-        for rep in range(1 if a.tiny else a.repeats):
-            run = pluto.init(project="bench", run_id=f"tp-{time.time_ns()}", settings=settings)
-            s.children[-1].signal(19)  # SIGSTOP the worker: measure the producer alone
-            start = time.perf_counter()
-            for i in range(n):
-                run.log({"train/loss": 0.5 + i * 1e-6, "train/acc": 0.25, "lr": 0.001})
-            run.finish()
-            elapsed = time.perf_counter() - start
-            s.children[-1].signal(18)  # SIGCONT
-            assert client.xlen(s.keys.metrics(run.id)) == n, (client.xlen(s.keys.metrics(run.id)), run.lost, elapsed)
-            rates.append(n / elapsed)
-            client.delete(s.keys.metrics(run.id))
+        rounds = log_flat_out(s, n, 1 if a.tiny else a.repeats, "tp")
         top = ceiling(s.redis_url, 20_000 if a.tiny else 1_000_000)
+    for r in rounds:  # the rate counts only entries that reached Redis by finish()
+        assert r["in_redis"] == n and r["lost"] == 0, r
+    rates = [n / (r["log_s"] + r["finish_s"]) for r in rounds]
     rate = sorted(rates)[len(rates) // 2]
     ratio = rate / top if top else None
     met = rate >= 250_000 and (ratio is None or ratio >= 0.2)
