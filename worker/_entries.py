@@ -160,8 +160,9 @@ class Columns:
         """Append, column by column in C (about half :meth:`add`'s cost per entry), every
         group of entries that share one field list (a rank's names, in the producer's layout);
         returns ``(taken, left)``: the caller adds what is left one by one with :meth:`add`.
-        Within a group stream order is kept; across groups it does not matter, since entries
-        with other names never touch the same (name, step)."""
+        Within a group stream order is kept; across groups it does not matter: for one
+        (name, step) the backend keeps the point with the newest stream id (``seq``), whatever
+        its place in the body."""
         groups: dict[tuple[bytes, ...] | None, list[Any]] = {}
         for entry in entries:
             flat = entry[1]

@@ -67,6 +67,9 @@ def test_nan_and_seq_tie_breaks(api: httpx.Client, run: int) -> None:
     assert points(api, run, "m") == [[1, "NaN", 1]]
     ingest(api, run, body([(1, 3, "9-1", {"m": 2.0})]), COLUMNS)  # newer: wins
     assert points(api, run, "m") == [[1, 2.0, 3]]
+    # Within one body too: the worker groups entries by names, so a newer point may come first.
+    ingest(api, run, body([(2, 5, "9-5", {"m": 5.0}), (2, 4, "9-4", {"m": 4.0})]), COLUMNS)
+    assert points(api, run, "m")[-1] == [2, 5.0, 5]
 
 
 @pytest.mark.parametrize("bad", [
