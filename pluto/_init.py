@@ -41,9 +41,6 @@ _NO_SETINFO: dict[str, Any] = (
     {"driver_info": None} if "driver_info" in inspect.signature(redis.Redis.__init__).parameters
     else {})
 
-# redis-py 8 retries a failed command 10 times with up to 1 s of back-off (~4 s in all); the
-# producer has its own back-off and must trim its buffer and answer finish() meanwhile, so a
-# command here fails within ~0.1 s instead.
 _active: list[Run] = []
 _hooks_installed = False
 _uncaught = False
@@ -89,7 +86,9 @@ def init(project: str | None = None, name: str | None = None, config: Any = None
 
 
 def quick_retry() -> Retry:
-    """Two retries within ~0.1 s (see above)."""
+    """Two retries within ~0.1 s. redis-py 8's default retries a failed command 10 times with
+    up to 1 s of back-off (~4 s in all); the producer has its own back-off and must trim its
+    buffer and answer finish() meanwhile."""
     return Retry(ExponentialBackoff(0.1, 0.01), 2)
 
 
