@@ -222,3 +222,46 @@ def test_a_long_overflow_warns_once_not_every_tick(keys: Keys,
     assert producer.dropped > 1000
     full = [r for r in caplog.records if "buffer full" in r.getMessage()]
     assert len(full) == 1, [r.getMessage() for r in full]
+
+
+def test_busy_replies_keep_the_entries_until_redis_takes_them(tmp_path: object) -> None:
+    """OOM (maxmemory) is weather: nothing is dropped, everything lands once memory frees."""
+    from pathlib import Path
+
+    from pluto import _servers
+
+    port = _servers.free_port()
+    child = _servers.start_redis(port, Path(str(tmp_path)) / "oom")
+    try:
+        r = redis.Redis(port=port)
+        keys = Keys("oom")
+        r.config_set("maxmemory-policy", "noeviction")
+        used = int(r.info("memory")["used_memory"])
+        r.set("ballast", b"x" * 3_000_000)
+        r.config_set("maxmemory", str(used + 1_000_000))  # below what is already used: OOM
+        producer = Producer(r, _target(keys, 1), 0, 0.01, 1.0, 100_000)
+        producer.start()
+        for step in range(1, 3001):
+            producer.queue.extend((step, 1.0, ("a",), float(step)))
+        assert not producer.flush(1.5)  # Redis answers -OOM: the entries wait in memory
+        assert producer.ledger.drops == {} and producer.pending() == 3000
+        r.delete("ballast")
+        r.config_set("maxmemory", "0")
+        assert producer.flush(20)
+        producer.stop()
+        steps = [int(f[b"_step"]) for _, f in r.xrange(keys.metrics(1))]
+        assert sorted(set(steps)) == list(range(1, 3001)) and producer.ledger.sent == 3000
+        assert producer.ledger.drops == {}
+    finally:
+        child.stop()
+
+
+def test_an_entry_repr_cannot_write_is_dropped_alone(r: redis.Redis, keys: Keys) -> None:
+    producer = Producer(r, _target(keys, 13), 0, 0.01, 1.0, 100_000)
+    for step in range(1, 11):
+        value = 10**5000 if step == 5 else step  # repr() refuses ints over 4,300 digits
+        producer.queue.extend((step, 1.0, ("a",), value))
+    assert producer._send_all()
+    steps = [int(f[b"_step"]) for _, f in r.xrange(keys.metrics(13))]
+    assert steps == [1, 2, 3, 4, 6, 7, 8, 9, 10]
+    assert producer.ledger.sent == 9 and producer.ledger.drops == {"bad_entry": 1}
