@@ -21,6 +21,7 @@ from starlette.routing import Route
 from . import _compat, _faults, _json
 from ._http import (
     BearerAuth,
+    PathIds,
     broken_row,
     error,
     http_error,
@@ -370,7 +371,8 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
             app.state.store.close()
 
     app = Starlette(routes=routes(), lifespan=lifespan,
-                    middleware=[Middleware(BearerAuth, keys=settings.api_keys)],
+                    middleware=[Middleware(BearerAuth, keys=settings.api_keys),
+                                Middleware(PathIds)],
                     exception_handlers={HTTPException: http_error, BrokenRow: broken_row})
     app.state.settings = settings
     return app

@@ -19,7 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import _json
-from ._store import INT64_MAX, INT64_MIN, BrokenRow, Store
+from ._store import INT64_MAX, INT64_MIN, Store
 
 PROTECTED = ("/api/", "/ingest/", "/files")
 """Path prefixes that need ``Authorization: Bearer <key>``; the dashboard page does not."""
@@ -58,6 +58,29 @@ class BearerAuth:
                 reason = "missing" if not header else "invalid"
                 response = error(401, f"{reason} API key: send 'Authorization: Bearer <key>' "
                                       "with a key from PLUTO_API_KEY of `pluto server`")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+_PATH_ID = re.compile(r"/api/runs/([0-9]+)(?:/|\Z)")
+
+
+class PathIds:
+    """404 for ``/api/runs/<digits>...`` beyond int64, before routing: no run has such an id,
+    and Starlette's ``int`` convertor would raise on a number of over 4300 digits (a 500)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            match = _PATH_ID.match(scope.get("path", ""))
+            given = match[1] if match else ""
+            digits = given.lstrip("0")
+            if digits and (len(digits) > 19 or int(digits) > INT64_MAX):
+                response = error(404, f"no run with id {given[:30]}"
+                                      f"{'...' if len(given) > 30 else ''}")
                 await response(scope, receive, send)
                 return
         await self.app(scope, receive, send)

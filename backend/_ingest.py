@@ -68,7 +68,7 @@ MAX_REASONS = 20
 class BadLines:
     """The indexes of the bad lines of one body, and the reasons of the first few.
 
-    The 422 lists every bad index (the worker dead-letters exactly those entries), the first
+    The 422 names the first problem in ``error`` and lists every bad index (the worker dead-letters exactly those entries), the first
     :data:`MAX_REASONS` as ``{"index": i, "error": why}``, the rest as ``{"index": i}``
     (at most ~20 bytes each), plus ``bad_count``.
     """
@@ -91,10 +91,12 @@ class BadLines:
             {"index": i} for i in self.indexes[len(self.reasons):]]
 
     def json_chunks(self, stored: int) -> Iterator[bytes]:
-        """The 422 body ``{"stored", "bad_count", "bad_lines"}`` as JSON text, in pieces."""
+        """The 422 body ``{"error", "stored", "bad_count", "bad_lines"}`` as JSON, in pieces."""
         head = [json.dumps({"index": i, "error": why}) for i, why in
                 zip(self.indexes, self.reasons)]
-        yield (f'{{"stored":{stored},"bad_count":{len(self)},"bad_lines":['
+        summary = json.dumps(f"{len(self)} bad line(s), not stored; the first, line "
+                             f"{self.indexes[0]}: {self.reasons[0]}")
+        yield (f'{{"error":{summary},"stored":{stored},"bad_count":{len(self)},"bad_lines":['
                + ",".join(head)).encode()
         for start in range(len(self.reasons), len(self.indexes), 8192):
             tail = self.indexes[start:start + 8192]
@@ -174,10 +176,10 @@ def _seq(raw: Any) -> tuple[int | None, int | None]:
     if match is None:
         raise _BadLine("'seq' must be a stream entry id like '1764000000123-0', got "
                        f"{shown(raw)}")
-    ms, n = int(match[1]), int(match[2] or 0)
-    if ms > _INT64[1] or n > _INT64[1]:
+    seq_ms, seq_n = int(match[1]), int(match[2] or 0)
+    if seq_ms > _INT64[1] or seq_n > _INT64[1]:
         raise _BadLine(f"'seq' out of range: {shown(raw)}")
-    return ms, n
+    return seq_ms, seq_n
 
 
 def entry(obj: Any, now: int) -> Entry:
@@ -238,11 +240,18 @@ def _msgpack_objects(body: bytes) -> Iterator[Any]:
         raise BadBody("bytes after the msgpack array of entries")
 
 
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
 def _json_array_objects(text: str) -> Iterator[Any]:
     """The elements of a JSON array, decoded one at a time with ``raw_decode``."""
     decoder = json.JSONDecoder()
-    ws = re.compile(r"[ \t\n\r]*")
-    pos = ws.match(text, text.index("[") + 1).end()
+
+    def skip(at: int) -> int:  # past JSON whitespace (the pattern always matches)
+        found = _JSON_SPACE.match(text, at)
+        return found.end() if found else at
+
+    pos = skip(text.index("[") + 1)
     if text.startswith("]", pos):
         pos += 1
     else:
@@ -254,9 +263,9 @@ def _json_array_objects(text: str) -> Iterator[Any]:
             except ValueError as exc:
                 raise BadBody(f"body is not a valid JSON array: {exc}") from None
             yield obj
-            pos = ws.match(text, pos).end()
+            pos = skip(pos)
             if text.startswith(",", pos):
-                pos = ws.match(text, pos + 1).end()
+                pos = skip(pos + 1)
             elif text.startswith("]", pos):
                 pos += 1
                 break

@@ -24,7 +24,6 @@ Why it is shaped this way:
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 import time
@@ -33,16 +32,14 @@ from contextlib import contextmanager
 from itertools import chain, repeat
 from typing import Any
 
-from . import _json
+from . import _json, _rows
+from ._rows import MEMBER_FIELDS, RANK_FIELDS, BrokenRow
 from ._schema import migrate
 
 STATUSES = ("RUNNING", "COMPLETED", "FAILED", "TERMINATED")
-FINAL = frozenset(STATUSES[1:])
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+__all__ = ["BrokenRow", "Store"]
 
-
-class BrokenRow(ValueError):
-    """A stored row that cannot be returned as JSON (written before the checks at the door)."""
 
 Stored = int | float | str | None
 """A value as the ``points.value`` column holds it (see the module docstring)."""
@@ -58,10 +55,6 @@ ON CONFLICT (run, name, step) DO UPDATE SET
 WHERE excluded.seq_ms IS NULL OR points.seq_ms IS NULL
    OR (excluded.seq_ms, excluded.seq_n) >= (points.seq_ms, points.seq_n)
 """
-
-MEMBER_FIELDS = ("rank", "local_rank", "host", "pid", "state", "logged", "sent", "dropped",
-                 "drops")
-"""What a member row holds besides its name; a field given as None keeps the stored value."""
 
 _UPSERT_MEMBER = f"""
 INSERT INTO members (run, member, updated_at, {", ".join(MEMBER_FIELDS)})
@@ -80,8 +73,6 @@ ON CONFLICT (run, slot) DO UPDATE SET
     updated_at = excluded.updated_at
 """
 
-RANK_FIELDS = ("rank", "stored", "dead", "last_step", "last_time")
-
 _RUN_COLUMNS = "id, project, external_id, name, status, config, tags, created_at, updated_at"
 
 
@@ -92,34 +83,6 @@ def now_ms() -> int:
 def _in_range(run: int) -> bool:
     """Whether ``run`` can be an id at all; a larger one is not found rather than an error."""
     return INT64_MIN <= run <= INT64_MAX
-
-
-def _merge(run: int, old: str, new: dict[str, Any] | None) -> str:
-    """Top-level dict merge of ``new`` into the JSON object ``old``; None changes nothing.
-
-    ``new`` was cleaned at the door. An ``old`` that cannot be returned (written by an older
-    version) is healed when the merge replaces what was wrong in it, else :class:`BrokenRow`:
-    no merge ever writes an unreadable row.
-    """
-    try:
-        merged = _json.loads(old, "config", _json.READ_DEPTH)
-    except _json.Problem as exc:
-        try:
-            merged = json.loads(old)
-        except (ValueError, RecursionError):
-            raise BrokenRow(f"run {run}: stored config cannot be read ({exc})") from None
-        if not isinstance(merged, dict) or not new:
-            raise BrokenRow(f"run {run}: stored config cannot be read ({exc})") from None
-    if not isinstance(merged, dict):
-        raise BrokenRow(f"run {run}: stored config is not a JSON object")
-    if new:
-        merged.update(new)
-    try:
-        _json.clean(merged, "config", _json.READ_DEPTH)
-    except _json.Problem as exc:
-        raise BrokenRow(f"run {run}: stored config cannot be read ({exc}); a config "
-                        "update replacing that key repairs it") from None
-    return _json.dumps(merged)
 
 
 def _text(raw: bytes) -> str:
@@ -215,7 +178,7 @@ class Store:
             cur = db.execute(
                 "INSERT OR IGNORE INTO runs (project, external_id, name, status, config, tags,"
                 " created_at, updated_at) VALUES (?, ?, ?, 'RUNNING', ?, ?, ?, ?)",
-                (project, external_id, name, _merge(0, "{}", config), _json.dumps(tags or []),
+                (project, external_id, name, _rows.merged_config(0, "{}", config), _json.dumps(tags or []),
                  now, now))
             if cur.rowcount == 1:
                 run = int(cur.lastrowid or 0)
@@ -225,7 +188,7 @@ class Store:
                                   "external_id = ?", (project, external_id)).fetchone()
             if config:
                 db.execute("UPDATE runs SET config = ?, updated_at = ? WHERE id = ?",
-                           (_merge(run, old, config), now, run))
+                           (_rows.merged_config(run, old, config), now, run))
             return int(run), True
 
     def find_run(self, project: str, external_id: str) -> int | None:
@@ -268,7 +231,7 @@ class Store:
             if row is None:
                 return False
             db.execute("UPDATE runs SET config = ?, updated_at = ? WHERE id = ?",
-                       (_merge(run, row[0], config), now_ms(), run))
+                       (_rows.merged_config(run, row[0], config), now_ms(), run))
             return True
 
     def set_tags(self, run: int, tags: list[str]) -> bool:
@@ -324,10 +287,10 @@ class Store:
             ranks = db.execute(
                 f"SELECT {', '.join(RANK_FIELDS)} FROM rank_ledger WHERE run = ?"
                 " ORDER BY rank IS NULL, rank", (run,)).fetchall()
-        out = _run_dict(row)
-        out["members"] = _members(run, members, ranks)
+        out = _rows.run_dict(row)
+        out["members"] = _rows.members(run, members, ranks)
         out["ranks"] = [dict(zip(RANK_FIELDS, r)) for r in ranks]
-        out["ledger"] = _ledger(out["status"], out["members"], out["ranks"])
+        out["ledger"] = _rows.ledger(out["status"], out["members"], out["ranks"])
         return out
 
     def list_runs(self, project: str | None) -> list[dict[str, Any]]:
@@ -341,28 +304,7 @@ class Store:
                                  f"ON r.id = m.run{where}", args).fetchall()
             ranks = db.execute("SELECT l.run, l.stored, l.dead FROM rank_ledger l JOIN runs r "
                                f"ON r.id = l.run{where}", args).fetchall()
-        counts: dict[int, list[int]] = {}  # run -> [members, sent, dropped, stored, dead]
-        for run, sent, dropped in members:
-            c = counts.setdefault(run, [0, 0, 0, 0, 0])
-            c[0] += 1
-            c[1] += sent or 0
-            c[2] += dropped or 0
-        for run, stored, dead in ranks:
-            c = counts.setdefault(run, [0, 0, 0, 0, 0])
-            c[3] += stored or 0
-            c[4] += dead or 0
-        out: list[dict[str, Any]] = []
-        for row in rows:
-            try:
-                item = _run_dict(row)
-            except BrokenRow as exc:
-                out.append({"id": row[0], "error": str(exc)})
-                continue
-            n, sent, dropped, stored, dead = counts.get(row[0], (0, 0, 0, 0, 0))
-            item["members"] = n
-            item["lost"] = _lost(item["status"], sent, dropped, stored, dead)[1]
-            out.append(item)
-        return out
+        return _rows.listed(rows, members, ranks)
 
     # -- metrics -------------------------------------------------------------------------------
 
@@ -464,51 +406,3 @@ class Store:
                 (run, row[0], -(2**63) if since_step is None else since_step)).fetchall()
 
 
-def _run_dict(row: tuple[Any, ...]) -> dict[str, Any]:
-    rid, project, external_id, name, status, config, tags, created, updated = row
-    try:
-        return {"id": rid, "externalId": external_id, "project": project, "name": name,
-                "status": status, "config": _json.loads(config, "config", _json.READ_DEPTH),
-                "tags": _json.loads(tags, "tags", _json.READ_DEPTH),
-                "createdAt": created, "updatedAt": updated}
-    except _json.Problem as exc:
-        raise BrokenRow(f"run {rid}: stored row cannot be read: {exc}") from None
-
-
-def _members(run: int, rows: list[tuple[Any, ...]], ranks: list[tuple[Any, ...]]
-             ) -> list[dict[str, Any]]:
-    """Member dicts; ``stored``/``dead`` are their rank's, when the member is its rank's only
-    member (two processes claiming one rank cannot be told apart in the worker's counts)."""
-    per_rank = {r[0]: r for r in ranks if r[0] is not None}
-    claims: dict[Any, int] = {}
-    for m in rows:
-        claims[m[1]] = claims.get(m[1], 0) + 1
-    out = []
-    for m in rows:
-        member = dict(zip(("member", *MEMBER_FIELDS), m))
-        if member["drops"] is not None:
-            try:
-                member["drops"] = _json.loads(member["drops"], "drops")
-            except _json.Problem as exc:
-                raise BrokenRow(f"run {run}: member {member['member']!a}: {exc}") from None
-        mine = per_rank.get(member["rank"]) if claims[member["rank"]] == 1 else None
-        member["stored"], member["dead"] = (mine[1], mine[2]) if mine else (None, None)
-        out.append(member)
-    return out
-
-
-def _lost(status: str, sent: int, dropped: int, stored: int, dead: int) -> tuple[int, int]:
-    """``(missing, lost)``: entries Redis took that neither arrived nor were dead-lettered,
-    counted once the run is final (before that they may be in flight); lost adds the drops."""
-    missing = max(0, sent - stored - dead) if status in FINAL else 0
-    return missing, dropped + dead + missing
-
-
-def _ledger(status: str, members: list[dict[str, Any]], ranks: list[dict[str, Any]]
-            ) -> dict[str, int]:
-    """The run's loss ledger (ledger.md §3); a member without counts (an older SDK) adds 0."""
-    total = {k: sum(m[k] or 0 for m in members) for k in ("logged", "sent", "dropped")}
-    total |= {k: sum(r[k] or 0 for r in ranks) for k in ("stored", "dead")}
-    total["missing"], total["lost"] = _lost(status, total["sent"], total["dropped"],
-                                            total["stored"], total["dead"])
-    return total
