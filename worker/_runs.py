@@ -162,7 +162,12 @@ class RunWatcher:
                 self._first_seen.pop((run, member), None)
                 continue
             beat = beats.get(member.encode())
-            last = int(beat) if beat and _INT.match(beat) else _epoch_ms(info.get("attached_at"))
+            if beat is not None and not _INT.match(beat):
+                self.problems.report(f"beat:{run}:{member}", f"run {run}: heartbeat of "
+                                     f"{member[:80]!r} is not epoch ms ({beat[:40]!r}); judged "
+                                     "by its attach time instead", logging.WARNING)
+                beat = None
+            last = int(beat) if beat else _epoch_ms(info.get("attached_at"))
             if last is None:
                 last = self._first_seen.setdefault((run, member), now)
             last = max(last, self._watching_since)
