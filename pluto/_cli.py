@@ -66,13 +66,18 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    """Redis (reused or embedded), backend and one worker on this machine, until Ctrl-C."""
+    """Redis (reused or embedded), backend and one worker on this machine, until Ctrl-C.
+
+    The children are supervised: one that exits is restarted with back-off and a log line,
+    and the embedded Redis is stopped only by Ctrl-C / SIGTERM (worker first), never because
+    another child died."""
     import redis
 
     s = CliSettings.from_env()
     s.home.mkdir(parents=True, exist_ok=True)
     key = s.api_key or _local_key(s.home)
-    children: list[_servers.Child] = []
+    logs = s.home / "logs"
+    sup = _servers.Supervisor(lambda line: print(f"pluto up: {line}", flush=True))
     stop = {"now": False}
 
     def on_signal(sig: int, frame: Any) -> None:
@@ -85,33 +90,29 @@ def cmd_up(args: argparse.Namespace) -> int:
             redis.Redis.from_url(s.redis_url, socket_connect_timeout=1).ping()
             print(f"pluto up: using the Redis at {redact(s.redis_url)}", flush=True)
         except (redis.RedisError, OSError):
-            children.append(_embedded_redis(s))
+            sup.add("redis", lambda: _embedded_redis(s))
         api = urlsplit(s.api_url)
         if _servers.port_open(api.hostname or "127.0.0.1", api.port or 8080):
             raise PlutoError(f"something already listens on {s.api_url}: stop it or set "
                              "PLUTO_API_URL to a free port")
-        children.append(_servers.start_backend(s.api_url, s.db_url, key, s.home / "logs"))
-        children.append(_servers.start_worker(s.redis_url, s.prefix, s.api_url, key,
-                                              s.home / "logs"))
+        sup.add("backend", lambda: _servers.start_backend(s.api_url, s.db_url, key, logs))
+        worker = sup.add("worker", lambda: _servers.start_worker(s.redis_url, s.prefix,
+                                                                 s.api_url, key, logs))
         print(f"pluto up: backend at {s.api_url} (dashboard: {s.api_url}/), worker pid "
-              f"{children[-1].pid}, logs in {s.home / 'logs'}", flush=True)
+              f"{worker.pid}, logs in {logs}", flush=True)
         print(f"pluto up: API key in {s.home / 'api_key'}" if not s.api_key else
               "pluto up: using PLUTO_API_KEY", flush=True)
         print("pluto up: ready (Ctrl-C stops everything)", flush=True)
         while not stop["now"]:
-            for child in children:
-                if not child.alive():
-                    raise PlutoError(f"{child.name} exited ({child.proc.returncode}); see "
-                                     f"{child.log_path}")
+            sup.poll()
             time.sleep(0.2)
         return 0
     except PlutoError as exc:
         print(f"pluto up: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
-        for child in reversed(children):  # worker first: it acknowledges its batch, then exits
-            child.stop()
-        if children:
+        sup.stop()
+        if sup.slots:
             print("pluto up: stopped", flush=True)
 
 
