@@ -102,16 +102,6 @@ class Keys:
         """Hash: member -> last heartbeat (epoch ms) of that process's producer thread."""
         return f"{self.prefix}:{{{run}}}:heartbeats"
 
-    def ledger(self, run: int | str) -> str:
-        """Hash: ``stored:<rank>`` / ``dead:<rank>`` entries the workers settled, and
-        ``step:<rank>`` / ``time:<rank>`` of the newest stored entry (the loss ledger)."""
-        return f"{self.prefix}:{{{run}}}:ledger"
-
-    @property
-    def control_dead(self) -> str:
-        """Stream: control entries a worker could not apply, with the reason."""
-        return f"{self.prefix}:control:dead"
-
     def dead(self, run: int | str) -> str:
         """Stream: entries that could not be decoded or were rejected, with the reason."""
         return f"{self.prefix}:{{{run}}}:dead"
