@@ -43,8 +43,8 @@ from ._ingest import (
     decode,
     shown,
 )
-from ._settings import ServerSettings, db_path
-from ._store import STATUSES, BrokenRow, Store, loaded
+from ._settings import ServerSettings
+from ._store import STATUSES, BrokenRow, Store, Unstorable, loaded, open_store
 
 STATIC = Path(__file__).parent / "static"
 
@@ -353,6 +353,11 @@ def routes() -> list[Route]:
     ]
 
 
+async def unstorable(request: Request, exc: Exception) -> Response:
+    """A value the store cannot hold (PostgreSQL refuses NUL in text): the client's 400."""
+    return error(400, str(exc))
+
+
 def create_app(settings: ServerSettings | None = None) -> Starlette:
     """The backend as an ASGI app.
 
@@ -364,7 +369,7 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        app.state.store = Store(db_path(settings.db_url))
+        app.state.store = open_store(settings.db_url)
         try:
             yield
         finally:
@@ -373,6 +378,7 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
     app = Starlette(routes=routes(), lifespan=lifespan,
                     middleware=[Middleware(BearerAuth, keys=settings.api_keys),
                                 Middleware(PathIds)],
-                    exception_handlers={HTTPException: http_error, BrokenRow: broken_row})
+                    exception_handlers={HTTPException: http_error, BrokenRow: broken_row,
+                                        Unstorable: unstorable})
     app.state.settings = settings
     return app
