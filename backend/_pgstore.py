@@ -31,6 +31,7 @@ built for several backend processes on one database:
 from __future__ import annotations
 
 import queue
+from math import isnan
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -92,7 +93,7 @@ _RETRIED = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
 
 def _stored(rows: list[tuple[Any, ...]]) -> list[tuple[int, Stored, int]]:
     """``(step, value, ival, big, time)`` rows as the SQLite store returns them."""
-    return [(s, i if i is not None else b if b is not None else None if v != v else v, t)
+    return [(s, i if i is not None else b if b is not None else None if v is None or isnan(v) else v, t)
             for s, v, i, b, t in rows]
 
 

@@ -45,7 +45,7 @@ def check_db_url(db_url: str) -> None:
     if is_postgres(db_url):
         parts = urlsplit(db_url)
         try:
-            parts.port
+            _ = parts.port
         except ValueError:
             raise ConfigError(f"PLUTO_DB_URL={db_url!r} has an invalid port") from None
         if not parts.path.strip("/") and "dbname=" not in parts.query:

@@ -18,8 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._common import args  # noqa: E402
-from tests.storage.pgcluster import Cluster  # noqa: E402
+from bench._common import args
+from tests.storage.pgcluster import Cluster
 
 
 def batches(n_batches: int, entries: int, metrics: int, seq: int) -> list[tuple]:

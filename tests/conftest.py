@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import sys
-import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field

@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from typing_extensions import Self
+
 from pluto import _servers
 
 USER = "pluto"
@@ -75,15 +77,14 @@ class Cluster:
         data = self.dir / "data"
         subprocess.run([self._initdb, "-D", str(data), "-U", USER, "-A", "trust", "-E", "UTF8",
                         "--locale=C", "--no-sync"], check=True, capture_output=True, **user)
-        log = open(self.dir / "postgres.log", "ab")
         # fsync off: a test cluster trades durability for speed (the benches say so too).
-        self.child = subprocess.Popen(
-            [self._postgres, "-D", str(data), "-p", str(self.port), "-k", str(self.dir),
-             "-c", "listen_addresses=127.0.0.1", "-c", f"max_connections={max_connections}",
-             "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-             "-c", "shared_buffers=128MB"],
-            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **user)
-        log.close()
+        with open(self.dir / "postgres.log", "ab") as log:
+            self.child = subprocess.Popen(
+                [self._postgres, "-D", str(data), "-p", str(self.port), "-k", str(self.dir),
+                 "-c", "listen_addresses=127.0.0.1", "-c", f"max_connections={max_connections}",
+                 "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
+                 "-c", "shared_buffers=128MB"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, **user)
         deadline = time.monotonic() + 30
         while not self._ready():
             if self.child.poll() is not None or time.monotonic() > deadline:
@@ -119,7 +120,7 @@ class Cluster:
                 self.child.wait(5)
         shutil.rmtree(self.dir, ignore_errors=True)
 
-    def __enter__(self) -> Cluster:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
