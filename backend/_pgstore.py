@@ -30,8 +30,6 @@ built for several backend processes on one database:
 
 from __future__ import annotations
 
-import queue
-from math import isnan
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -42,111 +40,26 @@ import psycopg
 from psycopg import errors as pg_errors
 
 from . import _json, _rows
+from ._pgsql import (
+    INGEST,
+    M4,
+    PG_TYPES,
+    POINT_COLS,
+    POINT_OUT,
+    RETRIED,
+    RUN_COLUMNS,
+    STAGE,
+    UPSERT_LEDGER,
+    UPSERT_MEMBER,
+    Pool,
+    split,
+    stored,
+)
 from ._rows import MEMBER_FIELDS, RANK_FIELDS
 from ._schema import pg_migrate
 from ._store import INT64_MAX, INT64_MIN, Entry, Stored, Unstorable, _in_range, now_ms
 
 T = TypeVar("T")
-_POINT_COLS = "name, step, value, ival, big, time, seq_ms, seq_n"
-_PG_TYPES = ["int4", "int8", "float8", "int8", "text", "int8", "int8", "int8"]
-_UPSERT_TAIL = """
-ON CONFLICT (run, name, step) DO UPDATE SET
-    value = excluded.value, ival = excluded.ival, big = excluded.big, time = excluded.time,
-    seq_ms = excluded.seq_ms, seq_n = excluded.seq_n
-WHERE excluded.seq_ms IS NULL OR points.seq_ms IS NULL
-   OR (excluded.seq_ms, excluded.seq_n) >= (points.seq_ms, points.seq_n)
-"""
-_NEWEST_FIRST = " ORDER BY name, step, seq_ms DESC NULLS FIRST, seq_n DESC NULLS FIRST, {} DESC"
-_UNNEST = (
-    f"INSERT INTO points (run, {_POINT_COLS}) SELECT {{}}%s, {_POINT_COLS}"
-    " FROM unnest(%s::int4[], %s::int8[], %s::float8[], %s::int8[], %s::text[], %s::int8[],"
-    f" %s::int8[], %s::int8[]) WITH ORDINALITY AS u({_POINT_COLS}, ord)")
-_STAGE = ("CREATE TEMP TABLE IF NOT EXISTS stage (name int4, step int8, value float8, ival int8,"
-          " big text, time int8, seq_ms int8, seq_n int8) ON COMMIT DELETE ROWS")
-_FROM_STAGE = f"INSERT INTO points (run, {_POINT_COLS}) SELECT {{}}%s, {_POINT_COLS} FROM stage"
-_DISTINCT = "DISTINCT ON (name, step) "
-_INGEST = {  # (the common batch: every key once, the batch that names a key twice)
-    "copy": (_FROM_STAGE.format("") + _UPSERT_TAIL,
-             _FROM_STAGE.format(_DISTINCT) + _NEWEST_FIRST.format("ctid") + _UPSERT_TAIL),
-    "unnest": (_UNNEST.format("") + _UPSERT_TAIL,
-               _UNNEST.format(_DISTINCT) + _NEWEST_FIRST.format("ord") + _UPSERT_TAIL),
-}
-_UPSERT_MEMBER = f"""
-INSERT INTO members (run, member, updated_at, {", ".join(MEMBER_FIELDS)})
-VALUES (%s, %s, %s, {", ".join("%s" for _ in MEMBER_FIELDS)})
-ON CONFLICT (run, member) DO UPDATE SET updated_at = excluded.updated_at,
-    {", ".join(f"{f} = coalesce(excluded.{f}, members.{f})" for f in MEMBER_FIELDS)}
-"""
-_UPSERT_LEDGER = """
-INSERT INTO rank_ledger (run, slot, rank, stored, dead, last_step, last_time, updated_at)
-VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
-ON CONFLICT (run, slot) DO UPDATE SET
-    stored = excluded.stored, dead = excluded.dead,
-    last_step = coalesce(excluded.last_step, rank_ledger.last_step),
-    last_time = coalesce(excluded.last_time, rank_ledger.last_time),
-    updated_at = excluded.updated_at
-"""
-_RUN_COLUMNS = "id, project, external_id, name, status, config, tags, created_at, updated_at"
-_POINT_OUT = "step, value, ival, big, time"
-_RETRIED = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
-
-
-def _stored(rows: list[tuple[Any, ...]]) -> list[tuple[int, Stored, int]]:
-    """``(step, value, ival, big, time)`` rows as the SQLite store returns them."""
-    return [(s, i if i is not None else b if b is not None else None if v is None or isnan(v) else v, t)
-            for s, v, i, b, t in rows]
-
-
-def _split(values: Sequence[Any]) -> tuple[list[Any], list[Any], list[Any]]:
-    """Per value: float8 (floats; None, i.e. NaN, as NaN), int8 (ints) and text (big ints)."""
-    floats = [v if type(v) is float else None for v in values]
-    ints = [v if type(v) is int else None for v in values]
-    bigs: list[Any] = [None] * len(values)
-    for i, v in enumerate(values):
-        if v is None:
-            floats[i] = float("nan")
-        elif type(v) is str:
-            bigs[i] = v
-    return floats, ints, bigs
-
-
-class _Pool:
-    """At most ``size`` autocommit connections, made on demand; a broken one is dropped."""
-
-    def __init__(self, url: str, size: int) -> None:
-        self.url = url
-        self._idle: queue.LifoQueue[psycopg.Connection[Any]] = queue.LifoQueue()
-        self._slots = threading.BoundedSemaphore(size)
-        self._all: list[psycopg.Connection[Any]] = []
-        self._lock = threading.Lock()
-
-    @contextmanager
-    def conn(self) -> Iterator[psycopg.Connection[Any]]:
-        self._slots.acquire()
-        try:
-            try:
-                db = self._idle.get_nowait()
-            except queue.Empty:
-                db = psycopg.connect(self.url, autocommit=True, connect_timeout=10)
-                with self._lock:
-                    self._all.append(db)
-            try:
-                yield db
-            finally:
-                if db.closed or db.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
-                    db.close()
-                    with self._lock:
-                        self._all.remove(db)
-                else:
-                    self._idle.put(db)
-        finally:
-            self._slots.release()
-
-    def close(self) -> None:
-        with self._lock:
-            for db in self._all:
-                db.close()
-            self._all.clear()
 
 
 class PgStore:
@@ -156,7 +69,7 @@ class PgStore:
         if ingest not in ("unnest", "copy"):
             raise ValueError("ingest must be 'unnest' or 'copy'")
         self.url, self.ingest = url, ingest
-        self._pool = _Pool(url, pool_size)
+        self._pool = Pool(url, pool_size)
         with self._pool.conn() as db:
             pg_migrate(db)
         self._names: dict[str, int] = {}
@@ -188,7 +101,7 @@ class PgStore:
                 try:
                     with db.transaction():
                         return body(db)
-                except _RETRIED:
+                except RETRIED:
                     if attempt == 4:
                         raise
         raise AssertionError("unreachable")
@@ -293,14 +206,14 @@ class PgStore:
     def upsert_members(self, run: int, members: Sequence[dict[str, Any]]) -> bool:
         """Insert or update members by ``(run, member)``; a field given as None is kept."""
         now = now_ms()
-        return self._upsert(run, _UPSERT_MEMBER, [
+        return self._upsert(run, UPSERT_MEMBER, [
             (run, m["member"], now, *(m.get(f) for f in MEMBER_FIELDS[:-1]),
              None if m.get("drops") is None else _json.dumps(m["drops"])) for m in members])
 
     def upsert_ledger(self, run: int, ranks: Sequence[dict[str, Any]]) -> bool:
         """The worker's per-rank counts by ``(run, rank)``; None keeps last_step/last_time."""
         now = now_ms()
-        return self._upsert(run, _UPSERT_LEDGER, [
+        return self._upsert(run, UPSERT_LEDGER, [
             (run, "?" if r.get("rank") is None else str(r["rank"]), r.get("rank"), r["stored"],
              r["dead"], r.get("last_step"), r.get("last_time"), now) for r in ranks])
 
@@ -309,7 +222,7 @@ class PgStore:
         if not _in_range(run):
             return None
         with self._db() as db, db.transaction():  # one snapshot for the three reads
-            row = db.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = %s", (run,)).fetchone()
+            row = db.execute(f"SELECT {RUN_COLUMNS} FROM runs WHERE id = %s", (run,)).fetchone()
             if row is None:
                 return None
             members = db.execute(
@@ -328,7 +241,7 @@ class PgStore:
         """Runs newest first with their member count and ``lost`` (see ``Store.list_runs``)."""
         where, args = ("", ()) if project is None else (" WHERE r.project = %s", (project,))
         with self._db() as db, db.transaction():
-            rows = db.execute(f"SELECT {_RUN_COLUMNS} FROM runs r{where} ORDER BY id DESC",
+            rows = db.execute(f"SELECT {RUN_COLUMNS} FROM runs r{where} ORDER BY id DESC",
                               args).fetchall()
             members = db.execute("SELECT m.run, m.sent, m.dropped FROM members m JOIN runs r "
                                  f"ON r.id = m.run{where}", args).fetchall()
@@ -354,21 +267,21 @@ class PgStore:
         return known
 
     def _write(self, run: int, cols: list[list[Any]], name_ids: set[int]) -> int:
-        """Upsert the point columns (``_POINT_COLS`` order) of one run in one transaction."""
+        """Upsert the point columns (``POINT_COLS`` order) of one run in one transaction."""
         n = len(cols[0])
         if not n:
             return 0
         new = sorted({(run, i) for i in name_ids} - self._run_metrics)
 
-        plain, dedupe = _INGEST[self.ingest]
+        plain, dedupe = INGEST[self.ingest]
         args = (run, *cols) if self.ingest == "unnest" else (run,)
 
         def write(db: psycopg.Connection[Any]) -> None:
             with db.cursor() as cur:
                 if self.ingest == "copy":
-                    cur.execute(_STAGE)
-                    with cur.copy(f"COPY stage ({_POINT_COLS}) FROM STDIN (FORMAT BINARY)") as cp:
-                        cp.set_types(_PG_TYPES)
+                    cur.execute(STAGE)
+                    with cur.copy(f"COPY stage ({POINT_COLS}) FROM STDIN (FORMAT BINARY)") as cp:
+                        cp.set_types(PG_TYPES)
                         for row in zip(*cols):
                             cp.write_row(row)
                 try:
@@ -399,7 +312,7 @@ class PgStore:
             time_col += [time_ms] * k
             sms_col += [seq_ms] * k
             sn_col += [seq_n] * k
-        cols[2], cols[3], cols[4] = _split(values)
+        cols[2], cols[3], cols[4] = split(values)
         return self._write(run, cols, set(name_col))
 
     def write_columns(self, run: int, names: list[str], name_idx: list[int], values: list[Any],
@@ -434,8 +347,8 @@ class PgStore:
             return []
         since = INT64_MIN if since_step is None else min(max(since_step, INT64_MIN), INT64_MAX)
         order = "DESC LIMIT 1" if last_only else ""
-        return _stored(self._rows(
-            f"SELECT {_POINT_OUT} FROM points WHERE run = %s AND step >= %s AND name ="
+        return stored(self._rows(
+            f"SELECT {POINT_OUT} FROM points WHERE run = %s AND step >= %s AND name ="
             f" (SELECT id FROM names WHERE name = %s) ORDER BY step {order}", (run, since, name)))
 
     # -- dashboard reads (the same as the SQLite store's) ---------------------------------------
@@ -468,8 +381,8 @@ class PgStore:
 
     def points_between(self, run: int, name_id: int, low: int, high: int, limit: int
                        ) -> list[tuple[int, Stored, int]]:
-        return _stored(self._rows(
-            f"SELECT {_POINT_OUT} FROM points WHERE run = %s AND name = %s AND step BETWEEN %s"
+        return stored(self._rows(
+            f"SELECT {POINT_OUT} FROM points WHERE run = %s AND name = %s AND step BETWEEN %s"
             " AND %s ORDER BY step LIMIT %s", (run, name_id, low, high, limit)))
 
     def more_than(self, run: int, name_id: int, low: int, high: int, n: int) -> bool:
@@ -485,20 +398,6 @@ class PgStore:
                   ) -> list[tuple[int, Stored, int]]:
         """M4: of each bucket of ``width`` steps its first, last, minimum and maximum point
         (NaN sorts above every number in PostgreSQL, so a bucket holding one shows it)."""
-        return _stored(self._rows(_M4, {"run": run, "name": name_id, "low": low, "high": high,
+        return stored(self._rows(M4, {"run": run, "name": name_id, "low": low, "high": high,
                                         "width": width}))
 
-
-_M4 = f"""
-WITH b AS (
-    SELECT step, coalesce(value, ival::float8, big::float8) AS v,
-           (step - %(low)s) / %(width)s AS bucket
-    FROM points WHERE run = %(run)s AND name = %(name)s AND step BETWEEN %(low)s AND %(high)s
-), picks AS (
-    SELECT DISTINCT unnest(ARRAY[min(step), max(step),
-        (array_agg(step ORDER BY v, step))[1], (array_agg(step ORDER BY v DESC, step))[1]]) AS s
-    FROM b GROUP BY bucket
-)
-SELECT {_POINT_OUT} FROM points
-WHERE run = %(run)s AND name = %(name)s AND step IN (SELECT s FROM picks) ORDER BY step
-"""
