@@ -1,0 +1,179 @@
+"""Points/s persisted to PostgreSQL with 1, 2 and 4 workers and 1 and 2 backend replicas.
+
+Per configuration: a fresh database, ``--replicas`` backend processes on it, ``--workers``
+worker processes (worker ``i`` posts to replica ``i % replicas``), and ``--runs`` producer
+processes, one run each, every entry holding ``--metrics`` metrics. The producers log their
+``--entries`` entries while the workers are stopped (SIGSTOP), so the streams hold the whole
+backlog; then the workers are continued and the clock runs until ``count(*)`` of the points
+table reaches the total. That measures the consumers alone (workers, backends, PostgreSQL,
+Redis) — producers' CPU is not in it. CPU seconds of each process kind over the drain are read
+from ``/proc``, which says which process is the limit. Prints one JSON object.
+
+The PostgreSQL is a throwaway cluster (``tests/storage/pgcluster.py``, fsync off).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench._common import args, servers
+from pluto import _servers
+from tests.storage.pgcluster import Cluster, drop_database
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def producer(ready: str, go: str, run_id: str, entries: int, metrics: int) -> None:
+    """One rank: init, wait for ``go``, log ``entries`` entries of ``metrics`` metrics, finish."""
+    import redis
+
+    import pluto
+
+    r = redis.Redis.from_url(os.environ["PLUTO_REDIS_URL"])
+    run = pluto.init(project="scale", run_id=run_id)
+    names = [f"train/m{i}" for i in range(metrics)]
+    r.rpush(ready, run.id)
+    while not r.blpop([go], timeout=1):
+        pass
+    for step in range(1, entries + 1):
+        run.log({n: step * 0.001 + i for i, n in enumerate(names)}, step=step)
+    print("RESULT " + json.dumps({"lost": run.finish(timeout=120)}), flush=True)
+
+
+def cpu_s(pid: int) -> float:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def children_of(pid: int) -> list[int]:
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(entry.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return out
+
+
+def cpu_by_kind(kinds: dict[str, list[int]], pg_pid: int) -> dict[str, float]:
+    out = {kind: sum(cpu_s(p) for p in pids) for kind, pids in kinds.items()}
+    out["postgres"] = cpu_s(pg_pid) + sum(cpu_s(p) for p in children_of(pg_pid))
+    return out
+
+
+def count_points(url: str) -> int:
+    import psycopg
+
+    try:
+        with psycopg.connect(url, connect_timeout=5) as db:
+            return int(db.execute("SELECT count(*) FROM points").fetchone()[0])
+    except psycopg.Error:  # before the first backend created the table
+        return 0
+
+
+def one(s: Any, cluster: Cluster, workers: int, replicas: int, a: Any) -> dict[str, Any]:
+    db_url = cluster.new_database("scale")
+    tag = f"w{workers}r{replicas}-{time.time_ns()}"
+    kids: list[_servers.Child] = []
+    try:
+        urls = [f"http://127.0.0.1:{_servers.free_port()}" for _ in range(replicas)]
+        backends = [_servers.start_backend(u, db_url, s.api_key, s.tmp, s.env(), f"be{i}-{tag}")
+                    for i, u in enumerate(urls)]
+        kids += backends
+        ws = [_servers.start_worker(s.redis_url, s.prefix, urls[i % replicas], s.api_key, s.tmp,
+                                    s.env(PLUTO_WORKER_NAME=f"w{i}-{tag}"), f"w{i}-{tag}")
+              for i in range(workers)]
+        kids += ws
+        import redis
+
+        r = redis.Redis.from_url(s.redis_url)
+        ready, go = f"{s.prefix}:scale:{tag}:ready", f"{s.prefix}:scale:{tag}:go"
+        prods = [subprocess.Popen(
+            [sys.executable, __file__, "--child", ready, go, f"{tag}-{i}", str(a.entries),
+             str(a.metrics)], env=s.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            text=True) for i in range(a.runs)]
+        for _ in prods:
+            if r.blpop([ready], timeout=120) is None:
+                raise RuntimeError("producers did not attach: " + ws[0].log()[-2000:])
+        for w in ws:
+            w.signal(signal.SIGSTOP)
+        r.rpush(go, *["go"] * len(prods))
+        lost = []
+        for p in prods:
+            out, err = p.communicate(timeout=600)
+            if p.returncode != 0:
+                raise RuntimeError(f"producer failed: {err[-2000:]}")
+            lost += [json.loads(line[7:])["lost"] for line in out.splitlines()
+                     if line.startswith("RESULT ")]
+        total = a.runs * a.entries * a.metrics
+        kinds = {"worker": [w.pid for w in ws], "backend": [b.pid for b in backends],
+                 "redis": [s.redis_child.pid]}
+        assert cluster.child is not None
+        before, t0 = cpu_by_kind(kinds, cluster.child.pid), time.perf_counter()
+        for w in ws:
+            w.signal(signal.SIGCONT)
+        stored, deadline = 0, t0 + a.timeout
+        while stored < total and time.perf_counter() < deadline:
+            time.sleep(0.1)
+            stored = count_points(db_url)
+        wall = time.perf_counter() - t0
+        after = cpu_by_kind(kinds, cluster.child.pid)
+        cpu = {k: round(after[k] - before[k], 2) for k in after}
+        return {"workers": workers, "replicas": replicas, "points": total, "stored": stored,
+                "lost_by_producers": sum(lost), "seconds": round(wall, 2),
+                "points_per_s": round(stored / wall), "cpu_s": cpu,
+                "cpu_share": {k: round(v / wall, 2) for k, v in cpu.items()},
+                "cpu_us_per_point": {k: round(v / max(stored, 1) * 1e6, 2)
+                                     for k, v in cpu.items()}}
+    finally:
+        for k in reversed(kids):
+            k.signal(signal.SIGCONT)
+            k.stop()
+        drop_database(cluster.url, db_url)
+
+
+def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        producer(sys.argv[2], sys.argv[3], sys.argv[4], int(sys.argv[5]), int(sys.argv[6]))
+        return
+    a = args(runs=4, entries=10_000, metrics=20, timeout=300.0, workers="1,2,4", replicas="1,2")
+    if a.tiny:
+        a.runs, a.entries, a.metrics, a.timeout = 1, 200, 5, 60.0
+        a.workers, a.replicas = "1,2", "1,2"
+    configs = [(w, r) for r in map(int, a.replicas.split(",")) for w in map(int, a.workers.split(","))
+               if not (a.tiny and w != r)]
+    results = []
+    with servers() as s, Cluster() as cluster:
+        for w, r in configs:
+            results.append(one(s, cluster, w, r, a))
+            print(f"  {w} worker(s), {r} replica(s): {results[-1]['points_per_s']:,} points/s "
+                  f"cpu {results[-1]['cpu_share']}", file=sys.stderr)
+    best = max(results, key=lambda x: x["points_per_s"])
+    busiest = max(best["cpu_share"], key=best["cpu_share"].get)
+    out = {"bench": "scale", "cores": os.cpu_count(), "runs": a.runs, "entries": a.entries,
+           "metrics": a.metrics, "results": results, "best": {k: best[k] for k in (
+               "workers", "replicas", "points_per_s")},
+           "busiest_process": busiest, "cpu_used_of_cores": round(sum(best["cpu_share"].values()), 2),
+           "met": all(x["stored"] == x["points"] for x in results)}
+    print(json.dumps(out))
+    print(f"scale: best {best['points_per_s']:,} points/s with {best['workers']} workers, "
+          f"{best['replicas']} replicas; busiest: {busiest}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
