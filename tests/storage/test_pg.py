@@ -4,6 +4,7 @@ backend processes."""
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 from collections.abc import Callable
@@ -158,3 +159,35 @@ def test_the_backend_refuses_a_db_url_it_cannot_use(tmp_path: Path) -> None:
     for bad in ("mysql://x/y", "postgresql://u@h:99999/db", "postgresql://u@h:5432"):
         with pytest.raises(ConfigError, match="PLUTO_DB_URL"):
             ServerSettings.from_env({"PLUTO_DB_URL": bad})
+
+
+def test_dashboard_reads(pg_url: str) -> None:
+    """The read methods the dashboard's routes use (bucketed M4, spans, last steps)."""
+    store = PgStore(pg_url)
+    try:
+        run, _ = store.create_run("p", "dash", "n", None, None)
+        values: dict[int, float] = {s: float((s * 37) % 101) for s in range(1, 201)}
+        values[57] = float("nan")
+        store.write_points(run, [(s, s, None, None, {"m": None if math.isnan(v) else v})
+                                 for s, v in values.items()])
+        store.upsert_members(run, [{"member": "a"}, {"member": "b"}])
+        nid = store.name_ids(["m", "unknown"])
+        assert list(nid) == ["m"]
+        assert store.step_span(run, nid["m"], 10, 1000) == (10, 200)
+        assert store.step_span(run, nid["m"], 300, 400) is None
+        assert len(store.points_between(run, nid["m"], 1, 200, 7)) == 7
+        assert store.more_than(run, nid["m"], 1, 200, 199)
+        assert not store.more_than(run, nid["m"], 1, 200, 200)
+        assert store.last_steps([run, run + 1]) == {run: 200}
+        assert store.member_counts([run]) == {run: 2}
+        assert store.run_version(run) == store.get_run(run)["updatedAt"]
+        picked = store.points_m4(run, nid["m"], 1, 200, 50)
+        for lo in range(1, 201, 50):
+            bucket = {s: v for s, v in values.items() if lo <= s < lo + 50}
+            numbers = {s: v for s, v in bucket.items() if not math.isnan(v)}
+            want = {min(bucket), max(bucket), min(numbers, key=lambda s: (numbers[s], s))}
+            want.add(57 if 57 in bucket else max(numbers, key=lambda s: (numbers[s], -s)))
+            assert {p[0] for p in picked if lo <= p[0] < lo + 50} == want, lo
+        assert next(p for p in picked if p[0] == 57)[1] is None  # the NaN is shown, as None
+    finally:
+        store.close()
