@@ -4,7 +4,8 @@ Per configuration: a fresh database, ``--replicas`` backend processes on it, ``-
 worker processes (worker ``i`` posts to replica ``i % replicas``), and ``--runs`` producer
 processes, one run each, every entry holding ``--metrics`` metrics. The producers log their
 ``--entries`` entries while the workers are stopped (SIGSTOP), so the streams hold the whole
-backlog; then the workers are continued and the clock runs until ``count(*)`` of the points
+backlog (Redis's CPU meanwhile is its cost of taking the entries in: XADD); then the workers
+are continued and the clock runs until ``count(*)`` of the points
 table reaches the total. That measures the consumers alone (workers, backends, PostgreSQL,
 Redis) — producers' CPU is not in it. CPU seconds of each process kind over the drain are read
 from ``/proc``, which says which process is the limit. Prints one JSON object.
@@ -126,6 +127,7 @@ def one(s: Any, cluster: Cluster, workers: int, replicas: int, a: Any) -> dict[s
             attached += r.blpop([ready], timeout=1) is not None
         for w in ws:
             w.signal(signal.SIGSTOP)
+        redis_before = cpu_s(s.redis_child.pid)
         r.rpush(go, *["go"] * len(prods))
         lost = []
         for p in prods:
@@ -135,6 +137,7 @@ def one(s: Any, cluster: Cluster, workers: int, replicas: int, a: Any) -> dict[s
             lost += [json.loads(line[7:])["lost"] for line in out.splitlines()
                      if line.startswith("RESULT ")]
         total = a.runs * a.entries * a.metrics
+        xadd_us = (cpu_s(s.redis_child.pid) - redis_before) / (a.runs * a.entries) * 1e6
         kinds = {"worker": [w.pid for w in ws], "backend": [b.pid for b in backends],
                  "redis": [s.redis_child.pid]}
         assert cluster.child is not None
@@ -156,6 +159,7 @@ def one(s: Any, cluster: Cluster, workers: int, replicas: int, a: Any) -> dict[s
         return {"workers": workers, "replicas": replicas, "points": total, "stored": stored,
                 "lost_by_producers": sum(lost), "seconds": round(wall, 2),
                 "points_per_s": round(stored / wall), "cpu_s": cpu,
+                "redis_us_per_entry_logging": round(xadd_us, 2),
                 "cpu_share": {k: round(v / wall, 2) for k, v in cpu.items()},
                 "cpu_us_per_point": {k: round(v / max(stored, 1) * 1e6, 2)
                                      for k, v in cpu.items()}}
