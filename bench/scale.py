@@ -96,6 +96,15 @@ class Counter:
     def cheap(self) -> int:
         return int(self.db.execute(self._CHEAP).fetchone()[0]) * self.metrics
 
+    def waits(self, into: dict[str, int]) -> None:
+        """One sample of what the store's connections are doing (active: on CPU or waiting)."""
+        for kind, event in self.db.execute(
+                "SELECT coalesce(wait_event_type, 'CPU'), coalesce(wait_event, '') FROM"
+                " pg_stat_activity WHERE datname = current_database() AND state = 'active'"
+                " AND pid <> pg_backend_pid()").fetchall():
+            key = f"{kind}:{event}" if event else kind
+            into[key] = into.get(key, 0) + 1
+
     def exact(self) -> int:
         return int(self.db.execute("SELECT count(*) FROM points").fetchone()[0])
 
@@ -147,9 +156,10 @@ def one(s: Any, cluster: Cluster, workers: int, replicas: int, a: Any) -> dict[s
         before, t0 = cpu_by_kind(kinds, cluster.child.pid), time.perf_counter()
         for w in ws:
             w.signal(signal.SIGCONT)
-        stored, deadline = 0, t0 + a.timeout
+        stored, deadline, waits = 0, t0 + a.timeout, {}
         while stored < total and time.perf_counter() < deadline:
             time.sleep(0.1)
+            counter.waits(waits)
             if counter.cheap() >= total:
                 stored = counter.exact()
         wall = time.perf_counter() - t0
@@ -161,6 +171,7 @@ def one(s: Any, cluster: Cluster, workers: int, replicas: int, a: Any) -> dict[s
                 "lost_by_producers": sum(lost), "seconds": round(wall, 2),
                 "points_per_s": round(stored / wall), "cpu_s": cpu,
                 "redis_us_per_entry_logging": round(xadd_us, 2),
+                "pg_active_samples": dict(sorted(waits.items(), key=lambda kv: -kv[1])),
                 "cpu_share": {k: round(v / wall, 2) for k, v in cpu.items()},
                 "cpu_us_per_point": {k: round(v / max(stored, 1) * 1e6, 2)
                                      for k, v in cpu.items()}}
