@@ -6,20 +6,18 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import _compat, _faults
+from . import _compat, _faults, _read
 from ._http import (
     BearerAuth,
     error,
@@ -32,9 +30,7 @@ from ._http import (
 )
 from ._ingest import COLUMNS_TYPE, MSGPACK_TYPES, TEXT_TYPES, BadBody, columns, decode
 from ._settings import ServerSettings, db_path
-from ._store import STATUSES, Store, loaded
-
-STATIC = Path(__file__).parent / "static"
+from ._store import STATUSES, Store
 
 
 def parse_config(raw: Any) -> dict[str, Any] | None:
@@ -167,73 +163,6 @@ def _ingest(store: Store, run: int, body: bytes, media_type: str
     return store.write_points(run, entries), bad
 
 
-# -- read side -------------------------------------------------------------------------------
-
-def _query_int(request: Request, name: str, low: int | None = None) -> int | None:
-    raw = request.query_params.get(name)
-    if raw is None or raw == "":
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise HTTPException(400, f"query parameter {name} must be an integer, got {raw!r}"
-                            ) from None
-    if low is not None and value < low:
-        raise HTTPException(400, f"query parameter {name} must be at least {low}")
-    return value
-
-
-async def list_runs(request: Request) -> Response:
-    project = request.query_params.get("project") or None
-    return JSONResponse({"runs": await in_thread(store_of(request).list_runs, project)})
-
-
-async def get_run(request: Request) -> Response:
-    run = int(request.path_params["run_id"])
-    found = await in_thread(store_of(request).get_run, run)
-    if found is None:
-        raise HTTPException(404, f"no run with id {run}")
-    return JSONResponse(found)
-
-
-async def metric_names(request: Request) -> Response:
-    run = int(request.path_params["run_id"])
-    store = store_of(request)
-    if not await in_thread(store.run_exists, run):
-        raise HTTPException(404, f"no run with id {run}")
-    return JSONResponse({"names": await in_thread(store.metric_names, run)})
-
-
-def json_number(value: float) -> float | str:
-    if type(value) is float and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    return value
-
-
-def downsample(rows: list[Any], max_points: int | None) -> list[Any]:
-    """At most ``max_points`` rows evenly spread over ``rows``, always keeping the last."""
-    if max_points is None or len(rows) <= max_points:
-        return rows
-    if max_points == 1:
-        return rows[-1:]
-    last = len(rows) - 1
-    picks = sorted({(2 * i * last + max_points - 1) // (2 * (max_points - 1))
-                    for i in range(max_points)})  # round half up, in integers
-    return [rows[i] for i in picks]
-
-
-async def metric_points(request: Request) -> Response:
-    run = int(request.path_params["run_id"])
-    name = request.path_params["name"]
-    since, max_points = _query_int(request, "since_step"), _query_int(request, "max_points", 1)
-    store = store_of(request)
-    if not await in_thread(store.run_exists, run):
-        raise HTTPException(404, f"no run with id {run}")
-    rows = downsample(await in_thread(store.points, run, name, since, max_points == 1), max_points)
-    points = [[s, json_number(loaded(v)), t] for s, v, t in rows]
-    return JSONResponse({"name": name, "points": points})
-
-
 INGEST_FORMATS = f"{COLUMNS_TYPE}, application/msgpack, application/x-ndjson"
 
 
@@ -244,24 +173,16 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"ok": True}, headers={"X-Pluto-Ingest": INGEST_FORMATS})
 
 
-async def dashboard(request: Request) -> Response:
-    return FileResponse(STATIC / "index.html", media_type="text/html")
-
-
 def routes() -> list[Route]:
     return [
-        Route("/", dashboard),
         Route("/healthz", healthz),
-        Route("/api/runs", list_runs),
         Route("/api/runs/create", create_run, methods=["POST"]),
         Route("/api/runs/status/update", update_status, methods=["POST"]),
         Route("/api/runs/config/update", update_config, methods=["POST"]),
         Route("/api/runs/tags/update", update_tags, methods=["POST"]),
-        Route("/api/runs/{run_id:int}", get_run),
         Route("/api/runs/{run_id:int}/members", upsert_members, methods=["POST"]),
-        Route("/api/runs/{run_id:int}/metrics", metric_names),
-        Route("/api/runs/{run_id:int}/metrics/{name:path}", metric_points),
         Route("/ingest/metrics", ingest_metrics, methods=["POST"]),
+        *_read.routes(),
         *_compat.routes(),
     ]
 

@@ -379,8 +379,82 @@ class Store:
                 (run, row[0], -(2**63) if since_step is None else since_step)).fetchall()
 
 
+    # -- dashboard reads -----------------------------------------------------------------------
+
+    def name_ids(self, names: Sequence[str]) -> dict[str, int]:
+        """The interned id of each of ``names`` that was ever stored (unknown names left out)."""
+        found = {n: self._names[n] for n in names if n in self._names}
+        missing = [n for n in names if n not in found]
+        if missing:  # interned by another process on the same file; the writer's cache is
+            with self._read() as db:  # left to the writer
+                for i in range(0, len(missing), 500):
+                    chunk = missing[i:i + 500]
+                    marks = ",".join("?" * len(chunk))
+                    found.update(db.execute(f"SELECT name, id FROM names WHERE name IN ({marks})",
+                                            chunk).fetchall())
+        return found
+
+    def last_steps(self, runs: Sequence[int]) -> dict[int, int]:
+        """The newest step stored in each of ``runs`` (runs without points left out): one
+        index seek per (run, metric), never a scan of the points."""
+        out: dict[int, int] = {}
+        with self._read() as db:
+            for i in range(0, len(runs), 500):
+                chunk = list(runs[i:i + 500])
+                marks = ",".join("?" * len(chunk))
+                rows = db.execute(
+                    "SELECT m.run, max((SELECT max(p.step) FROM points p WHERE p.run = m.run"
+                    f" AND p.name = m.name)) FROM run_metrics m WHERE m.run IN ({marks})"
+                    " GROUP BY m.run", chunk).fetchall()
+                out.update((run, step) for run, step in rows if step is not None)
+        return out
+
+    def step_span(self, run: int, name_id: int, low: int, high: int) -> tuple[int, int] | None:
+        """``(first step, last step)`` of one series within ``[low, high]`` (two index
+        seeks), or None when it has no point there."""
+        with self._read() as db:
+            row = db.execute("SELECT min(step), max(step) FROM points WHERE run = ? AND name = ?"
+                             " AND step BETWEEN ? AND ?", (run, name_id, low, high)).fetchone()
+        return None if row is None or row[0] is None else (int(row[0]), int(row[1]))
+
+    def points_between(self, run: int, name_id: int, low: int, high: int, limit: int
+                       ) -> list[tuple[int, Stored, int]]:
+        """At most ``limit`` points of one series with ``low <= step <= high``, by step."""
+        with self._read() as db:
+            return db.execute("SELECT step, value, time FROM points WHERE run = ? AND name = ?"
+                              " AND step BETWEEN ? AND ? ORDER BY step LIMIT ?",
+                              (run, name_id, low, high, limit)).fetchall()
+
+    def points_m4(self, run: int, name_id: int, low: int, high: int, width: int
+                  ) -> list[tuple[int, Stored, int]]:
+        """M4 downsampling in one statement: the steps ``[low, high]`` cut into buckets of
+        ``width`` steps, and of each bucket its first, last, minimum and maximum point (a NaN,
+        stored as NULL, counts as a maximum so a bucket holding one shows it). Each bucket is
+        read with range scans of the primary key, so SQLite never sorts the series."""
+        with self._read() as db:
+            return db.execute(_M4, {"run": run, "name": name_id, "low": low, "high": high,
+                                    "width": width}).fetchall()
+
+
 def _run_dict(row: tuple[Any, ...]) -> dict[str, Any]:
     rid, project, external_id, name, status, config, tags, created, updated = row
     return {"id": rid, "externalId": external_id, "project": project, "name": name,
             "status": status, "config": json.loads(config), "tags": json.loads(tags),
             "createdAt": created, "updatedAt": updated}
+
+
+_M4_BUCKET = "run = :run AND name = :name AND step >= lo AND step < lo + :width"
+_M4 = f"""
+WITH RECURSIVE buckets(lo) AS (
+    SELECT :low UNION ALL SELECT lo + :width FROM buckets WHERE lo + :width <= :high
+), picks(step) AS (
+    SELECT (SELECT min(step) FROM points WHERE {_M4_BUCKET}) FROM buckets
+    UNION SELECT (SELECT max(step) FROM points WHERE {_M4_BUCKET}) FROM buckets
+    UNION SELECT (SELECT step FROM (SELECT step, min(value) FROM points WHERE {_M4_BUCKET}))
+          FROM buckets
+    UNION SELECT (SELECT step FROM (SELECT step, max(ifnull(value, 9e999)) FROM points
+                                    WHERE {_M4_BUCKET})) FROM buckets
+)
+SELECT step, value, time FROM points
+WHERE run = :run AND name = :name AND step IN (SELECT step FROM picks) ORDER BY step
+"""
