@@ -7,7 +7,7 @@ Why it is shaped this way:
   SQLite with range scans of the points' primary key (``Store.points_m4``), so a spike is never
   sampled away and a 100,000-step series is summarised without moving it into Python.
 * ``/series`` answers many series in one request (a chart of 64 ``rank<N>`` lines is one
-  request) and reads them on two threads, since SQLite releases the GIL while it scans.
+  request) and reads them on a few threads, since SQLite releases the GIL while it scans.
 * Every query parameter is checked here: anything that is not an integer within int64 is a 400
   naming the parameter, a run id beyond int64 is a 404, so no input reaches SQLite unbound.
 * The page and its files go out with a Content-Security-Policy that allows only our own
@@ -35,6 +35,8 @@ STATIC = Path(__file__).parent / "static"
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_SERIES = 1024
 """Most series one ``/series`` request may name; the dashboard asks for fewer per request."""
+READERS = 4
+"""Threads one ``/series`` request reads on (SQLite scans outside the GIL; 2 cores here)."""
 ALL_POINTS = 10**9
 """``max_points`` beyond this means "every point" (and keeps SQLite's LIMIT within int64)."""
 
@@ -157,19 +159,17 @@ def read_series(store: Store, run: int, name: str, low: int, high: int,
     if name not in ids or low > high:
         return []
     nid = ids[name]
-    if max_points is None:
-        rows = store.points_between(run, nid, low, high, ALL_POINTS)
+    span = store.step_span(run, nid, low, high)
+    if span is None:
+        return []
+    first, last = span
+    if max_points is None or last - first < max_points \
+            or not store.more_than(run, nid, first, last, max_points):
+        rows = store.points_between(run, nid, first, last, ALL_POINTS)
+    elif max_points < 4:
+        rows = _few(store.points_m4(run, nid, first, last, last - first + 1), max_points)
     else:
-        rows = store.points_between(run, nid, low, high, max_points + 1)
-        if len(rows) > max_points:
-            span = store.step_span(run, nid, low, high)
-            assert span is not None
-            if max_points < 4:
-                rows = _few(store.points_m4(run, nid, span[0], span[1], span[1] - span[0] + 1),
-                            max_points)
-            else:
-                rows = store.points_m4(run, nid, span[0], span[1],
-                                       _width(span[0], span[1], max_points))
+        rows = store.points_m4(run, nid, first, last, _width(first, last, max_points))
     return [[s, json_number(loaded(v)), t] for s, v, t in rows]
 
 
@@ -246,9 +246,9 @@ async def series(request: Request) -> Response:
     if len(wanted) > MAX_SERIES:
         raise HTTPException(400, f"{len(wanted)} series asked for; at most {MAX_SERIES} per "
                                  "request")
-    halves = [wanted[0::2], wanted[1::2]] if len(wanted) > 1 else [wanted]
+    shares = [wanted[i::READERS] for i in range(min(READERS, len(wanted)))]
     parts = await asyncio.gather(*(in_thread(_read_many, store, run, h, low, high, max_points)
-                                   for h in halves))
+                                   for h in shares))
     found = dict(p for part in parts for p in part)
     return JSONResponse({"series": [{"name": n, "points": found[n]} for n in wanted]})
 

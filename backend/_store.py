@@ -425,6 +425,14 @@ class Store:
                               " AND step BETWEEN ? AND ? ORDER BY step LIMIT ?",
                               (run, name_id, low, high, limit)).fetchall()
 
+    def more_than(self, run: int, name_id: int, low: int, high: int, n: int) -> bool:
+        """Whether the series has more than ``n`` points in ``[low, high]``: one walk of the
+        index past ``n`` entries, without moving them into Python."""
+        with self._read() as db:
+            return db.execute("SELECT 1 FROM points WHERE run = ? AND name = ? AND step BETWEEN"
+                              " ? AND ? ORDER BY step LIMIT 1 OFFSET ?",
+                              (run, name_id, low, high, n)).fetchone() is not None
+
     def points_m4(self, run: int, name_id: int, low: int, high: int, width: int
                   ) -> list[tuple[int, Stored, int]]:
         """M4 downsampling in one statement: the steps ``[low, high]`` cut into buckets of

@@ -142,42 +142,45 @@ export class Chart {
       data.push(ys);
     }
     const across = this.group.grouped && lines.length >= 2;
-    if (across) data.push(...this.acrossRanks(data, longest));
+    if (across) data.push(...this.acrossRanks(data));
     return {data, markers, total, across};
   }
 
-  /** [mean, max, min] across the rank lines: per x when the lines share their x values,
-   * else per bin of about 4 overview points (an M4 bucket), placed at the bin's last x. */
-  acrossRanks(data, longest) {
+  /** [mean, max, min] across the rank lines. A sweep over x gathers points into a bin until
+   * every line that spans that x has a point in it, then closes the bin at its last x: with
+   * lines that share their steps each step is a bin (exact); with M4 overviews, whose picks
+   * differ per line, a bin is about one bucket. The band holds every point (no spike is
+   * lost); the mean is the mean over lines of each line's mean in the bin. */
+  acrossRanks(data) {
     const xs = data[0], n = xs.length, lines = data.length - 1;
     const mean = new Array(n), hi = new Array(n), lo = new Array(n);
-    if (!n) return [mean, hi, lo];
-    const shared = n <= longest * 1.2;
-    const bins = shared ? n : Math.max(50, Math.floor(longest / 4));
-    const x0 = xs[0], span = (xs[n - 1] - x0) || 1;
-    const binOf = shared ? (i) => i : (i) => Math.min(bins - 1, Math.floor((xs[i] - x0) / span * bins));
-    const sum = new Float64Array(bins * lines), cnt = new Uint32Array(bins * lines);
-    const bmin = new Float64Array(bins).fill(Infinity), bmax = new Float64Array(bins).fill(-Infinity);
-    const at = new Int32Array(bins).fill(-1);
-    for (let s = 1; s <= lines; s++) {
-      const ys = data[s];
-      for (let i = 0; i < n; i++) {
-        const y = ys[i];
-        if (y === undefined || y === null) continue;
-        const b = binOf(i);
-        sum[b * lines + s - 1] += y; cnt[b * lines + s - 1]++;
-        if (y < bmin[b]) bmin[b] = y;
-        if (y > bmax[b]) bmax[b] = y;
-      }
+    const first = new Int32Array(lines).fill(-1), last = new Int32Array(lines).fill(-1);
+    for (let s = 0; s < lines; s++) {
+      const ys = data[s + 1];
+      for (let i = 0; i < n; i++) if (ys[i] !== undefined) { if (first[s] < 0) first[s] = i; last[s] = i; }
     }
-    for (let i = 0; i < n; i++) at[binOf(i)] = i;
-    for (let b = 0; b < bins; b++) {
-      if (at[b] < 0 || bmin[b] === Infinity) continue;
-      let m = 0, c = 0;
+    const sum = new Float64Array(lines), cnt = new Uint32Array(lines), seen = new Uint8Array(lines);
+    let bmin = Infinity, bmax = -Infinity;
+    for (let i = 0; i < n; i++) {
       for (let s = 0; s < lines; s++) {
-        if (cnt[b * lines + s]) { m += sum[b * lines + s] / cnt[b * lines + s]; c++; }
+        const y = data[s + 1][i];
+        if (y === undefined) continue;
+        seen[s] = 1;
+        if (y === null) continue;  // NaN: the line is there, without a value
+        sum[s] += y; cnt[s]++;
+        if (y < bmin) bmin = y;
+        if (y > bmax) bmax = y;
       }
-      mean[at[b]] = m / c; hi[at[b]] = bmax[b]; lo[at[b]] = bmin[b];
+      let complete = true;
+      for (let s = 0; s < lines && complete; s++) {
+        if (!seen[s] && first[s] <= i && i <= last[s]) complete = false;
+      }
+      if (!complete) continue;
+      let m = 0, c = 0;
+      for (let s = 0; s < lines; s++) if (cnt[s]) { m += sum[s] / cnt[s]; c++; }
+      if (c) { mean[i] = m / c; hi[i] = bmax; lo[i] = bmin; }
+      sum.fill(0); cnt.fill(0); seen.fill(0);
+      bmin = Infinity; bmax = -Infinity;
     }
     return [mean, hi, lo];
   }

@@ -68,10 +68,9 @@ export class RunPage {
   }
 
   async start() {
-    const run = await getRun(this.runId);
+    const [run, {names}] = await Promise.all([getRun(this.runId), metricNames(this.runId)]);
     this.view.runStart = run.createdAt;
     this.showRun(run);
-    const {names} = await metricNames(this.runId);
     this.addNames(names);
     await this.loadOverview([...this.charts.values()], true);
     this.showRun(run);
