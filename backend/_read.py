@@ -19,6 +19,10 @@ from __future__ import annotations
 
 import asyncio
 import math
+import threading
+import time
+import weakref
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -105,9 +109,22 @@ def json_number(value: float) -> float | str:
     return value
 
 
-def _key(row: Row) -> float:
-    value = loaded(row[1])
-    return float(value) if type(value) is not float else value
+_SPECIAL = {"NaN": math.nan, "Infinity": math.inf, "-Infinity": -math.inf}
+
+
+def _key(row: Any) -> float:
+    """A row's value as a float for ordering: stored (None = NaN, TEXT = big int) or JSON form."""
+    value = row[1]
+    if value is None:
+        return math.nan
+    if type(value) is str:
+        if value in _SPECIAL:
+            return _SPECIAL[value]
+        value = int(value)
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float range
+        return math.inf if value > 0 else -math.inf
 
 
 def downsample(rows: list[Any], max_points: int | None) -> list[Any]:
@@ -152,8 +169,62 @@ def _few(rows: list[Any], k: int) -> list[Any]:
     return sorted(keep, key=lambda r: r[0])
 
 
+class _M4Cache:
+    """Recent M4 results per store, keyed by the run's version (``updated_at``, raised by every
+    write), so reopening or zooming out of a finished run does not scan it again. Bounded by
+    the rows it holds; a write to the run makes its entries unreachable (LRU evicts them)."""
+
+    MAX_ROWS = 500_000
+
+    def __init__(self) -> None:
+        self.entries: OrderedDict[tuple[Any, ...], list[list[Any]]] = OrderedDict()
+        self.rows = 0
+        self.lock = threading.Lock()
+
+    def get(self, key: tuple[Any, ...]) -> list[list[Any]] | None:
+        with self.lock:
+            found = self.entries.get(key)
+            if found is not None:
+                self.entries.move_to_end(key)
+            return found
+
+    def put(self, key: tuple[Any, ...], rows: list[list[Any]]) -> None:
+        with self.lock:
+            if key in self.entries:
+                return
+            self.entries[key] = rows
+            self.rows += len(rows)
+            while self.rows > self.MAX_ROWS and self.entries:
+                _, old = self.entries.popitem(last=False)
+                self.rows -= len(old)
+
+
+_caches: weakref.WeakKeyDictionary[Store, _M4Cache] = weakref.WeakKeyDictionary()
+_caches_lock = threading.Lock()
+
+
+def _m4(store: Store, run: int, nid: int, first: int, last: int, width: int,
+        version: int | None) -> list[list[Any]]:
+    with _caches_lock:
+        cache = _caches.get(store) or _caches.setdefault(store, _M4Cache())
+    # Only a run quiet for a second is cached: a later write then sets a newer updated_at
+    # for sure (the column has millisecond resolution).
+    settled = version is not None and version < time.time() * 1000 - 1000
+    key = (run, nid, first, last, width, version)
+    rows = cache.get(key) if settled else None
+    if rows is None:
+        rows = _json_rows(store.points_m4(run, nid, first, last, width))
+        if settled:
+            cache.put(key, rows)
+    return rows
+
+
+def _json_rows(rows: list[Row]) -> list[list[Any]]:
+    return [[s, json_number(loaded(v)), t] for s, v, t in rows]
+
+
 def read_series(store: Store, run: int, name: str, low: int, high: int,
-                max_points: int | None) -> list[list[Any]]:
+                max_points: int | None, version: int | None = None) -> list[list[Any]]:
     """One series's points in ``[low, high]``, M4-downsampled to ``max_points``, as JSON rows."""
     ids = store.name_ids([name])
     if name not in ids or low > high:
@@ -165,17 +236,16 @@ def read_series(store: Store, run: int, name: str, low: int, high: int,
     first, last = span
     if max_points is None or last - first < max_points \
             or not store.more_than(run, nid, first, last, max_points):
-        rows = store.points_between(run, nid, first, last, ALL_POINTS)
-    elif max_points < 4:
-        rows = _few(store.points_m4(run, nid, first, last, last - first + 1), max_points)
-    else:
-        rows = store.points_m4(run, nid, first, last, _width(first, last, max_points))
-    return [[s, json_number(loaded(v)), t] for s, v, t in rows]
+        return _json_rows(store.points_between(run, nid, first, last, ALL_POINTS))
+    if max_points < 4:
+        return _few(_m4(store, run, nid, first, last, last - first + 1, version), max_points)
+    return _m4(store, run, nid, first, last, _width(first, last, max_points), version)
 
 
 def _read_many(store: Store, run: int, names: Sequence[str], low: int, high: int,
                max_points: int | None) -> list[tuple[str, list[list[Any]]]]:
-    return [(n, read_series(store, run, n, low, high, max_points)) for n in names]
+    version = store.run_version(run)
+    return [(n, read_series(store, run, n, low, high, max_points, version)) for n in names]
 
 
 # -- routes ----------------------------------------------------------------------------------
@@ -209,7 +279,9 @@ async def metric_names(request: Request) -> Response:
 async def _points(request: Request, name: str) -> Response:
     low, high, max_points = _bounds(request)
     run = await _existing_run(request)
-    points = await in_thread(read_series, store_of(request), run, name, low, high, max_points)
+    store = store_of(request)
+    points = await in_thread(read_series, store, run, name, low, high, max_points,
+                             await in_thread(store.run_version, run))
     return JSONResponse({"name": name, "points": points})
 
 

@@ -433,6 +433,12 @@ class Store:
                               " ? AND ? ORDER BY step LIMIT 1 OFFSET ?",
                               (run, name_id, low, high, n)).fetchone() is not None
 
+    def run_version(self, run: int) -> int | None:
+        """The run's ``updated_at``, which every write to the run raises: a cache key."""
+        with self._read() as db:
+            row = db.execute("SELECT updated_at FROM runs WHERE id = ?", (run,)).fetchone()
+        return None if row is None else int(row[0])
+
     def points_m4(self, run: int, name_id: int, low: int, high: int, width: int
                   ) -> list[tuple[int, Stored, int]]:
         """M4 downsampling in one statement: the steps ``[low, high]`` cut into buckets of

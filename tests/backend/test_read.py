@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+import time
 
 import httpx
 
@@ -48,6 +49,19 @@ def test_m4_keeps_both_spikes_of_5000_steps(api: httpx.Client, project: str) -> 
     assert sampled == downsample([[s, v, s] for s, v in values.items()], 200)  # SQL == Python
     zoomed = points(api, run, "loss", step_min=1000, step_max=1399, max_points=1000)
     assert [p[0] for p in zoomed] == list(range(1000, 1400))  # full resolution in the zoom
+
+
+def test_m4_reread_after_a_write_sees_it(api: httpx.Client, project: str) -> None:
+    """Downsampled reads of a quiet run are cached; a later write must show all the same."""
+    run = create(api, project, "cache")["runId"]
+    body = ndjson([{"time": s, "step": s, "data": {"c": 1.0}} for s in range(2000)])
+    assert ingest(api, run, body).status_code == 200
+    time.sleep(1.1)  # quiet for a second: the M4 result may be cached now
+    for _ in range(2):
+        assert [777, 5.0, 777] not in points(api, run, "c", max_points=100)
+    assert ingest(api, run, ndjson([{"time": 777, "step": 777, "data": {"c": 5.0}}])
+                  ).status_code == 200
+    assert [777, 5.0, 777] in points(api, run, "c", max_points=100)
 
 
 def test_m4_shows_nan_and_inf(api: httpx.Client, project: str) -> None:
