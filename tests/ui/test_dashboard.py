@@ -132,6 +132,9 @@ def test_points_appear_while_the_page_is_open(stack: Stack, tmp_path: Path, ui: 
     gate.write_text("go")
     assert _joined(procs) == run
     wait_until(lambda: ui.data("train/loss").get("points") == "400", 30, "second half shown")
+    rows = page.locator(".members-table tbody tr")
+    wait_until(lambda: [r.locator("td").nth(4).inner_text() for r in rows.all()] == ["200"] * 2,
+               30, "each rank's last step in the members table")
     polls = [u for u in ui.requests[before:] if "/series?" in u]
     assert polls and all("since_step=" in u for u in polls)  # only what is new is asked for
     wait_until(lambda: page.locator("#live").inner_text() == "finished: not updating", 30,
@@ -163,6 +166,7 @@ def test_hostile_metric_name_is_text_and_nan_is_a_marked_gap(backend: Backend, u
     assert loss["nonfinite"] == "2" and loss["points"] == "100"
     notes = ui.chart("loss").locator(".notes").inner_text()
     assert "NaN at step 50" in notes and "+Inf at step 60" in notes
+    ui.shot("hostile-run-page")
     page.locator("#search").fill("<img")
     assert chart.is_visible() and ui.chart("loss").is_hidden()
     page.goto(f"{backend.url}/#project=ui-hostile")

@@ -47,6 +47,7 @@ export class Chart {
     this.shape = "";
     this.markers = [];
     this.dirty = true;
+    this.onScreen = false;       // set by the page's IntersectionObserver
     this.root = el("div", {cls: "chart", data: {key: group.key, title: group.title,
                                                  fetches: 0, zoomed: 0, points: 0}});
     this.head = el("div", {cls: "chart-head"}, el("span", {cls: "chart-title", text: group.title}));

@@ -32,6 +32,15 @@ export class RunPage {
     this.onResize = () => { clearTimeout(this.resizing); this.resizing = setTimeout(() => {
       for (const c of this.charts.values()) c.resize(); }, 150); };
     window.addEventListener("resize", this.onResize);
+    // Only charts on (or near) the screen are drawn and redrawn on new points.
+    this.byRoot = new Map();
+    this.observer = new IntersectionObserver((entries) => {
+      for (const e of entries) {
+        const c = this.byRoot.get(e.target);
+        if (c) c.onScreen = e.isIntersecting;
+      }
+      this.renderVisible();
+    }, {rootMargin: "800px 0px"});
   }
 
   makeControls() {
@@ -81,6 +90,7 @@ export class RunPage {
     this.stopped = true;
     clearTimeout(this.timer);
     window.removeEventListener("resize", this.onResize);
+    this.observer.disconnect();
     for (const c of this.charts.values()) c.destroy();
   }
 
@@ -138,6 +148,8 @@ export class RunPage {
         const chart = new Chart(g, this.view, (c, lo, hi, a, b) => this.zoom(c, lo, hi, a, b));
         this.charts.set(g.key, chart);
         this.sectionFor(g.section).box.append(chart.root);
+        this.byRoot.set(chart.root, chart);
+        this.observer.observe(chart.root);
         fresh.push(chart);
       } else if (before.get(g.key) !== g.lines.length) {
         fresh.push(this.charts.get(g.key));
@@ -167,7 +179,7 @@ export class RunPage {
 
   visible(chart) {
     const s = this.sections.get(chart.group.section);
-    return s.details.open && !chart.root.classList.contains("hidden");
+    return chart.onScreen && s.details.open && !chart.root.classList.contains("hidden");
   }
 
   applyFilter() {
