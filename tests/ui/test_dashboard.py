@@ -112,6 +112,10 @@ def test_runs_list_and_run_page_of_4_rank_processes(stack: Stack, tmp_path: Path
     page.locator("#search").fill("acc$")  # regex filter: only train/acc stays
     assert ui.chart("train/loss").is_hidden() and ui.chart("train/acc").is_visible()
     page.locator("#search").fill("")
+    rank0 = "plutoPage.charts.get('group:train/loss/rank*').u.data[1][1]"
+    assert page.evaluate(rank0) == 0.5  # rank 0's loss at step 2, as logged
+    page.locator("#smoothing").fill("0.9")  # EMA: 0.9 * 1.0 + 0.1 * 0.5
+    wait_until(lambda: abs(page.evaluate(rank0) - 0.95) < 1e-9, 10, "EMA applied")
     page.locator("#xmode").select_option("rel")
     chart.locator("canvas").first.wait_for()
     ui.shot("run-page-4-ranks")
