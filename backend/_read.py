@@ -251,13 +251,17 @@ def _read_many(store: Store, run: int, names: Sequence[str], low: int, high: int
 # -- routes ----------------------------------------------------------------------------------
 
 async def list_runs(request: Request) -> Response:
-    """``{"runs": [...]}`` newest first; each run also has ``lastStep`` (null without points)."""
+    """``{"runs": [...]}`` newest first; each run also has ``lastStep`` (null without points)
+    and ``members`` (how many processes attached)."""
     project = request.query_params.get("project") or None
     store = store_of(request)
     runs = await in_thread(store.list_runs, project)
-    last = await in_thread(store.last_steps, [r["id"] for r in runs])
+    ids = [r["id"] for r in runs]
+    last = await in_thread(store.last_steps, ids)
+    members = await in_thread(store.member_counts, ids)
     for r in runs:
         r["lastStep"] = last.get(r["id"])
+        r.setdefault("members", members.get(r["id"], 0))  # the store may count them already
     return JSONResponse({"runs": runs})
 
 

@@ -409,6 +409,17 @@ class Store:
                 out.update((run, step) for run, step in rows if step is not None)
         return out
 
+    def member_counts(self, runs: Sequence[int]) -> dict[int, int]:
+        """How many members (processes) each of ``runs`` has had."""
+        out: dict[int, int] = {}
+        with self._read() as db:
+            for i in range(0, len(runs), 500):
+                chunk = list(runs[i:i + 500])
+                marks = ",".join("?" * len(chunk))
+                out.update(db.execute(f"SELECT run, count(*) FROM members WHERE run IN ({marks})"
+                                      " GROUP BY run", chunk).fetchall())
+        return out
+
     def step_span(self, run: int, name_id: int, low: int, high: int) -> tuple[int, int] | None:
         """``(first step, last step)`` of one series within ``[low, high]`` (two index
         seeks), or None when it has no point there."""

@@ -98,6 +98,10 @@ def test_series_answers_many_names_at_once(api: httpx.Client, project: str) -> N
     assert one == {"name": "a/../b", "points": [[0, 9, 0], [1, 10, 1]]}
     runs = api.get("/api/runs", params={"project": project}).json()["runs"]
     assert runs[0]["lastStep"] == 49 and api.get(f"/api/runs/{run}").json()["lastStep"] == 49
+    assert runs[0]["members"] == 0
+    assert api.post(f"/api/runs/{run}/members", json=[{"member": "h:1", "rank": 0},
+                                                      {"member": "h:2", "rank": 1}]).status_code == 200
+    assert api.get("/api/runs", params={"project": project}).json()["runs"][0]["members"] == 2
 
 
 def test_bad_query_params_are_400(api: httpx.Client, project: str) -> None:

@@ -82,7 +82,7 @@ def test_runs_list_and_run_page_of_4_rank_processes(stack: Stack, tmp_path: Path
     cells = row.locator("td").all_inner_texts()
     assert cells[0] == str(run) and cells[1] == project and "ui-run" in cells[2]
     assert cells[3] == "COMPLETED" and cells[5] == "300"
-    assert cells[4] == (str(listed["members"]) if "members" in listed else "–")
+    assert cells[4] == str(listed["members"]) == "4"
     assert cells[7] == (f"{listed['lost']:,}" if "lost" in listed else "–")
     page.locator("#f-status").select_option("RUNNING")  # the status filter hides it
     assert page.locator(f'.run-row[data-run="{run}"]').count() == 0
