@@ -303,7 +303,7 @@ async def metric_query(request: Request) -> Response:
 
 
 async def series(request: Request) -> Response:
-    """Many series in one request: ``name=`` (repeatable), ``names=a,b`` and/or ``prefix=``,
+    """Many series in one request: ``name=``, ``names=a,b`` and/or ``prefix=`` (each repeatable),
     with the bounds of ``/metric``; ``{"series": [{"name", "points"}, ...]}`` in the order
     asked (names first, then the prefix's matches by name), unknown names with no points."""
     low, high, max_points = _bounds(request)
@@ -313,9 +313,9 @@ async def series(request: Request) -> Response:
         wanted += [n for n in listed.split(",") if n]
     run = await _existing_run(request)
     store = store_of(request)
-    prefix = params.get("prefix")
-    if prefix:
-        wanted += [n for n in await in_thread(store.metric_names, run) if n.startswith(prefix)]
+    prefixes = tuple(p for p in params.getlist("prefix") if p)
+    if prefixes:
+        wanted += [n for n in await in_thread(store.metric_names, run) if n.startswith(prefixes)]
     wanted = list(dict.fromkeys(wanted))
     if not wanted:
         raise HTTPException(400, "name which series: name=, names= or prefix=")

@@ -86,6 +86,8 @@ def test_series_answers_many_names_at_once(api: httpx.Client, project: str) -> N
     got = resp.json()["series"]
     assert [s["name"] for s in got] == sorted(names[:8])
     assert got[0]["points"][:2] == [[0, 0, 0], [1, 1, 1]]
+    two = api.get(f"/api/runs/{run}/series", params=[("prefix", "a/"), ("prefix", "x,")])
+    assert [s["name"] for s in two.json()["series"]] == ["a/../b", "a/./b", "x,y"]
     resp = api.get(f"/api/runs/{run}/series", params=[("name", "a/../b"), ("name", "x,y"),
                                                      ("names", "a/./b,nope"),
                                                      ("since_step", "48")])

@@ -42,11 +42,16 @@ export function batches(names, most = 256) {
   return out;
 }
 
-/** Points of every name in ``names`` (one request per batch): Map name -> [[step, v, t]]. */
-export async function fetchSeries(runId, names, bounds = {}) {
+/** Points of every name in ``names`` and of every metric starting with one of ``prefixes``
+ * (a chart of 64 ranks is one short prefix): Map name -> [[step, v, t]], a request per batch. */
+export async function fetchSeries(runId, names, bounds = {}, prefixes = []) {
   const out = new Map();
-  for (const group of batches(names)) {
+  const groups = batches(names);
+  if (!groups.length) groups.push([]);
+  for (const [i, group] of groups.entries()) {
     const params = group.map((n) => ["name", n]);
+    if (i === 0) for (const p of prefixes) params.push(["prefix", p]);
+    if (!params.length) continue;
     for (const [k, v] of Object.entries(bounds)) {
       if (v !== null && v !== undefined) params.push([k, String(v)]);
     }

@@ -10,7 +10,7 @@ import {Members} from "./members.js";
 
 const POLL_MS = 500;
 const NAMES_EVERY = 4;      // polls between two reads of the metric names
-const BATCH_SERIES = 256;   // series per request after the first chart
+const BATCH_SERIES = 512;   // series per request after the first chart
 
 export class RunPage {
   constructor(runId) {
@@ -211,6 +211,18 @@ export class RunPage {
 
   // -- reading points -----------------------------------------------------------------------
 
+  /** What to ask for the lines of ``charts``: a prefix per `.../rank<N>` chart, else names. */
+  static wanted(charts) {
+    const names = [], prefixes = [];
+    for (const c of charts) {
+      const key = c.group.key;
+      const prefix = key.startsWith("group:") && key.endsWith("/rank*") ? key.slice(6, -1) : null;
+      if (prefix && c.group.lines.every((l) => l.name.startsWith(prefix))) prefixes.push(prefix);
+      else names.push(...c.group.lines.map((l) => l.name));
+    }
+    return [names, prefixes];
+  }
+
   /** Downsampled overview of ``charts``: the first chart alone, then batches of charts. */
   async loadOverview(charts, firstAlone = false) {
     const batches = [];
@@ -222,8 +234,8 @@ export class RunPage {
     if (cur.length) batches.push(cur);
     for (const batch of batches) {
       if (this.stopped) return;
-      const names = batch.flatMap((c) => c.group.lines.map((l) => l.name));
-      const got = await fetchSeries(this.runId, names, {max_points: MAX_POINTS});
+      const [names, prefixes] = RunPage.wanted(batch);
+      const got = await fetchSeries(this.runId, names, {max_points: MAX_POINTS}, prefixes);
       for (const c of batch) {
         for (const l of c.group.lines) c.setPoints(l.name, got.get(l.name) || []);
         c.root.dataset.fetches = String(Number(c.root.dataset.fetches) + 1);
@@ -234,9 +246,9 @@ export class RunPage {
 
   async zoom(chart, stepLo, stepHi, xMin, xMax) {
     try {
-      const names = chart.group.lines.map((l) => l.name);
+      const [names, prefixes] = RunPage.wanted([chart]);
       const got = await fetchSeries(this.runId, names,
-        {step_min: stepLo, step_max: stepHi, max_points: MAX_POINTS});
+        {step_min: stepLo, step_max: stepHi, max_points: MAX_POINTS}, prefixes);
       chart.root.dataset.fetches = String(Number(chart.root.dataset.fetches) + 1);
       chart.setZoom(stepLo, stepHi, xMin, xMax, got);
     } catch (e) {
@@ -256,10 +268,11 @@ export class RunPage {
     if (cur.length) batches.push(cur);
     const regrown = [];
     for (const batch of batches) {
-      const names = batch.flatMap((c) => c.group.lines.map((l) => l.name));
+      const [names, prefixes] = RunPage.wanted(batch);
       const lasts = batch.flatMap((c) => c.group.lines.map((l) => c.lastStep(l.name)));
       const since = lasts.some((s) => s === null) ? null : Math.min(...lasts) + 1;
-      const got = await fetchSeries(this.runId, names, {since_step: since, max_points: MAX_POINTS});
+      const got = await fetchSeries(this.runId, names, {since_step: since, max_points: MAX_POINTS},
+                                    prefixes);
       for (const c of batch) {
         for (const l of c.group.lines) c.append(l.name, got.get(l.name) || []);
         if (!c.zoom && c.longest() > 4 * MAX_POINTS) regrown.push(c);
