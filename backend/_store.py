@@ -423,10 +423,14 @@ class Store:
     def step_span(self, run: int, name_id: int, low: int, high: int) -> tuple[int, int] | None:
         """``(first step, last step)`` of one series within ``[low, high]`` (two index
         seeks), or None when it has no point there."""
-        with self._read() as db:
-            row = db.execute("SELECT min(step), max(step) FROM points WHERE run = ? AND name = ?"
-                             " AND step BETWEEN ? AND ?", (run, name_id, low, high)).fetchone()
-        return None if row is None or row[0] is None else (int(row[0]), int(row[1]))
+        where = "FROM points WHERE run = ? AND name = ? AND step BETWEEN ? AND ? ORDER BY step"
+        args = (run, name_id, low, high)
+        with self._read() as db:  # two queries: min() and max() in one would scan the range
+            first = db.execute(f"SELECT step {where} LIMIT 1", args).fetchone()
+            if first is None:
+                return None
+            last = db.execute(f"SELECT step {where} DESC LIMIT 1", args).fetchone()
+        return int(first[0]), int(last[0])
 
     def points_between(self, run: int, name_id: int, low: int, high: int, limit: int
                        ) -> list[tuple[int, Stored, int]]:
