@@ -130,9 +130,9 @@ def _key(row: Any) -> float:
 def downsample(rows: list[Any], max_points: int | None) -> list[Any]:
     """M4 of ``rows`` (``(step, value, time)`` by step): at most ``max_points`` rows, the first,
     last, minimum and maximum of each of ``max_points // 4`` step buckets (a NaN counts as a
-    maximum, so it stays visible). Below 4 points: the last, then the first, the maximum and the
-    minimum. ``Store.points_m4`` computes the same in SQL; this one serves small inputs and
-    states the rule."""
+    maximum, so it stays visible; of equal values the first counts). Below 4 points: the last,
+    then the first, the maximum and the minimum. ``Store.points_m4`` computes the same in SQL
+    (a test holds the two equal); this one states the rule."""
     if max_points is None or len(rows) <= max_points:
         return rows
     if max_points < 4:
@@ -148,13 +148,17 @@ def downsample(rows: list[Any], max_points: int | None) -> list[Any]:
             end += 1
         bucket = rows[start:end]
         numbers = [r for r in bucket if not math.isnan(_key(r))]
-        nans = [r for r in bucket if math.isnan(_key(r))]
-        high = nans[0] if nans else max(numbers, key=_key)
+        high = max(bucket, key=_high)  # the first maximum, a NaN counting as +Infinity
         extremes = [min(numbers, key=_key)] if numbers else []
         picked += sorted({id(r): r for r in (bucket[0], bucket[-1], *extremes, high)}.values(),
                          key=lambda r: r[0])
         start = end
     return picked
+
+
+def _high(row: Any) -> float:
+    value = _key(row)
+    return math.inf if math.isnan(value) else value
 
 
 def _width(first: int, last: int, max_points: int) -> int:
@@ -164,7 +168,7 @@ def _width(first: int, last: int, max_points: int) -> int:
 
 def _few(rows: list[Any], k: int) -> list[Any]:
     numbers = [r for r in rows if not math.isnan(_key(r))] or rows
-    order = [rows[-1], rows[0], max(numbers, key=_key), min(numbers, key=_key)]
+    order = [rows[-1], rows[0], max(rows, key=_high), min(numbers, key=_key)]
     keep = list({id(r): r for r in order}.values())[:k]
     return sorted(keep, key=lambda r: r[0])
 

@@ -479,8 +479,8 @@ WITH RECURSIVE buckets(lo) AS (
 ), picks(step) AS (
     SELECT (SELECT min(step) FROM points WHERE {_M4_BUCKET}) FROM buckets
     UNION SELECT (SELECT max(step) FROM points WHERE {_M4_BUCKET}) FROM buckets
-    UNION SELECT (SELECT step FROM (SELECT step, min(value) FROM points WHERE {_M4_BUCKET}))
-          FROM buckets
+    UNION SELECT (SELECT step FROM (SELECT step, min(value) AS v FROM points
+                                    WHERE {_M4_BUCKET}) WHERE v IS NOT NULL) FROM buckets
     UNION SELECT (SELECT step FROM (SELECT step, max(ifnull(value, 9e999)) FROM points
                                     WHERE {_M4_BUCKET})) FROM buckets
 )

@@ -8,7 +8,8 @@ import time
 
 import httpx
 
-from backend._read import downsample
+from backend._read import downsample, read_series
+from backend._store import Store
 from tests.conftest import Backend
 
 from .conftest import create, ingest, ndjson, points
@@ -138,3 +139,24 @@ def test_dashboard_files_carry_a_csp(backend: Backend) -> None:
         for bad in ("/static/../_app.py", "/static/%2e%2e/_app.py", "/static/nope.js",
                     "/static/../../pyproject.toml"):
             assert client.get(bad).status_code == 404, bad
+
+
+def test_m4_in_sql_matches_the_rule_on_random_series() -> None:
+    """In-process: Store.points_m4 (SQL) against downsample (the rule, in Python)."""
+    store = Store(":memory:")
+    rng = random.Random(11)
+    run, _ = store.create_run("p", "m4", "", None, None)
+    special = [None, math.inf, -math.inf, 0.0, -0.0]
+    for case in range(40):
+        name = f"s{case}"
+        steps = sorted(rng.sample(range(-500, 5000), rng.randint(1, 900)))
+        rows = [(s, rng.choice(special) if rng.random() < 0.05 else rng.gauss(0, 1), s)
+                for s in steps]
+        store.write_points(run, [(s, t, None, None, {name: v}) for s, v, t in rows])
+        for max_points in (1, 2, 3, 4, 7, 40, 200, 1000):
+            got = read_series(store, run, name, -(2**63), 2**63 - 1, max_points)
+            want = downsample([[s, math.nan if v is None else v, t] for s, v, t in rows],
+                              max_points)
+            assert [p[0] for p in got] == [p[0] for p in want], (case, max_points)
+            assert len(got) <= max_points
+    store.close()
