@@ -101,6 +101,11 @@ def test_runs_list_and_run_page_of_4_rank_processes(stack: Stack, tmp_path: Path
     assert data["lines"] == "4" and data["band"] == "on" and data["key"] == "group:train/loss/rank*"
     labels = chart.locator(".u-legend .u-label").all_inner_texts()
     assert [f"rank {r}" for r in range(4)] + ["mean", "max", "min"] == labels[1:]
+    box = chart.locator(".u-over").bounding_box()
+    assert box is not None
+    page.mouse.move(box["x"] + box["width"] / 2, box["y"] + box["height"] / 2)
+    values = chart.locator(".u-legend .u-value").all_inner_texts()  # hover: every line's value
+    assert len(values) == 8 and all(v not in ("", "–") for v in values), values
     members = page.locator(".members-table tbody tr")
     assert members.count() == 4
     assert sorted(members.evaluate_all("rows => rows.map(r => r.dataset.rank)")) == ["0", "1", "2", "3"]
