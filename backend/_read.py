@@ -340,9 +340,13 @@ async def dashboard(request: Request) -> Response:
 async def static_file(request: Request) -> Response:
     """A file of ``backend/static``; only known types, never outside the folder."""
     rel = request.path_params["path"]
-    path = (STATIC / rel).resolve()
-    kind = _STATIC_TYPES.get(path.suffix)
-    if kind is None or not path.is_relative_to(STATIC.resolve()) or not path.is_file():
+    try:
+        path = (STATIC / rel).resolve()
+        found = path.is_relative_to(STATIC.resolve()) and path.is_file()
+    except (ValueError, OSError):  # a NUL byte, a name too long for the file system
+        found = False
+    kind = _STATIC_TYPES.get(path.suffix) if found else None
+    if kind is None:
         raise HTTPException(404, f"no static file {rel[:80]!r}")
     return FileResponse(path, media_type=kind, headers=_PAGE_HEADERS)
 

@@ -137,7 +137,8 @@ def test_dashboard_files_carry_a_csp(backend: Backend) -> None:
         js = client.get("/static/js/main.js")
         assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
         for bad in ("/static/../_app.py", "/static/%2e%2e/_app.py", "/static/nope.js",
-                    "/static/../../pyproject.toml"):
+                    "/static/../../pyproject.toml", "/static/a%00.js", "/static/" + "x" * 5000,
+                    "/static/js", "/static/vendor/README.txt/x.js"):
             assert client.get(bad).status_code == 404, bad
 
 
