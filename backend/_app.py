@@ -43,6 +43,7 @@ from ._ingest import (
     decode,
     shown,
 )
+from ._metrics import BackendMetrics, CountRequests, metrics_endpoint
 from ._settings import ServerSettings, db_path
 from ._store import STATUSES, BrokenRow, Store, loaded
 
@@ -230,7 +231,10 @@ async def ingest_metrics(request: Request) -> Response:
         return error(404, f"no run with id {run}")
     body = await read_body(request, request.app.state.settings.max_body)
     try:
-        stored, bad = await in_thread(_ingest, store, run, body, media_type)
+        metrics = request.app.state.metrics
+        stored, bad = await in_thread(metrics.timed_write, "ingest", _ingest, store, run, body,
+                                      media_type)
+        metrics.points.inc(stored)
     except BadBody as exc:
         return error(400, str(exc))
     offer = {"X-Pluto-Ingest": INGEST_FORMATS}  # our worker switches to columns on seeing it
@@ -338,6 +342,7 @@ def routes() -> list[Route]:
     return [
         Route("/", dashboard),
         Route("/healthz", healthz),
+        Route("/metrics", metrics_endpoint),
         Route("/api/runs", list_runs),
         Route("/api/runs/create", create_run, methods=["POST"]),
         Route("/api/runs/status/update", update_status, methods=["POST"]),
@@ -364,14 +369,17 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        app.state.store = Store(db_path(settings.db_url))
+        app.state.store = store = Store(db_path(settings.db_url))
+        app.state.metrics = BackendMetrics(store.count_by_status)
         try:
             yield
         finally:
             app.state.store.close()
 
     app = Starlette(routes=routes(), lifespan=lifespan,
-                    middleware=[Middleware(BearerAuth, keys=settings.api_keys),
+                    middleware=[Middleware(CountRequests,
+                                           metrics=lambda: getattr(app.state, "metrics", None)),
+                                Middleware(BearerAuth, keys=settings.api_keys),
                                 Middleware(PathIds)],
                     exception_handlers={HTTPException: http_error, BrokenRow: broken_row})
     app.state.settings = settings

@@ -293,6 +293,12 @@ class Store:
         out["ledger"] = _rows.ledger(out["status"], out["members"], out["ranks"])
         return out
 
+    def count_by_status(self) -> dict[str, int]:
+        """Runs per status, for the ``pluto_backend_runs`` gauge."""
+        with self._read() as db:
+            rows = db.execute("SELECT status, count(*) FROM runs GROUP BY status").fetchall()
+        return {str(status): int(n) for status, n in rows}
+
     def list_runs(self, project: str | None) -> list[dict[str, Any]]:
         """Runs newest first, without members (``get_run`` has them) but with their count
         and ``lost``. A row that cannot be returned is an item ``{"id", "error"}``."""
