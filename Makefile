@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PLUTO_ML_VENV ?= .venv-pluto-ml
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test test-fast bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed $(PLUTO_ML_VENV)/.installed
 	PLUTO_ML_PYTHON=$(CURDIR)/$(PLUTO_ML_VENV)/bin/python $(PY) -m pytest $(PYTEST_ARGS)
+
+# unit + integration: no server or rank processes beyond one Redis (about a minute here)
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -m "unit or integration" $(PYTEST_ARGS)
 
 $(VENV)/.bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[server,test,bench]'

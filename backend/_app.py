@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,35 +13,61 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from . import _compat, _faults, _read
+from . import _compat, _faults, _json, _read
 from ._http import (
     BearerAuth,
+    PathIds,
+    broken_row,
     error,
     http_error,
     in_thread,
+    int64_of,
     json_body,
+    path_run_id,
     read_body,
     run_id_of,
     store_of,
 )
-from ._ingest import COLUMNS_TYPE, MSGPACK_TYPES, TEXT_TYPES, BadBody, columns, decode
+from ._ingest import (
+    COLUMNS_TYPE,
+    MSGPACK_TYPES,
+    TEXT_TYPES,
+    BadBody,
+    BadLines,
+    columns,
+    decode,
+    shown,
+)
+from ._metrics import BackendMetrics, CountRequests, metrics_endpoint
 from ._settings import ServerSettings, db_path
-from ._store import STATUSES, Store
+from ._store import STATUSES, BrokenRow, Store
+
+MAX_TEXT = 1024
+"""Longest project, run, tag, member, host or state name accepted (in characters)."""
 
 
 def parse_config(raw: Any) -> dict[str, Any] | None:
-    """A config given as a JSON string, an object or null; 400 for anything else."""
+    """A config given as a JSON string, an object or null; 400 for anything else. A string is
+    checked like a body (``_json.loads``): NaN/Infinity spelled, no lone surrogates, depth."""
     if isinstance(raw, str):
         try:
-            raw = json.loads(raw) if raw.strip() else None
-        except ValueError as exc:
-            raise HTTPException(400, f"config is not valid JSON: {exc}") from None
+            raw = _json.loads(raw, "config") if raw.strip() else None
+        except _json.Problem as exc:
+            raise HTTPException(400, str(exc)) from None
     if raw is None or isinstance(raw, dict):
         return raw
     raise HTTPException(400, f"config must be a JSON object, got {type(raw).__name__}")
+
+
+def text_of(value: Any, what: str, empty: bool = True) -> str:
+    """A string field of a body (already checked to be UTF-8 by ``json_body``); 400 else."""
+    if not isinstance(value, str) or len(value) > MAX_TEXT or (not empty and not value):
+        raise HTTPException(400, f"{what} must be a{'' if empty else ' non-empty'} string of "
+                                 f"at most {MAX_TEXT} characters, got {shown(value)}")
+    return value
 
 
 def parse_tags(raw: Any) -> list[str] | None:
@@ -50,9 +75,9 @@ def parse_tags(raw: Any) -> list[str] | None:
         return None
     if isinstance(raw, str):
         raw = [raw]
-    if not isinstance(raw, list) or not all(isinstance(t, str) for t in raw):
+    if not isinstance(raw, list):
         raise HTTPException(400, "tags must be a list of strings")
-    return list(dict.fromkeys(raw))
+    return list(dict.fromkeys(text_of(t, f"tags[{i}]") for i, t in enumerate(raw)))
 
 
 def run_url(request: Request, run: int) -> str:
@@ -70,12 +95,11 @@ async def _object(request: Request) -> dict[str, Any]:
 
 async def create_run(request: Request) -> Response:
     body = await _object(request)
-    project = body.get("projectName") or "default"
+    project = text_of(body.get("projectName") or "default", "projectName")
+    name = text_of(body.get("runName") or "", "runName")
     external_id = body.get("externalId")
-    name = body.get("runName") or ""
-    if not isinstance(project, str) or not isinstance(name, str) or not (
-            external_id is None or isinstance(external_id, str)):
-        raise HTTPException(400, "projectName, runName and externalId must be strings")
+    if external_id is not None:
+        external_id = text_of(external_id, "externalId")
     config, tags = parse_config(body.get("config")), parse_tags(body.get("tags"))
     run, resumed = await in_thread(store_of(request).create_run, project, external_id or None,
                                    name, config, tags)
@@ -109,20 +133,79 @@ async def _updated(request: Request, change: Any, body: dict[str, Any], value: A
     return JSONResponse({"ok": True})
 
 
-_MEMBER_FIELDS = {"rank": int, "local_rank": int, "host": str, "pid": int, "state": str}
+_MEMBER_INTS = ("rank", "local_rank", "pid")
+_MEMBER_TEXTS = ("host", "state")
+_COUNTS = ("logged", "sent", "dropped")
+MAX_DROP_REASONS = 64
+
+
+def _items(body: Any, what: str) -> list[dict[str, Any]]:
+    items = body if isinstance(body, list) else [body]
+    for i, item in enumerate(items):
+        if not isinstance(item, dict):
+            raise HTTPException(400, f"{what}[{i}] must be an object, got "
+                                     f"{type(item).__name__}")
+    return items
+
+
+def _optional_int(item: dict[str, Any], key: str, what: str, low: int = -(2**63)) -> None:
+    """400 unless ``item[key]`` is absent, null, or a JSON integer from ``low`` to 2**63-1."""
+    value = item.get(key)
+    if value is not None and (type(value) is not int or isinstance(value, bool)):
+        raise HTTPException(400, f"{what}.{key} must be an integer, got {shown(value)}")
+    if value is not None:
+        int64_of(value, f"{what}.{key}", low)
+
+
+def _drops(value: Any, what: str) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict) or len(value) > MAX_DROP_REASONS:
+        raise HTTPException(400, f"{what}.drops must be an object of at most "
+                                 f"{MAX_DROP_REASONS} reason -> count")
+    for reason in value:
+        text_of(reason, f"{what}.drops key", empty=False)
+        _optional_int(value, reason, f"{what}.drops", 0)
+
+
+def _check_member(m: dict[str, Any], what: str) -> None:
+    text_of(m.get("member"), f"{what}.member", empty=False)
+    for key in _MEMBER_INTS:
+        _optional_int(m, key, what)
+    for key in _COUNTS:
+        _optional_int(m, key, what, 0)
+    for key in _MEMBER_TEXTS:
+        if m.get(key) is not None:
+            text_of(m[key], f"{what}.{key}")
+    _drops(m.get("drops"), what)
 
 
 async def upsert_members(request: Request) -> Response:
-    run = int(request.path_params["run_id"])
-    body = await json_body(request, request.app.state.settings.max_body)
-    members = body if isinstance(body, list) else [body]
-    for m in members:
-        if not isinstance(m, dict) or not isinstance(m.get("member"), str) or not m["member"]:
-            raise HTTPException(400, "each member needs a non-empty string 'member'")
-        for key, kind in _MEMBER_FIELDS.items():
-            if m.get(key) is not None and (type(m[key]) is not kind):
-                raise HTTPException(400, f"member field {key!r} must be {kind.__name__}")
+    """``[{member, rank, local_rank, host, pid, state, logged, sent, dropped, drops}]``: an
+    upsert by member name; every field but ``member`` optional (null keeps the stored one)."""
+    run = path_run_id(request)
+    members = _items(await json_body(request, request.app.state.settings.max_body), "members")
+    for i, m in enumerate(members):
+        _check_member(m, f"members[{i}]")
     if not await in_thread(store_of(request).upsert_members, run, members):
+        raise HTTPException(404, f"no run with id {run}")
+    return JSONResponse({"ok": True})
+
+
+async def upsert_ledger(request: Request) -> Response:
+    """``[{rank, stored, dead, last_step, last_time}]`` from the worker (ledger.md §2):
+    absolute counts per rank (rank null: entries whose rank was unreadable)."""
+    run = path_run_id(request)
+    ranks = _items(await json_body(request, request.app.state.settings.max_body), "ledger")
+    for i, r in enumerate(ranks):
+        what = f"ledger[{i}]"
+        for key in ("stored", "dead"):
+            if r.get(key) is None:
+                raise HTTPException(400, f"{what}.{key} is required (an integer >= 0)")
+            _optional_int(r, key, what, 0)
+        for key in ("rank", "last_step", "last_time"):
+            _optional_int(r, key, what)
+    if not await in_thread(store_of(request).upsert_ledger, run, ranks):
         raise HTTPException(404, f"no run with id {run}")
     return JSONResponse({"ok": True})
 
@@ -143,20 +226,26 @@ async def ingest_metrics(request: Request) -> Response:
         return error(404, f"no run with id {run}")
     body = await read_body(request, request.app.state.settings.max_body)
     try:
-        stored, bad = await in_thread(_ingest, store, run, body, media_type)
+        metrics = request.app.state.metrics
+        stored, bad = await in_thread(metrics.timed_write, "ingest", _ingest, store, run, body,
+                                      media_type)
+        metrics.points.inc(stored)
     except BadBody as exc:
         return error(400, str(exc))
     offer = {"X-Pluto-Ingest": INGEST_FORMATS}  # our worker switches to columns on seeing it
-    if bad:
-        return JSONResponse({"stored": stored, "bad_lines": bad}, status_code=422, headers=offer)
-    return JSONResponse({"stored": stored}, headers=offer)
+    if not bad:
+        return JSONResponse({"stored": stored}, headers=offer)
+    chunks = bad.json_chunks(stored)
+    if len(bad) <= 4096:
+        return Response(b"".join(chunks), 422, headers=offer, media_type="application/json")
+    # Many bad lines: stream the answer, so it never sits in memory whole.
+    return StreamingResponse(chunks, 422, headers=offer, media_type="application/json")
 
 
-def _ingest(store: Store, run: int, body: bytes, media_type: str
-            ) -> tuple[int, list[dict[str, Any]]]:
+def _ingest(store: Store, run: int, body: bytes, media_type: str) -> tuple[int, BadLines]:
     if media_type == COLUMNS_TYPE:
         try:
-            return store.write_columns(run, *columns(body)), []
+            return store.write_columns(run, *columns(body)), BadLines()
         except OverflowError:
             raise BadBody("a value is an integer beyond 64 bits") from None
     entries, bad = decode(body, media_type)
@@ -176,11 +265,13 @@ async def healthz(request: Request) -> Response:
 def routes() -> list[Route]:
     return [
         Route("/healthz", healthz),
+        Route("/metrics", metrics_endpoint),
         Route("/api/runs/create", create_run, methods=["POST"]),
         Route("/api/runs/status/update", update_status, methods=["POST"]),
         Route("/api/runs/config/update", update_config, methods=["POST"]),
         Route("/api/runs/tags/update", update_tags, methods=["POST"]),
         Route("/api/runs/{run_id:int}/members", upsert_members, methods=["POST"]),
+        Route("/api/runs/{run_id:int}/ledger", upsert_ledger, methods=["POST"]),
         Route("/ingest/metrics", ingest_metrics, methods=["POST"]),
         *_read.routes(),
         *_compat.routes(),
@@ -198,14 +289,18 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        app.state.store = Store(db_path(settings.db_url))
+        app.state.store = store = Store(db_path(settings.db_url))
+        app.state.metrics = BackendMetrics(store.count_by_status)
         try:
             yield
         finally:
             app.state.store.close()
 
     app = Starlette(routes=routes(), lifespan=lifespan,
-                    middleware=[Middleware(BearerAuth, keys=settings.api_keys)],
-                    exception_handlers={HTTPException: http_error})
+                    middleware=[Middleware(CountRequests,
+                                           metrics=lambda: getattr(app.state, "metrics", None)),
+                                Middleware(BearerAuth, keys=settings.api_keys),
+                                Middleware(PathIds)],
+                    exception_handlers={HTTPException: http_error, BrokenRow: broken_row})
     app.state.settings = settings
     return app

@@ -50,6 +50,8 @@ async def resume(request: Request) -> Response:
             run = None
     elif isinstance(body.get("externalId"), str):
         project = body.get("projectName") or "default"
+        if not isinstance(project, str):
+            raise HTTPException(400, "projectName must be a string")
         run = await in_thread(store.find_run, project, body["externalId"])
     else:
         raise HTTPException(400, "resume needs runId, or externalId and projectName "
@@ -63,10 +65,10 @@ async def resume(request: Request) -> Response:
 async def trigger(request: Request) -> Response:
     body = await _body(request)
     run = body.get("runId")
-    found = None
-    if isinstance(run, int):
-        found = await in_thread(store_of(request).get_run, run)
-    return JSONResponse({"status": found["status"] if found else "RUNNING"})
+    status = None
+    if type(run) is int:
+        status = await in_thread(store_of(request).status, run)
+    return JSONResponse({"status": status or "RUNNING"})
 
 
 async def accepted(request: Request) -> Response:
@@ -89,7 +91,8 @@ async def presign(request: Request) -> Response:
     run = request.headers.get("x-run-id", "0")
     urls = []
     for f in files:
-        name = str(f.get("fileName", "")) if isinstance(f, dict) else ""
+        name = f.get("fileName", "") if isinstance(f, dict) else ""
+        name = name if isinstance(name, str) else ""
         path = f"{quote(run, safe='')}/{quote(name, safe='')}"
         urls.append({name: f"{base}{UNSIGNED_UPLOADS}{_signature(request, path)}/{path}"})
     return JSONResponse({"files": urls})

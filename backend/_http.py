@@ -8,7 +8,7 @@ with a wrong key changes nothing.
 from __future__ import annotations
 
 import hmac
-import json
+import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -18,7 +18,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from ._store import Store
+from . import _json
+from ._store import INT64_MAX, INT64_MIN, Store
 
 PROTECTED = ("/api/", "/ingest/", "/files")
 """Path prefixes that need ``Authorization: Bearer <key>``; the dashboard page does not."""
@@ -62,16 +63,76 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
+_PATH_ID = re.compile(r"/api/runs/([0-9]+)(?:/|\Z)")
+
+
+class PathIds:
+    """404 for ``/api/runs/<digits>...`` beyond int64, before routing: no run has such an id,
+    and Starlette's ``int`` convertor would raise on a number of over 4300 digits (a 500)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            match = _PATH_ID.match(scope.get("path", ""))
+            given = match[1] if match else ""
+            digits = given.lstrip("0")
+            if digits and (len(digits) > 19 or int(digits) > INT64_MAX):
+                response = error(404, f"no run with id {given[:30]}"
+                                      f"{'...' if len(given) > 30 else ''}")
+                await response(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 async def http_error(request: Request, exc: Exception) -> Response:
     """Starlette's HTTP errors (404 no route, 405, ours) as JSON ``{"error": ...}``."""
     assert isinstance(exc, HTTPException)
     return error(exc.status_code, str(exc.detail))
 
 
+async def broken_row(request: Request, exc: Exception) -> Response:
+    """A stored row that cannot be returned (written before today's checks) is the row's
+    fault, not the server's: 409 naming it, never a 500 (DESIGN.md §6)."""
+    return error(409, str(exc))
+
+
+_DECIMAL = re.compile(r"[+-]?[0-9]{1,20}\Z")  # [0-9] is ASCII only; str.isdigit() takes "²"
+
+
+def int64_of(value: Any, what: str, low: int = INT64_MIN) -> int:
+    """``value`` as an integer from ``low`` to 2**63-1: a JSON int (not a bool) or decimal
+    text such as a header's; 400 naming ``what`` otherwise.
+
+    >>> int64_of(" 42 ", "X-Run-Id")
+    42
+    """
+    if type(value) is str:
+        text = value.strip(" \t")
+        if _DECIMAL.match(text):
+            value = int(text)
+    if type(value) is not int or not low <= value <= INT64_MAX:
+        shown = ascii(value[:40]) if isinstance(value, str) else (
+            repr(value) if type(value) in (int, float, bool) or value is None
+            else type(value).__name__)
+        raise HTTPException(400, f"{what} must be an integer from {low} to {INT64_MAX}, "
+                                 f"got {shown[:60]}")
+    return value
+
+
+def path_run_id(request: Request) -> int:
+    """The ``{run_id:int}`` of the path; 404 beyond int64 (no run can have that id)."""
+    run: int = request.path_params["run_id"]
+    if not INT64_MIN <= run <= INT64_MAX:
+        raise HTTPException(404, f"no run with id {str(run)[:40]}")
+    return run
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     """The body, or 413 as soon as it is known to exceed ``limit`` bytes."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    declared = request.headers.get("content-length", "").strip()
+    if declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise HTTPException(413, f"body of {declared} bytes exceeds PLUTO_MAX_BODY={limit}")
     chunks: list[bytes] = []
     size = 0
@@ -84,11 +145,15 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 
 async def json_body(request: Request, limit: int) -> Any:
+    """The JSON body (``{}`` when empty), checked by :func:`_json.loads`: 400 naming the
+    place of an unencodable string or of nesting deeper than 64; NaN/Infinity spelled."""
     raw = await read_body(request, limit)
+    if not raw.strip():
+        return {}
     try:
-        return json.loads(raw) if raw.strip() else {}
-    except ValueError as exc:
-        raise HTTPException(400, f"body is not valid JSON: {exc}") from None
+        return _json.loads(raw)
+    except _json.Problem as exc:
+        raise HTTPException(400, str(exc)) from None
 
 
 def store_of(request: Request) -> Store:
@@ -97,12 +162,8 @@ def store_of(request: Request) -> Store:
 
 
 def run_id_of(value: Any, what: str = "runId") -> int:
-    """A run id from JSON or a header; 400 if it is not an integer."""
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        value = int(value)
-    if type(value) is not int:
-        raise HTTPException(400, f"{what} must be an integer run id, got {value!r}")
-    return value
+    """A run id from JSON or a header; 400 unless it is an integer within int64."""
+    return int64_of(value, what)
 
 
 async def in_thread(fn: Callable[..., Any], *args: Any) -> Any:

@@ -10,6 +10,13 @@ lines of an NDJSON body.
 Values may be numbers or the strings ``"NaN"``, ``"Infinity"``, ``"-Infinity"`` (JSON has no
 NaN); Python's bare ``NaN``/``Infinity`` tokens, as the official SDK's ``json.dumps`` writes
 them, are accepted as well. Values are converted to what ``_store`` keeps (None for NaN).
+
+Memory per request stays proportional to the body with a small factor (README "Limits"):
+entries are decoded one at a time (an NDJSON line, a JSON array element, a msgpack array
+element through a streaming ``Unpacker``), a bad entry is forgotten as soon as it is judged
+(only its index is kept, 8 bytes, and the reasons of the first :data:`MAX_REASONS`), and a
+msgpack entry may hold no arrays (none is ever valid in one), so a body of tiny containers
+cannot turn each byte into a 64-byte Python object.
 """
 
 from __future__ import annotations
@@ -18,10 +25,13 @@ import json
 import math
 import re
 import time
+from array import array
+from collections.abc import Iterator
 from typing import Any
 
 import msgpack
 
+from ._json import encodable
 from ._store import Entry, Stored
 
 MAX_NAME = 256
@@ -51,6 +61,61 @@ class _BadLine(ValueError):
     pass
 
 
+MAX_REASONS = 20
+"""Bad lines whose reason is spelled out in a 422; the rest are listed by index only."""
+
+
+class BadLines:
+    """The indexes of the bad lines of one body, and the reasons of the first few.
+
+    The 422 names the first problem in ``error`` and lists every bad index (the worker dead-letters exactly those entries), the first
+    :data:`MAX_REASONS` as ``{"index": i, "error": why}``, the rest as ``{"index": i}``
+    (at most ~20 bytes each), plus ``bad_count``.
+    """
+
+    def __init__(self) -> None:
+        self.indexes = array("q")
+        self.reasons: list[str] = []
+
+    def add(self, index: int, reason: str) -> None:
+        self.indexes.append(index)
+        if len(self.reasons) < MAX_REASONS:
+            self.reasons.append(reason)
+
+    def __len__(self) -> int:
+        return len(self.indexes)
+
+    def as_list(self) -> list[dict[str, Any]]:
+        """Every bad line as a dict (for small answers and tests)."""
+        return [{"index": i, "error": why} for i, why in zip(self.indexes, self.reasons)] + [
+            {"index": i} for i in self.indexes[len(self.reasons):]]
+
+    def json_chunks(self, stored: int) -> Iterator[bytes]:
+        """The 422 body ``{"error", "stored", "bad_count", "bad_lines"}`` as JSON, in pieces."""
+        head = [json.dumps({"index": i, "error": why}) for i, why in
+                zip(self.indexes, self.reasons)]
+        summary = json.dumps(f"{len(self)} bad line(s), not stored; the first, line "
+                             f"{self.indexes[0]}: {self.reasons[0]}")
+        yield (f'{{"error":{summary},"stored":{stored},"bad_count":{len(self)},"bad_lines":['
+               + ",".join(head)).encode()
+        for start in range(len(self.reasons), len(self.indexes), 8192):
+            tail = self.indexes[start:start + 8192]
+            yield ("," if start else "").encode() + ",".join(
+                map('{"index":%d}'.__mod__, tail)).encode()
+        yield b"]}"
+
+
+def shown(value: Any) -> str:
+    """A short, encodable rendering of a client's value for an error message; containers by
+    their type only (their repr could be huge, or too deep to produce)."""
+    if isinstance(value, (str, bytes)):
+        return ascii(value[:40]) + ("..." if len(value) > 40 else "")
+    if type(value) in (int, float, bool) or value is None:
+        text = repr(value)
+        return text if len(text) <= 40 else text[:40] + "..."
+    return type(value).__name__
+
+
 _valid_names: set[str] = set()
 """Names already checked; a cache so the regex runs once per name, not once per point."""
 
@@ -64,9 +129,11 @@ def _check_name(name: Any) -> str:
         raise _BadLine("empty metric name")
     if len(name) > MAX_NAME:
         raise _BadLine(f"metric name of {len(name)} characters (limit {MAX_NAME}): "
-                       f"{name[:40]!r}...")
+                       f"{shown(name)}")
     if _CONTROL.search(name):
-        raise _BadLine(f"metric name with control characters: {name[:80]!r}")
+        raise _BadLine(f"metric name with control characters: {shown(name)}")
+    if not encodable(name):
+        raise _BadLine(f"metric name {shown(name)} is not valid UTF-8 (a lone surrogate?)")
     if len(_valid_names) > 100_000:
         _valid_names.clear()
     _valid_names.add(name)
@@ -83,7 +150,7 @@ def _value(name: str, value: Any) -> Stored:
         return int(value)
     if kind is str and value in _SPECIAL:
         return _SPECIAL[value]
-    raise _BadLine(f"value of {name[:80]!r} is not a number: {str(value)[:40]!r}")
+    raise _BadLine(f"value of {shown(name)} is not a number: {shown(value)}")
 
 
 def _int(obj: dict[str, Any], key: str, default: int | None = None) -> int:
@@ -91,7 +158,7 @@ def _int(obj: dict[str, Any], key: str, default: int | None = None) -> int:
     if type(value) is float and value.is_integer():
         value = int(value)
     if type(value) is not int or not _INT64[0] <= value <= _INT64[1]:
-        raise _BadLine(f"{key!r} must be a 64-bit integer, got {str(value)[:40]!r}")
+        raise _BadLine(f"{key!r} must be a 64-bit integer, got {shown(value)}")
     return value
 
 
@@ -104,14 +171,15 @@ def _seq(raw: Any) -> tuple[int | None, int | None]:
                 and len(ms) < 19 and len(n) < 19:
             return int(ms), int(n)
     if isinstance(raw, bytes):
-        raw = raw.decode("ascii", "replace")
+        raw = raw[:64].decode("ascii", "replace")
     match = _SEQ.match(raw) if isinstance(raw, str) else None
     if match is None:
-        raise _BadLine(f"'seq' must be a stream entry id like '1764000000123-0', got {raw!r}")
-    ms, n = int(match[1]), int(match[2] or 0)
-    if ms > _INT64[1] or n > _INT64[1]:
-        raise _BadLine(f"'seq' out of range: {raw!r}")
-    return ms, n
+        raise _BadLine("'seq' must be a stream entry id like '1764000000123-0', got "
+                       f"{shown(raw)}")
+    seq_ms, seq_n = int(match[1]), int(match[2] or 0)
+    if seq_ms > _INT64[1] or seq_n > _INT64[1]:
+        raise _BadLine(f"'seq' out of range: {shown(raw)}")
+    return seq_ms, seq_n
 
 
 def entry(obj: Any, now: int) -> Entry:
@@ -140,49 +208,125 @@ def entry(obj: Any, now: int) -> Entry:
     return step, time_ms, seq_ms, seq_n, values
 
 
-def _objects(body: bytes, media_type: str) -> list[Any]:
-    """The body's entries as Python objects; an unparsable NDJSON line becomes an exception."""
-    if media_type in MSGPACK_TYPES:
+_ARRAY_HEADER = {0xdc: 2, 0xdd: 4}  # array 16, array 32: bytes of length after the type
+
+
+def _msgpack_objects(body: bytes) -> Iterator[Any]:
+    """The entries of a msgpack array, one at a time (an Unpacker per body, no list of all)."""
+    first = body[0] if body else -1
+    if 0x90 <= first <= 0x9f:
+        count, start = first & 0x0f, 1
+    elif first in _ARRAY_HEADER:
+        start = 1 + _ARRAY_HEADER[first]
+        count = int.from_bytes(body[1:start], "big")
+    else:
+        raise BadBody("a msgpack body must be an array of entries")
+    # max_array_len=0: an entry holds maps and scalars only, so an array inside one is the
+    # client's mistake; refusing it keeps a body of tiny containers from amplifying memory.
+    unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_array_len=0,
+                                max_buffer_size=max(len(body), 1))
+    unpacker.feed(memoryview(body)[start:])
+    for index in range(count):
         try:
-            items = msgpack.unpackb(body, raw=False, strict_map_key=False)
-        except (ValueError, msgpack.UnpackException) as exc:
-            raise BadBody(f"body is not valid msgpack: {exc}") from None
-        if not isinstance(items, list):
-            raise BadBody("a msgpack body must be an array of entries")
-        return items
-    try:
-        text = body.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BadBody(f"body is not UTF-8: {exc}") from None
-    if text.lstrip().startswith("["):
-        try:
-            items = json.loads(text)
-        except ValueError as exc:
-            raise BadBody(f"body is not a valid JSON array: {exc}") from None
-        return items if isinstance(items, list) else [items]
-    out: list[Any] = []
-    for line in text.splitlines():
-        if not line.strip():
+            yield unpacker.unpack()
+        except msgpack.OutOfData:
+            raise BadBody(f"msgpack body ends inside entry {index} of {count}") from None
+        except (ValueError, TypeError, msgpack.UnpackException) as exc:
+            # TypeError: an unhashable map key (a map inside a key); ValueError: not UTF-8,
+            # an array inside an entry, nesting beyond msgpack's own stack
+            raise BadBody(f"entry {index} is not valid msgpack here: "
+                          f"{exc or type(exc).__name__}") from None
+    if unpacker.tell() != len(body) - start:
+        raise BadBody("bytes after the msgpack array of entries")
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _json_array_objects(text: str) -> Iterator[Any]:
+    """The elements of a JSON array, decoded one at a time with ``raw_decode``."""
+    decoder = json.JSONDecoder()
+
+    def skip(at: int) -> int:  # past JSON whitespace (the pattern always matches)
+        found = _JSON_SPACE.match(text, at)
+        return found.end() if found else at
+
+    pos = skip(text.index("[") + 1)
+    if text.startswith("]", pos):
+        pos += 1
+    else:
+        while True:
+            try:
+                obj, pos = decoder.raw_decode(text, pos)
+            except RecursionError:
+                raise BadBody("body nests deeper than the JSON parser allows") from None
+            except ValueError as exc:
+                raise BadBody(f"body is not a valid JSON array: {exc}") from None
+            yield obj
+            pos = skip(pos)
+            if text.startswith(",", pos):
+                pos = skip(pos + 1)
+            elif text.startswith("]", pos):
+                pos += 1
+                break
+            else:
+                raise BadBody(f"body is not a valid JSON array: ',' or ']' expected at {pos}")
+    if text[pos:].strip(" \t\n\r"):
+        raise BadBody("data after the JSON array of entries")
+
+
+def _ndjson_objects(body: bytes) -> Iterator[Any]:
+    """Each non-blank line parsed (an unparsable line becomes a :class:`_BadLine`)."""
+    start, size = 0, len(body)
+    line_no = 0
+    while start < size:
+        end = body.find(b"\n", start)
+        end = size if end < 0 else end
+        raw = body[start:end]
+        start = end + 1
+        line_no += 1
+        if not raw.strip():
             continue
         try:
-            out.append(json.loads(line))
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadBody(f"line {line_no} of the body is not UTF-8: {exc}") from None
+        try:
+            yield json.loads(line)
+        except RecursionError:
+            yield _BadLine("invalid JSON: nested too deeply")
         except ValueError as exc:
-            out.append(_BadLine(f"invalid JSON: {exc}"))
-    return out
+            yield _BadLine(f"invalid JSON: {exc}")
 
 
-def decode(body: bytes, media_type: str) -> tuple[list[Entry], list[dict[str, Any]]]:
-    """``(entries, bad_lines)`` where each bad line is ``{"index": i, "error": why}``."""
+_ARRAY_START = re.compile(rb"[ \t\n\r]*\[")
+
+
+def _objects(body: bytes, media_type: str) -> Iterator[Any]:
+    """The body's entries as Python objects, one at a time."""
+    if media_type in MSGPACK_TYPES:
+        return _msgpack_objects(body)
+    if _ARRAY_START.match(body):
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadBody(f"body is not UTF-8: {exc}") from None
+        return _json_array_objects(text)
+    return _ndjson_objects(body)
+
+
+def decode(body: bytes, media_type: str) -> tuple[list[Entry], BadLines]:
+    """``(entries, bad lines)``; :class:`BadBody` if the body as a whole cannot be read."""
     now = int(time.time() * 1000)
     entries: list[Entry] = []
-    bad: list[dict[str, Any]] = []
+    bad = BadLines()
     for index, obj in enumerate(_objects(body, media_type)):
         try:
             if isinstance(obj, _BadLine):
                 raise obj
             entries.append(entry(obj, now))
         except _BadLine as exc:
-            bad.append({"index": index, "error": str(exc)})
+            bad.add(index, str(exc))
     return entries, bad
 
 
@@ -194,6 +338,26 @@ _COLUMN_BOUNDS = {"name": None, "count": (0, _INT64[1]), "step": _INT64, "time":
                   "seq_ms": (0, _INT64[1]), "seq_n": (0, _INT64[1])}
 
 
+class _Containers:
+    """msgpack hooks that stop decoding at the first container beyond the expected ones (a
+    columns body is one map of arrays of scalars), so tiny containers cannot amplify memory."""
+
+    def __init__(self, maps: int, lists: int) -> None:
+        self.maps, self.lists = maps, lists
+
+    def map(self, value: dict[Any, Any]) -> dict[Any, Any]:
+        self.maps -= 1
+        if self.maps < 0:
+            raise BadBody("a columns body is one map of arrays of scalars; it holds more maps")
+        return value
+
+    def list(self, value: list[Any]) -> list[Any]:
+        self.lists -= 1
+        if self.lists < 0:
+            raise BadBody("a columns body is one map of arrays of scalars; it holds more arrays")
+        return value
+
+
 def columns(body: bytes) -> Columns:
     """A columnar batch, checked as a whole; anything wrong in it makes it a :class:`BadBody`.
 
@@ -201,9 +365,10 @@ def columns(body: bytes) -> Columns:
     per point], "count": [points per entry], "step"|"time"|"seq_ms"|"seq_n": [int, per entry]}``
     (a value's entry is the one whose ``count`` covers its position).
     """
+    budget = _Containers(maps=1, lists=16)  # 8 columns today; room for a few more
     try:
-        obj = msgpack.unpackb(body, raw=False)
-    except (ValueError, msgpack.UnpackException) as exc:
+        obj = msgpack.unpackb(body, raw=False, object_hook=budget.map, list_hook=budget.list)
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
         raise BadBody(f"body is not valid msgpack: {exc}") from None
     if not isinstance(obj, dict):
         raise BadBody("a columns body must be a map")

@@ -260,10 +260,12 @@ async def list_runs(request: Request) -> Response:
     project = request.query_params.get("project") or None
     store = store_of(request)
     runs = await in_thread(store.list_runs, project)
-    ids = [r["id"] for r in runs]
+    ids = [r["id"] for r in runs if "error" not in r]  # an unreadable row stays {id, error}
     last = await in_thread(store.last_steps, ids)
     members = await in_thread(store.member_counts, ids)
     for r in runs:
+        if "error" in r:
+            continue
         r["lastStep"] = last.get(r["id"])
         r.setdefault("members", members.get(r["id"], 0))  # the store may count them already
     return JSONResponse({"runs": runs})

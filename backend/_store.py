@@ -14,11 +14,16 @@ Why it is shaped this way:
 * SQLite stores a NaN REAL as NULL, so NULL in ``value`` *means* NaN; ints beyond 64 bits are
   stored as decimal TEXT. Every other int or float is stored as itself and comes back
   bit-identical (the column has no declared type, so SQLite never converts 3.0 into 3).
+* What was stored can be returned: configs and tags pass ``_json.clean`` on the way in and on
+  the way out, and a row that still fails (written by an older version) is reported as that
+  run's error (``BrokenRow``, an error item in ``list_runs``), never an exception that would
+  take the whole list down. An id beyond int64 is simply not found.
+* The schema is versioned (``schema_version``); ``_MIGRATIONS`` bring an older file up to
+  date when the store opens it.
 """
 
 from __future__ import annotations
 
-import json
 import sqlite3
 import threading
 import time
@@ -27,59 +32,20 @@ from contextlib import contextmanager
 from itertools import chain, repeat
 from typing import Any
 
+from . import _json, _rows
+from ._rows import MEMBER_FIELDS, RANK_FIELDS, BrokenRow
+from ._schema import migrate
+
 STATUSES = ("RUNNING", "COMPLETED", "FAILED", "TERMINATED")
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+__all__ = ["BrokenRow", "Store"]
+
 
 Stored = int | float | str | None
 """A value as the ``points.value`` column holds it (see the module docstring)."""
 
 Entry = tuple[int, int, int | None, int | None, dict[str, Stored]]
 """One ingest line, validated: ``(step, time_ms, seq_ms, seq_n, {name: stored value})``."""
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS runs (
-    id          INTEGER PRIMARY KEY AUTOINCREMENT,
-    project     TEXT NOT NULL,
-    external_id TEXT,
-    name        TEXT NOT NULL DEFAULT '',
-    status      TEXT NOT NULL,
-    config      TEXT NOT NULL DEFAULT '{}',
-    tags        TEXT NOT NULL DEFAULT '[]',
-    created_at  INTEGER NOT NULL,
-    updated_at  INTEGER NOT NULL,
-    UNIQUE (project, external_id)
-);
-CREATE INDEX IF NOT EXISTS runs_by_project ON runs (project, id);
-CREATE TABLE IF NOT EXISTS names (
-    id   INTEGER PRIMARY KEY,
-    name TEXT NOT NULL UNIQUE
-);
-CREATE TABLE IF NOT EXISTS run_metrics (
-    run  INTEGER NOT NULL,
-    name INTEGER NOT NULL,
-    PRIMARY KEY (run, name)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS points (
-    run    INTEGER NOT NULL,
-    name   INTEGER NOT NULL,
-    step   INTEGER NOT NULL,
-    value,
-    time   INTEGER NOT NULL,
-    seq_ms INTEGER,
-    seq_n  INTEGER,
-    PRIMARY KEY (run, name, step)
-) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS members (
-    run        INTEGER NOT NULL,
-    member     TEXT NOT NULL,
-    rank       INTEGER,
-    local_rank INTEGER,
-    host       TEXT,
-    pid        INTEGER,
-    state      TEXT,
-    updated_at INTEGER NOT NULL,
-    PRIMARY KEY (run, member)
-) WITHOUT ROWID;
-"""
 
 _UPSERT_POINT = """
 INSERT INTO points (run, name, step, value, time, seq_ms, seq_n) VALUES (?, ?, ?, ?, ?, ?, ?)
@@ -90,15 +56,20 @@ WHERE excluded.seq_ms IS NULL OR points.seq_ms IS NULL
    OR (excluded.seq_ms, excluded.seq_n) >= (points.seq_ms, points.seq_n)
 """
 
-_UPSERT_MEMBER = """
-INSERT INTO members (run, member, rank, local_rank, host, pid, state, updated_at)
+_UPSERT_MEMBER = f"""
+INSERT INTO members (run, member, updated_at, {", ".join(MEMBER_FIELDS)})
+VALUES (?, ?, ?, {", ".join("?" for _ in MEMBER_FIELDS)})
+ON CONFLICT (run, member) DO UPDATE SET updated_at = excluded.updated_at,
+    {", ".join(f"{f} = coalesce(excluded.{f}, members.{f})" for f in MEMBER_FIELDS)}
+"""
+
+_UPSERT_LEDGER = """
+INSERT INTO rank_ledger (run, slot, rank, stored, dead, last_step, last_time, updated_at)
 VALUES (?, ?, ?, ?, ?, ?, ?, ?)
-ON CONFLICT (run, member) DO UPDATE SET
-    rank = coalesce(excluded.rank, members.rank),
-    local_rank = coalesce(excluded.local_rank, members.local_rank),
-    host = coalesce(excluded.host, members.host),
-    pid = coalesce(excluded.pid, members.pid),
-    state = coalesce(excluded.state, members.state),
+ON CONFLICT (run, slot) DO UPDATE SET
+    stored = excluded.stored, dead = excluded.dead,
+    last_step = coalesce(excluded.last_step, rank_ledger.last_step),
+    last_time = coalesce(excluded.last_time, rank_ledger.last_time),
     updated_at = excluded.updated_at
 """
 
@@ -109,12 +80,13 @@ def now_ms() -> int:
     return int(time.time() * 1000)
 
 
-def _merge(old: str, new: dict[str, Any] | None) -> str:
-    """Top-level dict merge of ``new`` into the JSON object ``old``; None changes nothing."""
-    merged = json.loads(old)
-    if new:
-        merged.update(new)
-    return json.dumps(merged, separators=(",", ":"))
+def _in_range(run: int) -> bool:
+    """Whether ``run`` can be an id at all; a larger one is not found rather than an error."""
+    return INT64_MIN <= run <= INT64_MAX
+
+
+def _text(raw: bytes) -> str:
+    return raw.decode("utf-8", "replace")
 
 
 def loaded(value: Stored) -> int | float:
@@ -137,7 +109,7 @@ class Store:
         self._readers: list[sqlite3.Connection] = []
         self._db = self._connect()
         self._db.execute("PRAGMA cache_size=-65536")  # 64 MiB: the points B-tree stays hot
-        self._db.executescript(_SCHEMA)
+        migrate(self._db)
         self._names: dict[str, int] = {
             n: i for i, n in self._db.execute("SELECT id, name FROM names")}
         self._run_metrics: set[tuple[int, int]] = set()
@@ -152,6 +124,9 @@ class Store:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.execute("PRAGMA foreign_keys=OFF")
+        # Text that is not UTF-8 (written by another tool) reads as U+FFFD, not an exception
+        # that would fail a whole listing; all that we write was checked to be UTF-8.
+        db.text_factory = _text
         return db
 
     def close(self) -> None:
@@ -203,7 +178,7 @@ class Store:
             cur = db.execute(
                 "INSERT OR IGNORE INTO runs (project, external_id, name, status, config, tags,"
                 " created_at, updated_at) VALUES (?, ?, ?, 'RUNNING', ?, ?, ?, ?)",
-                (project, external_id, name, _merge("{}", config), json.dumps(tags or []),
+                (project, external_id, name, _rows.merged_config(0, "{}", config), _json.dumps(tags or []),
                  now, now))
             if cur.rowcount == 1:
                 run = int(cur.lastrowid or 0)
@@ -213,7 +188,7 @@ class Store:
                                   "external_id = ?", (project, external_id)).fetchone()
             if config:
                 db.execute("UPDATE runs SET config = ?, updated_at = ? WHERE id = ?",
-                           (_merge(old, config), now, run))
+                           (_rows.merged_config(run, old, config), now, run))
             return int(run), True
 
     def find_run(self, project: str, external_id: str) -> int | None:
@@ -225,65 +200,117 @@ class Store:
     def run_exists(self, run: int) -> bool:
         if run in self._runs:
             return True
+        if not _in_range(run):
+            return False
         with self._read() as db:
             found = db.execute("SELECT 1 FROM runs WHERE id = ?", (run,)).fetchone()
         if found:
             self._runs.add(run)  # runs are never deleted, so a positive answer can be cached
         return found is not None
 
+    def status(self, run: int) -> str | None:
+        """The run's status alone (what the official SDK's heartbeat asks), None if unknown."""
+        if not _in_range(run):
+            return None
+        with self._read() as db:
+            row = db.execute("SELECT status FROM runs WHERE id = ?", (run,)).fetchone()
+        return None if row is None else str(row[0])
+
     def set_status(self, run: int, status: str) -> bool:
+        if not _in_range(run):
+            return False
         with self._write() as db:
             return db.execute("UPDATE runs SET status = ?, updated_at = ? WHERE id = ?",
                               (status, now_ms(), run)).rowcount == 1
 
     def merge_config(self, run: int, config: dict[str, Any] | None) -> bool:
+        if not _in_range(run):
+            return False
         with self._write() as db:
             row = db.execute("SELECT config FROM runs WHERE id = ?", (run,)).fetchone()
             if row is None:
                 return False
             db.execute("UPDATE runs SET config = ?, updated_at = ? WHERE id = ?",
-                       (_merge(row[0], config), now_ms(), run))
+                       (_rows.merged_config(run, row[0], config), now_ms(), run))
             return True
 
     def set_tags(self, run: int, tags: list[str]) -> bool:
+        if not _in_range(run):
+            return False
         with self._write() as db:
             return db.execute("UPDATE runs SET tags = ?, updated_at = ? WHERE id = ?",
-                              (json.dumps(tags), now_ms(), run)).rowcount == 1
+                              (_json.dumps(tags), now_ms(), run)).rowcount == 1
 
     def upsert_members(self, run: int, members: Sequence[dict[str, Any]]) -> bool:
-        """Insert or update members by ``(run, member)``; a field given as None is kept."""
+        """Insert or update members by ``(run, member)``; a field given as None is kept.
+        ``drops`` is a dict of reason -> count, kept as JSON."""
+        if not _in_range(run):
+            return False
         now = now_ms()
+        rows = [(run, m["member"], now, *(m.get(f) for f in MEMBER_FIELDS[:-1]),
+                 None if m.get("drops") is None else _json.dumps(m["drops"])) for m in members]
         with self._write() as db:
             if db.execute("SELECT 1 FROM runs WHERE id = ?", (run,)).fetchone() is None:
                 return False
-            db.executemany(_UPSERT_MEMBER, [
-                (run, m["member"], m.get("rank"), m.get("local_rank"), m.get("host"),
-                 m.get("pid"), m.get("state"), now) for m in members])
+            db.executemany(_UPSERT_MEMBER, rows)
+            db.execute("UPDATE runs SET updated_at = ? WHERE id = ?", (now, run))
+            return True
+
+    def upsert_ledger(self, run: int, ranks: Sequence[dict[str, Any]]) -> bool:
+        """The worker's per-rank counts, absolute values upserted by ``(run, rank)``; a
+        ``last_step``/``last_time`` given as None keeps the stored one."""
+        if not _in_range(run):
+            return False
+        now = now_ms()
+        rows = [(run, "?" if r.get("rank") is None else str(r["rank"]), r.get("rank"),
+                 r["stored"], r["dead"], r.get("last_step"), r.get("last_time"), now)
+                for r in ranks]
+        with self._write() as db:
+            if db.execute("SELECT 1 FROM runs WHERE id = ?", (run,)).fetchone() is None:
+                return False
+            db.executemany(_UPSERT_LEDGER, rows)
             db.execute("UPDATE runs SET updated_at = ? WHERE id = ?", (now, run))
             return True
 
     def get_run(self, run: int) -> dict[str, Any] | None:
+        """The run with its members, per-rank ledger and loss summary; None if there is no
+        such run, :class:`BrokenRow` if its stored row cannot be returned."""
+        if not _in_range(run):
+            return None
         with self._read() as db:
             row = db.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE id = ?", (run,)).fetchone()
             if row is None:
                 return None
             members = db.execute(
-                "SELECT member, rank, local_rank, host, pid, state FROM members WHERE run = ?"
+                f"SELECT member, {', '.join(MEMBER_FIELDS)} FROM members WHERE run = ?"
                 " ORDER BY rank, member", (run,)).fetchall()
-        out = _run_dict(row)
-        out["members"] = [dict(zip(("member", "rank", "local_rank", "host", "pid", "state"), m))
-                          for m in members]
+            ranks = db.execute(
+                f"SELECT {', '.join(RANK_FIELDS)} FROM rank_ledger WHERE run = ?"
+                " ORDER BY rank IS NULL, rank", (run,)).fetchall()
+        out = _rows.run_dict(row)
+        out["members"] = _rows.members(run, members, ranks)
+        out["ranks"] = [dict(zip(RANK_FIELDS, r)) for r in ranks]
+        out["ledger"] = _rows.ledger(out["status"], out["members"], out["ranks"])
         return out
 
-    def list_runs(self, project: str | None) -> list[dict[str, Any]]:
-        """Runs newest first, without members (``get_run`` has them)."""
+    def count_by_status(self) -> dict[str, int]:
+        """Runs per status, for the ``pluto_backend_runs`` gauge."""
         with self._read() as db:
-            if project is None:
-                rows = db.execute(f"SELECT {_RUN_COLUMNS} FROM runs ORDER BY id DESC")
-            else:
-                rows = db.execute(f"SELECT {_RUN_COLUMNS} FROM runs WHERE project = ? "
-                                  "ORDER BY id DESC", (project,))
-            return [_run_dict(r) for r in rows.fetchall()]
+            rows = db.execute("SELECT status, count(*) FROM runs GROUP BY status").fetchall()
+        return {str(status): int(n) for status, n in rows}
+
+    def list_runs(self, project: str | None) -> list[dict[str, Any]]:
+        """Runs newest first, without members (``get_run`` has them) but with their count
+        and ``lost``. A row that cannot be returned is an item ``{"id", "error"}``."""
+        where, args = ("", ()) if project is None else (" WHERE r.project = ?", (project,))
+        with self._read() as db:
+            rows = db.execute(f"SELECT {_RUN_COLUMNS} FROM runs r{where} ORDER BY id DESC",
+                              args).fetchall()
+            members = db.execute("SELECT m.run, m.sent, m.dropped FROM members m JOIN runs r "
+                                 f"ON r.id = m.run{where}", args).fetchall()
+            ranks = db.execute("SELECT l.run, l.stored, l.dead FROM rank_ledger l JOIN runs r "
+                               f"ON r.id = l.run{where}", args).fetchall()
+        return _rows.listed(rows, members, ranks)
 
     # -- metrics -------------------------------------------------------------------------------
 
@@ -359,6 +386,8 @@ class Store:
         return int(db.execute("SELECT id FROM names WHERE name = ?", (name,)).fetchone()[0])
 
     def metric_names(self, run: int) -> list[str]:
+        if not _in_range(run):
+            return []
         with self._read() as db:
             rows = db.execute("SELECT n.name FROM run_metrics m JOIN names n ON n.id = m.name "
                               "WHERE m.run = ? ORDER BY n.name", (run,)).fetchall()
@@ -368,6 +397,10 @@ class Store:
                ) -> list[tuple[int, Stored, int]]:
         """``(step, stored value, time_ms)`` ordered by step, from ``since_step`` on; with
         ``last_only`` just the newest one (a live view's poll, without reading the history)."""
+        if not _in_range(run) or not _json.encodable(name):
+            return []
+        if since_step is not None:
+            since_step = min(max(since_step, INT64_MIN), INT64_MAX)
         with self._read() as db:
             row = db.execute("SELECT id FROM names WHERE name = ?", (name,)).fetchone()
             if row is None:
@@ -378,11 +411,11 @@ class Store:
                 f" ORDER BY step {order}",
                 (run, row[0], -(2**63) if since_step is None else since_step)).fetchall()
 
-
     # -- dashboard reads -----------------------------------------------------------------------
 
     def name_ids(self, names: Sequence[str]) -> dict[str, int]:
         """The interned id of each of ``names`` that was ever stored (unknown names left out)."""
+        names = [n for n in names if _json.encodable(n)]
         found = {n: self._names[n] for n in names if n in self._names}
         missing = [n for n in names if n not in found]
         if missing:  # interned by another process on the same file; the writer's cache is
@@ -463,13 +496,6 @@ class Store:
         with self._read() as db:
             return db.execute(_M4, {"run": run, "name": name_id, "low": low, "high": high,
                                     "width": width}).fetchall()
-
-
-def _run_dict(row: tuple[Any, ...]) -> dict[str, Any]:
-    rid, project, external_id, name, status, config, tags, created, updated = row
-    return {"id": rid, "externalId": external_id, "project": project, "name": name,
-            "status": status, "config": json.loads(config), "tags": json.loads(tags),
-            "createdAt": created, "updatedAt": updated}
 
 
 _M4_BUCKET = "run = :run AND name = :name AND step >= lo AND step < lo + :width"

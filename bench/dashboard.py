@@ -92,7 +92,8 @@ def measure(url: str, key: str, run: int, repeats: int, screenshot: str) -> dict
                 context.add_init_script(f"localStorage.setItem('pluto_key', {key!r})")
                 page = context.new_page()
                 api: list[str] = []
-                page.on("request", lambda r, api=api: api.append(r.url) if "/api/" in r.url else None)
+                page.on("request",
+                        lambda r, api=api: api.append(r.url) if "/api/" in r.url else None)
                 page.goto(f"{url}/#run={run}")
                 page.wait_for_selector("body[data-first-chart]", timeout=120_000)
                 firsts.append(int(page.evaluate("Number(document.body.dataset.firstChart)")))

@@ -46,8 +46,9 @@ def key_numbers(result: dict[str, Any]) -> str:
         return (f"slowest {result['slowest_init_ms']} ms, median {result['median_init_ms']} ms, "
                 f"median after served {result['median_after_served_ms']} ms")
     if name == "dashboard":
-        return (f"{result['ranks']} x {result['steps']:,}: first chart {result['first_chart_ms']} ms,"
-                f" all {result['all_charts_ms']} ms, {result['requests']} requests")
+        return (f"{result['ranks']} x {result['steps']:,}: first chart "
+                f"{result['first_chart_ms']} ms, all {result['all_charts_ms']} ms, "
+                f"{result['requests']} requests")
     return ""
 
 

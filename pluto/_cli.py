@@ -1,4 +1,4 @@
-"""The ``pluto`` command: ``worker``, ``server``, ``up``, ``tail``, ``runs``.
+"""The ``pluto`` command: ``worker``, ``server``, ``up``, ``tail``, ``runs``, ``status``, ``dead``.
 
 A thin layer over library functions; loaded only by the console script, never by ``import pluto``.
 """
@@ -66,13 +66,18 @@ def cmd_server(args: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    """Redis (reused or embedded), backend and one worker on this machine, until Ctrl-C."""
+    """Redis (reused or embedded), backend and one worker on this machine, until Ctrl-C.
+
+    The children are supervised: one that exits is restarted with back-off and a log line,
+    and the embedded Redis is stopped only by Ctrl-C / SIGTERM (worker first), never because
+    another child died."""
     import redis
 
     s = CliSettings.from_env()
     s.home.mkdir(parents=True, exist_ok=True)
     key = s.api_key or _local_key(s.home)
-    children: list[_servers.Child] = []
+    logs = s.home / "logs"
+    sup = _servers.Supervisor(lambda line: print(f"pluto up: {line}", flush=True))
     stop = {"now": False}
 
     def on_signal(sig: int, frame: Any) -> None:
@@ -85,33 +90,29 @@ def cmd_up(args: argparse.Namespace) -> int:
             redis.Redis.from_url(s.redis_url, socket_connect_timeout=1).ping()
             print(f"pluto up: using the Redis at {redact(s.redis_url)}", flush=True)
         except (redis.RedisError, OSError):
-            children.append(_embedded_redis(s))
+            sup.add("redis", lambda: _embedded_redis(s))
         api = urlsplit(s.api_url)
         if _servers.port_open(api.hostname or "127.0.0.1", api.port or 8080):
             raise PlutoError(f"something already listens on {s.api_url}: stop it or set "
                              "PLUTO_API_URL to a free port")
-        children.append(_servers.start_backend(s.api_url, s.db_url, key, s.home / "logs"))
-        children.append(_servers.start_worker(s.redis_url, s.prefix, s.api_url, key,
-                                              s.home / "logs"))
+        sup.add("backend", lambda: _servers.start_backend(s.api_url, s.db_url, key, logs))
+        worker = sup.add("worker", lambda: _servers.start_worker(s.redis_url, s.prefix,
+                                                                 s.api_url, key, logs))
         print(f"pluto up: backend at {s.api_url} (dashboard: {s.api_url}/), worker pid "
-              f"{children[-1].pid}, logs in {s.home / 'logs'}", flush=True)
+              f"{worker.pid}, logs in {logs}", flush=True)
         print(f"pluto up: API key in {s.home / 'api_key'}" if not s.api_key else
               "pluto up: using PLUTO_API_KEY", flush=True)
         print("pluto up: ready (Ctrl-C stops everything)", flush=True)
         while not stop["now"]:
-            for child in children:
-                if not child.alive():
-                    raise PlutoError(f"{child.name} exited ({child.proc.returncode}); see "
-                                     f"{child.log_path}")
+            sup.poll()
             time.sleep(0.2)
         return 0
     except PlutoError as exc:
         print(f"pluto up: {exc}", file=sys.stderr, flush=True)
         return 1
     finally:
-        for child in reversed(children):  # worker first: it acknowledges its batch, then exits
-            child.stop()
-        if children:
+        sup.stop()
+        if sup.slots:
             print("pluto up: stopped", flush=True)
 
 
@@ -184,10 +185,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
             if args.id is not None:
                 run = client.get(f"/api/runs/{args.id}").raise_for_status().json()
                 names = client.get(f"/api/runs/{args.id}/metrics").raise_for_status().json()
-                run["points"] = {n: len(client.get(f"/api/runs/{args.id}/metrics/{n}")
-                                        .raise_for_status().json()["points"])
-                                 for n in names["names"]}
+                run["points"] = {n: len(_points(client, args.id, n)) for n in names["names"]}
                 print(json.dumps(run, indent=2))
+                print(_ledger_line(run), file=sys.stderr)
                 return 0
             params = {"project": args.project} if args.project else {}
             runs = client.get("/api/runs", params=params).raise_for_status().json()["runs"]
@@ -196,9 +196,110 @@ def cmd_runs(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 1
     for run in runs:
-        print(f"{run['id']:>6}  {run['status']:<10} {run['project']}/{run['externalId']}  "
-              f"{run.get('name') or ''}")
+        lost = run.get("lost")
+        flag = f"  LOST {lost}" if lost else ""
+        print(f"{run['id']:>6}  {run.get('status', 'ERROR'):<10} {run.get('project')}/"
+              f"{run.get('externalId')}  {run.get('name') or run.get('error') or ''}{flag}")
     return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """Health of Redis, the backend, the workers and every active run; non-zero if unhealthy."""
+    import httpx
+    import redis
+
+    from . import _ops
+
+    s = CliSettings.from_env()
+    try:
+        resp = httpx.get(f"{s.api_url}/healthz", timeout=3)
+        backend = {"url": s.api_url, "ok": resp.status_code == 200,
+                   "error": None if resp.status_code == 200 else f"HTTP {resp.status_code}"}
+    except httpx.HTTPError as exc:
+        backend = {"url": s.api_url, "ok": False, "error": str(exc)}
+    client = redis.Redis.from_url(s.redis_url, socket_connect_timeout=3, socket_timeout=5)
+    report = _ops.status(client, Keys(s.prefix), backend, args.max_pending_age)
+    client.close()
+    report.redis["url"] = redact(s.redis_url)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+    else:
+        _print_status(report)
+    return 0 if report.healthy else 1
+
+
+def _print_status(report: Any) -> None:
+    red, back = report.redis, report.backend
+    print(f"redis    {'ok' if red.get('ok') else 'DOWN'}  {red.get('url')}  "
+          f"{red.get('version') or red.get('error') or ''}  used {red.get('used_memory')} bytes")
+    print(f"backend  {'ok' if back.get('ok') else 'DOWN'}  {back.get('url')}  "
+          f"{back.get('error') or ''}")
+    for w in report.workers:
+        print(f"worker   {'alive' if w['alive'] else 'GONE '}  {w['name']}  heartbeat "
+              f"{w['heartbeat_age_s']} s ago, idle {w['idle_s']} s")
+    for run in report.runs:
+        slow = run.get("slowest_rank")
+        print(f"run {run['id']:>6}  members {run['members']}  lag {run['lag']}  pending "
+              f"{run['pending']}  oldest pending {run['oldest_pending_s']} s  dead "
+              f"{run['dead_letters']}" + (f"  slowest rank {slow['rank']} ({slow['behind']} "
+                                          "steps behind)" if slow else ""))
+    for problem in report.problems:
+        print(f"PROBLEM  {problem}")
+    print("healthy" if report.healthy else "UNHEALTHY")
+
+
+def cmd_dead(args: argparse.Namespace) -> int:
+    """List or replay a run's dead-lettered entries (``control`` for the control stream)."""
+    import redis
+
+    from . import _ops
+
+    s = CliSettings.from_env()
+    client = redis.Redis.from_url(s.redis_url, socket_connect_timeout=3, socket_timeout=10)
+    keys = Keys(s.prefix)
+    try:
+        if args.action == "replay":
+            n = _ops.replay(client, keys, args.run, args.id or None)
+            print(f"pluto dead: replayed {n} entries into {_ops.dead_stream(keys, args.run)[1]}")
+            return 0
+        letters = _ops.dead_letters(client, keys, args.run, args.id or None)
+    except ValueError as exc:
+        print(f"pluto dead: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        client.close()
+    for letter in letters:
+        fields = " ".join(f"{k.decode(errors='replace')}={v[:60].decode(errors='replace')}"
+                          for k, v in letter["fields"][:8])
+        print(f"{letter['id']}  (entry {letter['original_id']})  {letter['reason'][:200]}\n"
+              f"    {fields}")
+    print(f"{len(letters)} dead letters", file=sys.stderr)
+    return 0
+
+
+def _points(client: Any, run: int, name: str) -> list[Any]:
+    """A metric's points by name as a query parameter (names may hold ``.``/``..``)."""
+    resp = client.get(f"/api/runs/{run}/metric", params={"name": name})
+    if resp.status_code == 404 and "no run" not in resp.text:  # an older backend
+        resp = client.get(f"/api/runs/{run}/metrics/{name}")
+    return list(resp.raise_for_status().json()["points"])
+
+
+def _ledger_line(run: dict[str, Any]) -> str:
+    """One line saying whether the run is complete: what was logged, stored, and lost why."""
+    ledger = run.get("ledger") or {}
+    if not ledger:
+        return f"run {run.get('id')} {run.get('status')}: no loss ledger (older backend)"
+    drops: dict[str, int] = {}
+    for member in run.get("members") or []:
+        for reason, n in (member.get("drops") or {}).items():
+            drops[reason] = drops.get(reason, 0) + int(n)
+    why = ", ".join(f"{n} {reason}" for reason, n in sorted(drops.items()) if n)
+    verdict = "complete" if not ledger.get("lost") else f"LOST {ledger['lost']} entries"
+    return (f"run {run.get('id')} {run.get('status')}, {len(run.get('members') or [])} members: "
+            f"logged {ledger.get('logged')}, sent {ledger.get('sent')}, stored "
+            f"{ledger.get('stored')}, dead-lettered {ledger.get('dead')}, missing "
+            f"{ledger.get('missing')} — {verdict}" + (f" (dropped: {why})" if why else ""))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,9 +319,20 @@ def main(argv: list[str] | None = None) -> int:
     runs = sub.add_parser("runs", help="list runs stored by the backend, or show one")
     runs.add_argument("id", nargs="?", type=int, help="numeric run id to show")
     runs.add_argument("--project", default=None)
+    status = sub.add_parser("status", help="health of Redis, the backend, the workers and every "
+                            "active run (lag, pending, dead letters, slowest rank); exits 1 when "
+                            "something is unhealthy, so it serves as a readiness probe")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--max-pending-age", type=float, default=120.0, metavar="S",
+                        help="unhealthy when an entry has been pending longer (default 120 s)")
+    dead = sub.add_parser("dead", help="list a run's dead-lettered entries with their reasons, "
+                          "or replay them into the run's stream once the cause is fixed")
+    dead.add_argument("action", choices=["list", "replay"])
+    dead.add_argument("run", help="numeric run id (pluto runs), or 'control'")
+    dead.add_argument("--id", action="append", help="only this dead letter id (repeatable)")
     args = parser.parse_args(argv)
     handler = {"worker": cmd_worker, "server": cmd_server, "up": cmd_up, "tail": cmd_tail,
-               "runs": cmd_runs}[args.command]
+               "runs": cmd_runs, "status": cmd_status, "dead": cmd_dead}[args.command]
     try:
         return handler(args)
     except PlutoError as exc:

@@ -25,7 +25,7 @@ from redis.retry import Retry
 from . import _protocol as proto
 from ._attach import CreateRequest, elect
 from ._keys import Keys
-from ._producer import Producer
+from ._producer import Producer, Target
 from ._run import Run, State
 from ._settings import Settings, redact
 from ._values import PlutoWarning, clean_config
@@ -42,6 +42,8 @@ _NO_SETINFO: dict[str, Any] = (
     else {})
 
 _active: list[Run] = []
+"""Runs of this process not finished yet (what SIGTERM and exit must finish)."""
+_last: Run | None = None
 _hooks_installed = False
 _uncaught = False
 
@@ -59,6 +61,9 @@ def init(project: str | None = None, name: str | None = None, config: Any = None
     run_id = _check_id("run_id", given, "PLUTO_RUN_ID") if given is not None else uuid.uuid4().hex
     if name is not None and not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}")
+    if name is not None and not _encodable(name):
+        raise TypeError("name is not valid text (a lone surrogate?); decode it with "
+                        "errors='replace'")
     cfg = clean_config(config)
     tag_list = _check_tags(tags)
     keys = Keys(s.prefix)
@@ -75,9 +80,12 @@ def init(project: str | None = None, name: str | None = None, config: Any = None
                       PlutoWarning, stacklevel=2)
     register = functools.partial(_register_member, client, keys, s, won.id, member, project,
                                  run_id, cfg if won.resumed else None)
-    producer = Producer(_stream_client(client, keys.metrics(won.id)), keys.metrics(won.id), s.rank,
-                        keys.heartbeats(won.id), member, s.flush_interval, s.heartbeat_interval,
-                        s.buffer_size, register=register)
+    stream = keys.metrics(won.id)
+    target = Target(stream, keys.heartbeats(won.id), keys.members(won.id), member)
+    resolve = functools.partial(_stream_client, client, stream, True)
+    producer = Producer(_stream_client(client, stream), target, s.rank, s.flush_interval,
+                        s.heartbeat_interval, s.buffer_size, register=register,
+                        resolve=resolve if s.cluster else None)
     run = Run(id=won.id, run_id=run_id, resumed=won.resumed, name=name, project=project, config=cfg,
               rank=s.rank, member=member, settings=s, client=client, keys=keys, producer=producer)
     producer.start()
@@ -119,10 +127,10 @@ def _check_id(what: str, value: Any, env: str) -> str:
         value = str(value)
     if not isinstance(value, str):
         raise ConfigError(f"{what} must be a str, got {type(value).__name__} (argument or {env})")
-    if not value or len(value) > MAX_ID or _BAD_ID.search(value):
+    if not value or len(value) > MAX_ID or _BAD_ID.search(value) or not _encodable(value):
         shown = value if len(value) <= 60 else value[:60] + "..."
         raise ConfigError(f"{what} {shown!r} ({len(value)} chars) is invalid: it must be 1-{MAX_ID} "
-                          f"characters without control characters (argument or {env})")
+                          f"characters of valid text without control characters (argument or {env})")
     return value
 
 
@@ -133,15 +141,28 @@ def _check_tags(tags: Any) -> list[str] | None:
         tags = [tags]
     if not isinstance(tags, (list, tuple, set)) or not all(isinstance(t, str) for t in tags):
         raise TypeError("tags must be a list of str")
+    if not all(map(_encodable, tags)):
+        raise TypeError("a tag is not valid text (a lone surrogate?); decode it with "
+                        "errors='replace'")
     return list(tags)
 
 
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _register_member(client: redis.Redis, keys: Keys, s: Settings, run: int, member: str,
-                     project: str, run_id: str, config: dict[str, Any] | None) -> None:
-    """Record this process in the run (members hash + attach op); a late config is merged in."""
+                     project: str, run_id: str, config: dict[str, Any] | None) -> dict[str, Any]:
+    """Record this process in the run (members hash + attach op); a late config is merged in.
+    Returns the member's value, which the producer's heartbeats keep up to date."""
     host, _, pid = member.rpartition(":")
-    info = {"rank": s.rank, "local_rank": s.local_rank, "host": host, "pid": int(pid),
-            "attached_at": int(time.time() * 1000), "state": State.RUNNING.value}
+    info: dict[str, Any] = {"rank": s.rank, "local_rank": s.local_rank, "host": host,
+                            "pid": int(pid), "attached_at": int(time.time() * 1000),
+                            "state": State.RUNNING.value}
     with client.pipeline(transaction=False) as pipe:
         pipe.hset(keys.members(run), member, proto.pack(info))
         pipe.hset(keys.heartbeats(run), member, int(time.time() * 1000))
@@ -150,11 +171,15 @@ def _register_member(client: redis.Redis, keys: Keys, s: Settings, run: int, mem
         if config is not None:  # the creator's config travelled with its create request
             pipe.xadd(keys.control, proto.control_config(run, config))  # type: ignore[arg-type]
         pipe.execute()
+    return info
 
 
-def _stream_client(client: Any, stream: str) -> redis.Redis:
-    """On a cluster, the node that owns the run's slot: the producer writes raw RESP to it."""
+def _stream_client(client: Any, stream: str, refresh: bool = False) -> redis.Redis:
+    """On a cluster, the node that owns the run's slot: the producer writes raw RESP to it
+    (``refresh``: after a ``MOVED``, read the slot map again first)."""
     if isinstance(client, redis.RedisCluster):
+        if refresh:
+            client.nodes_manager.initialize()
         return client.get_redis_connection(client.get_node_from_key(stream))  # type: ignore[no-any-return]
     return client  # type: ignore[no-any-return]
 
@@ -163,6 +188,7 @@ def _stream_client(client: Any, stream: str) -> redis.Redis:
 def _track(run: Run) -> None:
     global _hooks_installed
     _active.append(run)
+    run.on_finished = _finished
     import pluto
 
     pluto.run = run
@@ -179,7 +205,19 @@ def _track(run: Run) -> None:
 
     sys.excepthook = excepthook
     if threading.current_thread() is threading.main_thread():
-        _chain_signal(signal.SIGTERM)
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            _chain_signal(signum)
+
+
+def _finished(run: Run) -> None:
+    """A run finished: forget it (a sweep of 1,000 runs keeps nothing but the last), and if a signal
+    interrupted this finish, now die of it as the signal asked."""
+    global _last
+    if run in _active:
+        _active.remove(run)
+    _last = run  # pluto.log() after finish() warns instead of raising; one run, not a list
+    if _deferred and not any(r.finishing for r in _active):
+        _die(*_deferred.pop())
 
 
 def _finish_all_at_exit() -> None:
@@ -188,18 +226,43 @@ def _finish_all_at_exit() -> None:
         run.finish(state=State.FAILED if _uncaught else State.FINISHED)
 
 
+_terminating = False
+_deferred: list[tuple[int, FrameType | None, Any]] = []
+"""A signal that arrived while ``finish`` was running: acted on when that finish returns."""
+
+
 def _chain_signal(signum: int) -> None:
-    """On SIGTERM (launchers send it to every rank), flush what log() accepted, then die as asked."""
+    """On SIGTERM/SIGINT (launchers send it to every rank), flush what log() accepted within
+    ``PLUTO_TERM_TIMEOUT``, record ``terminated``, then die as the signal asked — also when the
+    signal interrupts a ``finish`` already running, and when a second signal follows the first
+    (that one cuts the flush short). Never re-enters a lock, so it cannot deadlock."""
     previous = signal.getsignal(signum)
+    if previous == signal.SIG_IGN:
+        return  # the process ignores this signal: so do we
 
     def handler(sig: int, frame: FrameType | None) -> None:
-        for run in list(_active):
-            run.finish(timeout=min(run.settings.finish_timeout, 10.0), state=State.TERMINATED)
-        if callable(previous):
-            previous(sig, frame)
-        elif previous != signal.SIG_IGN:
-            signal.signal(sig, signal.SIG_DFL)
-            os.kill(os.getpid(), sig)
+        global _terminating
+        runs = list(_active)
+        if _terminating or _deferred:  # a second signal: flush no longer
+            for run in runs:
+                run.terminate(0.0)
+            return
+        _terminating = True
+        try:
+            interrupted = False
+            for run in runs:
+                budget = run.settings.term_timeout
+                if run.finishing:  # this signal interrupted it: it goes on, bounded, then we die
+                    run.terminate(budget)
+                    interrupted = True
+                else:
+                    run.finish(timeout=budget, state=State.TERMINATED)
+        finally:
+            _terminating = False
+        if interrupted:
+            _deferred.append((sig, frame, previous))
+            return
+        _die(sig, frame, previous)
 
     try:
         signal.signal(signum, handler)
@@ -207,8 +270,17 @@ def _chain_signal(signum: int) -> None:
         pass
 
 
+def _die(sig: int, frame: FrameType | None, previous: Any) -> None:
+    """Hand the signal to the handler that was there before ours, or die of it."""
+    if callable(previous):
+        previous(sig, frame)  # e.g. Python's SIGINT handler raises KeyboardInterrupt
+        return
+    signal.signal(sig, signal.SIG_DFL)
+    os.kill(os.getpid(), sig)
+
+
 def current() -> Run | None:
-    return _active[-1] if _active else None
+    return _active[-1] if _active else _last
 
 
 def log(data: dict[str, Any], step: int | None = None, timestamp: float | None = None) -> None:

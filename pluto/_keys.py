@@ -29,6 +29,12 @@ OP_CONFIG = "config"
 F_DEAD_ID = "id"
 F_DEAD_REASON = "reason"
 
+# Field prefixes of a run's ledger hash (``Keys.ledger``): ``<prefix>:<rank>``.
+LEDGER_STORED = "stored"
+LEDGER_DEAD = "dead"
+LEDGER_STEP = "step"
+LEDGER_TIME = "time"
+
 CREATE_REFUSED = "error:"
 """``created(token)`` value when the backend refused the create: ``error:<why>``."""
 
@@ -54,6 +60,12 @@ class Keys:
     @property
     def control(self) -> str:
         return f"{self.prefix}:control"
+
+    @property
+    def control_dead(self) -> str:
+        """Stream: control entries a worker could not apply (malformed, or refused for good):
+        fields ``id``, ``reason``, then the original entry's fields."""
+        return f"{self.prefix}:control:dead"
 
     @property
     def runs(self) -> str:
@@ -93,6 +105,12 @@ class Keys:
     def dead(self, run: int | str) -> str:
         """Stream: entries that could not be decoded or were rejected, with the reason."""
         return f"{self.prefix}:{{{run}}}:dead"
+
+    def ledger(self, run: int | str) -> str:
+        """Hash: ``stored:<rank>`` / ``dead:<rank>`` -> entries the workers acknowledged as
+        stored by the backend / dead-lettered (``dead:?`` for an unreadable rank), counted
+        once per entry at XACK; ``step:<rank>`` / ``time:<rank>``: the newest step stored."""
+        return f"{self.prefix}:{{{run}}}:ledger"
 
     def run_of_stream(self, stream: str) -> int | None:
         """The run id in a ``P:{<id>}:metrics`` key, or None for any other key."""

@@ -1,11 +1,20 @@
 """The background thread that moves logged entries from memory into the run's Redis stream.
 
-``Run.log`` only appends ``(step, time, data)`` to a deque. This thread wakes at least every
-``flush_interval``, packs the entries as RESP ``XADD`` commands itself (redis-py's per-command
-packing would cap us far below the stream's speed) and writes them down one connection as a
-pipeline. While Redis is unreachable the entries stay in the deque and are re-sent, in order,
-once it answers again; a resend after a half-written pipeline can repeat an entry in the stream,
-which the backend's upsert on (run, name, step) absorbs.
+``Run.log`` only appends ``(step, time, names, values...)`` to a deque. This thread wakes at
+least every ``flush_interval``, packs the entries as RESP ``XADD`` commands itself (redis-py's
+per-command packing would cap us far below the stream's speed) and writes them down one
+connection as a pipeline, two chunks in flight. Every failure is classified where it arises:
+
+* the connection fails (refused, reset, timeout): the entries stay in memory and are re-sent,
+  in order, with back-off; a resend after a half-written pipeline can repeat an entry in the
+  stream, which the backend's upsert on (run, name, step) absorbs;
+* Redis answers "busy" (``LOADING``, ``OOM``, ``MOVED``... see ``_resp.TRANSIENT``): the same,
+  from the first entry it refused (on a cluster, ``MOVED`` also re-resolves the slot's node);
+* Redis refuses one entry for good, or one entry cannot be encoded: that entry alone is
+  dropped, counted by reason and warned about; its neighbours still go.
+
+Everything this process logged is accounted for in its ledger (``sent`` + ``drops``), which the
+heartbeat writes into the members hash so the worker and the backend can show it.
 """
 
 from __future__ import annotations
@@ -15,57 +24,126 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from itertools import repeat, starmap
 from typing import Any
 
 import redis
 
 from ._io import Wire
-from ._resp import ReplyCounter, XaddPacker, count_entries, whole_entries
+from ._protocol import pack
+from ._resp import Replies, XaddPacker, count_entries, transient, whole_entries
 
 log = logging.getLogger("pluto")
 
 CHUNK = 4000
 """Entries per pipelined write: large enough to amortise the round trip, small enough to bound memory."""
 
-DROP_REPORT_EVERY = 10.0
-"""Seconds between two "buffer full, dropped N" warnings during one long outage."""
+REPORT_EVERY = 10.0
+"""Seconds between two warnings of one kind ("buffer full", "Redis busy") during one episode."""
+
+ENTRY_REASONS = ("overflow", "refused", "bad_entry", "error", "finish_timeout")
+"""Why whole entries were dropped; ``bad_value`` (a value ``log`` refused) is counted apart."""
+
+CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where one process's entries and liveness go (keys of ``_keys.Keys``)."""
+
+    stream: str
+    heartbeats: str
+    members: str
+    member: str
+
+
+@dataclass
+class Chunk:
+    """Entries written and awaiting their replies: they leave memory only once Redis answered."""
+
+    items: list[Any]
+    count: int
+    payload: bytes = b""
+    end: int = 0
+    """Reply count of the connection at which every entry of this chunk has been answered."""
+
+
+@dataclass
+class Ledger:
+    """This process's entries by fate. Shared with the user's thread (only ``+=`` under the GIL)."""
+
+    sent: int = 0
+    drops: dict[str, int] = field(default_factory=dict)
+
+    def drop(self, reason: str, count: int = 1) -> None:
+        self.drops[reason] = self.drops.get(reason, 0) + count
+
+    @property
+    def dropped(self) -> int:
+        return sum(self.drops.get(r, 0) for r in ENTRY_REASONS)
+
+    def as_fields(self, in_memory: int) -> dict[str, Any]:
+        """The members-hash fields of DESIGN §3: logged, sent, dropped, drops."""
+        dropped = self.dropped
+        return {"logged": self.sent + dropped + in_memory, "sent": self.sent,
+                "dropped": dropped, "drops": dict(self.drops)}
+
+
+class _Busy(Exception):
+    """Redis answered with a transient error reply: keep the entries, back off, retry."""
 
 
 class Producer(threading.Thread):
-    """Owns the send side of one process's run: buffer → stream, plus the member heartbeat."""
+    """Owns the send side of one process's run: buffer → stream, plus heartbeat and ledger."""
 
-    def __init__(self, client: redis.Redis, stream: str, rank: int, heartbeat_key: str,
-                 member: str, flush_interval: float, heartbeat_interval: float,
-                 max_buffer: int, register: Callable[[], None] | None = None) -> None:
+    def __init__(self, client: redis.Redis, target: Target, rank: int, flush_interval: float,
+                 heartbeat_interval: float, max_buffer: int,
+                 register: Callable[[], dict[str, Any]] | None = None,
+                 resolve: Callable[[], redis.Redis] | None = None) -> None:
         super().__init__(name="pluto-producer", daemon=True)
         self.queue: deque[Any] = deque()
         """Flat: ``step, time, names, value...`` per entry (no per-entry tuple or dict)."""
         self.max_buffer = max_buffer
-        self.dropped = 0
-        self.failed = 0
+        self.ledger = Ledger()
+        self.info: dict[str, Any] | None = None
+        """This member's value in the members hash, once registered."""
         self._client = client
-        self._heartbeat_key = heartbeat_key
-        self._member = member
+        self._target = target
         self._interval = flush_interval
         self._heartbeat_interval = heartbeat_interval
-        self._wake = threading.Event()
         self._register = register
         """Records this process in the run before any entry is sent; here, not in ``init``,
         so that 64 ranks woken together by their run id return from ``init`` at once."""
+        self._resolve = resolve
+        """On a cluster: the client of the node that owns the stream's slot now."""
+        self._wake = threading.Event()
         if register is not None:
             self._wake.set()  # the first cycle runs at once
         self._drained = threading.Event()
         self._stopping = False
         self._busy = False
-        self._packer = XaddPacker(stream, rank)
+        self._inflight: deque[Chunk] = deque()
+        self._packer = XaddPacker(target.stream, rank)
         self._conn: Any = None
         self._wire: Wire | None = None
-        self._target, self._replies = 0, ReplyCounter()  # reply accounting of the connection
+        self._written, self._replies = 0, Replies()  # reply accounting of the connection
         self._down_since: float | None = None
         self._next_heartbeat = 0.0
-        self._reported_drops = 0
-        self._next_drop_report = 0.0
+        self._written_ledger: dict[str, Any] | None = None
+        self._deadline = 0.0
+        self._reported: dict[str, tuple[int, float]] = {}
+        self._busy_replies = 0
+
+    @property
+    def dropped(self) -> int:
+        """Entries dropped because the buffer was full."""
+        return self.ledger.drops.get("overflow", 0)
+
+    @property
+    def failed(self) -> int:
+        """Entries Redis refused for good."""
+        return self.ledger.drops.get("refused", 0)
 
     # -- the loop ---------------------------------------------------------------------------
     def run(self) -> None:
@@ -83,38 +161,48 @@ class Producer(threading.Thread):
             if stopping:
                 return
             self._heartbeat()
-            self._report_drops()
+            self._report("overflow", self.dropped, "buffer full (PLUTO_BUFFER_SIZE=%d) while "
+                         "Redis is unreachable: dropped the %%d oldest entries so far"
+                         % self.max_buffer)
 
     def _send_all(self) -> bool:
-        """Send until the deque is empty; False if Redis failed (entries stay queued).
+        """Send until the deque is empty; False if Redis failed or is busy (entries stay queued).
 
         Two chunks are kept in flight, so Redis works through one while this thread packs the
         next; an entry leaves memory for good only once Redis answered for it.
         """
-        inflight: deque[list[Any]] = deque()  # [entries, reply target], oldest first
+        inflight = self._inflight
         try:
-            if self._register is not None:  # retried like any send until Redis takes it
-                self._busy = True
-                self._register()
-                self._register = None
+            self._register_first()
             while self.queue or inflight:
                 self._busy = True
                 if self.queue and len(inflight) < 2:
                     self._drop_overflow()
-                    chunk = [self._take(), 0]
-                    inflight.append(chunk)  # before writing: a failed write must give it back
-                    chunk[1] = self._write(chunk[0])
+                    chunk = self._pack(self._take())
+                    if chunk.count:
+                        inflight.append(chunk)  # before writing: a failed write must give it back
+                        self._write(chunk)
                 else:
-                    self._await_replies(inflight[0][1])
-                    inflight.popleft()  # only once Redis answered for every entry of the chunk
-        except Exception as exc:  # noqa: BLE001 - the thread must survive anything, keep the entries
-            for items, _ in reversed(inflight):
-                self.queue.extendleft(reversed(items))
-            self._disconnect()
-            if not isinstance(exc, (redis.ConnectionError, redis.TimeoutError, OSError)):
-                log.exception("pluto: unexpected error sending entries; will retry")
-            self._note_down(exc)
+                    self._settle(inflight)
+                    self._heartbeat()  # a long backlog does not silence this member
+        except (_Busy, *CONNECTION_ERRORS) as exc:
+            self._requeue(inflight)
+            if self._resolve is not None and "MOVED" in str(exc):
+                self._client = self._resolve()  # the slot lives elsewhere now: follow it
+            if isinstance(exc, _Busy):
+                self._busy_replies += 1
+                self._report("busy", self._busy_replies, f"Redis is busy ({exc}); keeping the "
+                             "entries in memory and retrying")
+            else:
+                self._note_down(exc)
             self._drop_overflow()
+            return False
+        except Exception:  # a bug, not weather: count what it cost instead of looping on it
+            lost = sum(c.count for c in inflight)
+            log.exception("pluto: unexpected error sending entries; dropped %d (counted)", lost)
+            self.ledger.drop("error", lost)
+            inflight.clear()
+            self._disconnect()
             return False
         finally:
             self._busy = False
@@ -123,6 +211,23 @@ class Producer(threading.Thread):
                         time.monotonic() - self._down_since)
             self._down_since = None
         return True
+
+    def _register_first(self) -> None:
+        """The member registration, retried like a send while Redis is away or busy; a
+        permanent refusal (e.g. an ACL without HSET) is reported once and not retried."""
+        if self._register is None:
+            return
+        self._busy = True
+        try:
+            self.info = self._register()
+        except CONNECTION_ERRORS:
+            raise
+        except redis.ResponseError as exc:
+            if transient(str(exc).encode()):
+                raise _Busy(str(exc)) from None
+            log.error("pluto: Redis refused to record this process in the run (%s); its "
+                      "metrics are still sent, but the worker cannot track it", exc)
+        self._register = None
 
     def _take(self) -> list[Any]:
         """Pop up to CHUNK whole entries off the left of the deque.
@@ -141,6 +246,14 @@ class Producer(threading.Thread):
             del items[cut:]
         return items
 
+    def _pack(self, items: list[Any]) -> Chunk:
+        packed = self._packer.pack(items)
+        for names, reason in packed.bad:
+            self.ledger.drop("bad_entry")
+            self._warn_once(f"bad:{names!r}", f"dropped an entry logging {list(names)[:5]} "
+                            f"that cannot be sent ({reason}); the other entries still go")
+        return Chunk(packed.items, packed.count, packed.payload)
+
     def _drop_overflow(self) -> None:
         """Keep at most ``max_buffer`` entries (of the current width): drop the oldest, count them."""
         queue = self.queue
@@ -150,35 +263,68 @@ class Producer(threading.Thread):
         while len(queue) > limit:
             for _ in range(3 + len(queue[2])):
                 queue.popleft()
-            self.dropped += 1
+            self.ledger.drop("overflow")
 
-    def _write(self, items: list[Any]) -> int:
-        """Send the entries as XADDs; returns the reply count that marks them all answered."""
-        payload, count = self._packer.pack(items)
+    def _write(self, chunk: Chunk) -> None:
+        """Send the chunk's XADDs; note the reply count that marks them all answered."""
+        payload, chunk.payload = chunk.payload, b""
         self._connected().send(payload)
-        self._target += 2 * count
-        return self._target
+        self._written += chunk.count
+        chunk.end = self._written
 
-    def _await_replies(self, target: int) -> None:
-        """Read replies until the connection's count reaches ``target``."""
-        wire, counter = self._connected(), self._replies
-        while counter.count < target:
-            errors = counter.feed(wire.recv())
-            if errors:
-                self.failed += errors
-                log.warning("pluto: Redis refused %d metrics entries (see its log; e.g. OOM)",
-                            errors)
+    def _settle(self, inflight: deque[Chunk]) -> None:
+        """Wait for the oldest chunk's replies; account for each entry by its reply."""
+        chunk = inflight[0]
+        wire, replies = self._connected(), self._replies
+        while replies.count < chunk.end:
+            replies.feed(wire.recv())
+        errors = replies.take_errors(chunk.end)
+        if not errors:
+            inflight.popleft()
+            self.ledger.sent += chunk.count
+            return
+        start = chunk.end - chunk.count
+        retry = next((i - start for i, text in errors if transient(text)), None)
+        refused = [(i - start, text) for i, text in errors
+                   if retry is None or i - start < retry]
+        for _, text in refused:
+            self.ledger.drop("refused")
+            kind = text.split(b" ", 1)[0].decode(errors="replace")
+            self._warn_once(f"refused:{kind}", "Redis refused entries for good (dropped, "
+                            f"counted): {text[:200].decode(errors='replace')}")
+        if retry is None:
+            inflight.popleft()
+            self.ledger.sent += chunk.count - len(refused)
+            return
+        # From the first "busy" reply on, everything goes again (order kept; a repeat of an
+        # entry Redis took after all is absorbed by the backend's upsert).
+        self.ledger.sent += retry - len(refused)
+        chunk.items = chunk.items[_offset(chunk.items, retry):]
+        chunk.count -= retry
+        raise _Busy(dict(errors)[start + retry][:200].decode(errors="replace"))
+
+    def _requeue(self, inflight: deque[Chunk]) -> None:
+        for chunk in reversed(inflight):
+            self.queue.extendleft(reversed(chunk.items))
+        inflight.clear()
+        self._disconnect()
 
     def pending(self) -> int:
-        """Entries still in memory (after the thread stopped: never sent)."""
-        return count_entries(list(self.queue))
+        """Entries still in memory, queued or in flight (after the thread stopped: never sent)."""
+        return count_entries(list(self.queue)) + sum(c.count for c in list(self._inflight))
+
+    def _in_memory_estimate(self) -> int:
+        """``pending()`` without walking the deque (exact while the entries share a width)."""
+        queue = self.queue
+        queued = len(queue) // (3 + len(queue[2])) if len(queue) > 2 else 0
+        return queued + sum(c.count for c in list(self._inflight))
 
     # -- connection ---------------------------------------------------------------------------
     def _connected(self) -> Wire:
         """The raw socket of a pooled redis-py connection: it has done AUTH, SELECT and TLS."""
         if self._wire is None:
             self._conn = self._client.connection_pool.get_connection()
-            self._target, self._replies = 0, ReplyCounter()
+            self._written, self._replies = 0, Replies()
             self._conn.connect()
             self._wire = Wire(self._conn._sock)
         return self._wire
@@ -199,30 +345,48 @@ class Producer(threading.Thread):
                         "and retrying", exc, self.max_buffer)
 
     def _heartbeat(self) -> None:
+        """Tell the worker this process lives (and how its entries fared), whenever Redis
+        answers — only a connection that is known to be down skips it until the next retry."""
         now = time.monotonic()
         if now < self._next_heartbeat or self._down_since is not None:
             return
         self._next_heartbeat = now + self._heartbeat_interval
+        t = self._target
         try:
-            self._client.hset(self._heartbeat_key, self._member, int(time.time() * 1000))
-        except (redis.ConnectionError, redis.TimeoutError, OSError) as exc:
+            with self._client.pipeline(transaction=False) as pipe:
+                pipe.hset(t.heartbeats, t.member, int(time.time() * 1000))
+                ledger = self.ledger.as_fields(self._in_memory_estimate())
+                if self.info is not None and ledger != self._written_ledger:
+                    pipe.hset(t.members, t.member, pack({**self.info, **ledger}))
+                pipe.execute()
+            self._written_ledger = ledger
+        except CONNECTION_ERRORS as exc:
             self._note_down(exc)
+        except redis.ResponseError as exc:  # busy, or refused: the next beat tries again
+            log.debug("pluto: heartbeat refused: %s", exc)
 
-    def _report_drops(self) -> None:
-        """At most one warning per DROP_REPORT_EVERY while dropping (finish() tells the total)."""
-        dropped, now = self.dropped, time.monotonic()
-        if dropped != self._reported_drops and now >= self._next_drop_report:
-            self._reported_drops, self._next_drop_report = dropped, now + DROP_REPORT_EVERY
-            log.warning("pluto: buffer full (PLUTO_BUFFER_SIZE=%d) while Redis is unreachable: "
-                        "dropped the %d oldest entries so far", self.max_buffer, dropped)
+    def _report(self, kind: str, total: int, message: str) -> None:
+        """At most one warning per kind per REPORT_EVERY, and only when ``total`` moved."""
+        seen, next_at = self._reported.get(kind, (0, 0.0))
+        now = time.monotonic()
+        if total != seen and now >= next_at:
+            self._reported[kind] = (total, now + REPORT_EVERY)
+            log.warning("pluto: " + message.replace("%d", str(total)))
+
+    def _warn_once(self, key: str, message: str) -> None:
+        """One warning per offending name (or refusal kind), for the life of the run."""
+        if key not in self._reported:
+            self._reported[key] = (1, 0.0)
+            log.warning("pluto: " + message)
 
     # -- called from the user's thread ----------------------------------------------------------
     def flush(self, timeout: float) -> bool:
-        """Wait until everything logged so far is in Redis; False if ``timeout`` ran out first."""
-        deadline = time.monotonic() + timeout
+        """Wait until everything logged so far is in Redis; False if ``timeout`` ran out first
+        (or :meth:`cut_short` moved the deadline)."""
+        self._deadline = time.monotonic() + timeout
         # queue first: an entry is popped only while busy is set
         while self.queue or self._busy or self._register is not None:
-            remaining = deadline - time.monotonic()
+            remaining = self._deadline - time.monotonic()
             if remaining <= 0 or not self.is_alive():
                 return False
             self._drained.clear()
@@ -230,8 +394,21 @@ class Producer(threading.Thread):
             self._drained.wait(min(remaining, 0.05))
         return True
 
+    def cut_short(self, seconds: float) -> None:
+        """Let a flush in progress wait at most ``seconds`` more (a signal arrived)."""
+        self._deadline = min(self._deadline, time.monotonic() + seconds)
+
     def stop(self, timeout: float = 5.0) -> None:
         self._stopping = True
         self._wake.set()
-        self.join(timeout)
-        self._disconnect()
+        self.join(max(timeout, 0.0))
+        if not self.is_alive():
+            self._disconnect()
+
+
+def _offset(items: list[Any], entries: int) -> int:
+    """Index in flat ``items`` where entry number ``entries`` begins."""
+    at = 0
+    for _ in range(entries):
+        at += 3 + len(items[at + 2])
+    return at

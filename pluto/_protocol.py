@@ -15,7 +15,11 @@ import msgpack
 
 from . import _keys as K
 
-_INT = re.compile(rb"-?\d+\Z")
+_INT = re.compile(rb"-?[0-9]+\Z")
+_FLOAT = re.compile(rb"(?:-?(?:[0-9]+(?:\.[0-9]+)?(?:e[-+]?[0-9]+)?|inf)|nan)\Z")
+"""What ``repr`` writes for a float (``0.1``, ``1e-05``, ``5e-324``, ``inf``, ``-inf``, ``nan``);
+the value grammar of DESIGN.md §4 is exactly ``_INT`` or this, nothing ``float()`` merely
+tolerates (``1_000``, `` 7 ``, ``+5``, ``Infinity``, ``NaN``, ``0x10``)."""
 _CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
 MAX_NAME = 256
 
@@ -31,8 +35,16 @@ def parse_value(text: bytes) -> int | float:
     """Inverse of :func:`format_value`; raises ``ValueError`` on anything else."""
     if _INT.match(text):
         return int(text)
-    value = float(text)  # accepts nan/inf/-inf and every repr() of a float
-    return value
+    if _FLOAT.match(text):
+        return float(text)
+    raise ValueError(f"not a number as the SDK writes one: {text[:40]!r}")
+
+
+def parse_int(text: bytes, what: str) -> int:
+    """A ``_rank``/``_step``/``_time`` value: ``-?[0-9]+`` only."""
+    if not _INT.match(text):
+        raise ValueError(f"{what} is not an integer: {text[:40]!r}")
+    return int(text)
 
 
 def name_problem(name: object) -> str | None:
@@ -53,9 +65,9 @@ def name_problem(name: object) -> str | None:
 def decode_entry(fields: dict[bytes, bytes]) -> tuple[int, int, int, dict[str, int | float]]:
     """``(rank, step, time_ms, data)`` of one stream entry; ``ValueError`` if malformed."""
     try:
-        rank = int(fields[K.F_RANK.encode()])
-        step = int(fields[K.F_STEP.encode()])
-        time_ms = int(fields[K.F_TIME.encode()])
+        rank = parse_int(fields[K.F_RANK.encode()], K.F_RANK)
+        step = parse_int(fields[K.F_STEP.encode()], K.F_STEP)
+        time_ms = parse_int(fields[K.F_TIME.encode()], K.F_TIME)
     except KeyError as exc:
         raise ValueError(f"missing field {exc.args[0]!r}") from None
     data: dict[str, int | float] = {}
@@ -110,21 +122,44 @@ def control_config(run: int, config: dict[str, Any]) -> dict[str, bytes | str]:
     return {"op": K.OP_CONFIG, "id": str(run), "config": pack(config)}
 
 
+_REQUIRED = {K.OP_CREATE: ("project", "run_id", "token"), K.OP_ATTACH: ("id", "member"),
+             K.OP_FINISH: ("id", "member"), K.OP_CONFIG: ("id",)}
+_TEXT = ("project", "run_id", "name", "token", "member", "state")
+_BLOBS = {"config": (dict, type(None)), "tags": (list, type(None)), "info": (dict, type(None))}
+MAX_ID = 2**63 - 1
+
+
 def decode_control(fields: dict[bytes, bytes]) -> dict[str, Any]:
-    """A control message as a dict of str/objects; ``ValueError`` if malformed."""
+    """A control message as a dict of str/objects; ``ValueError`` naming the problem for
+    anything but what :func:`control_create` and its siblings write (a worker dead-letters
+    such an entry: no value in the control stream may crash it)."""
     try:
         out: dict[str, Any] = {k.decode(): v for k, v in fields.items()}
         op = out["op"] = out["op"].decode()
-        for key in ("project", "run_id", "name", "token", "member", "state"):
+        for key in _TEXT:
             if key in out:
                 out[key] = out[key].decode()
-        if "id" in out:
-            out["id"] = int(out["id"])
-        for key in ("config", "tags", "info"):
-            if key in out:
+    except KeyError:
+        raise ValueError("malformed control message: no 'op' field") from None
+    except (AttributeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"malformed control message: {exc}") from None
+    if op not in _REQUIRED:
+        raise ValueError(f"unknown control op {op[:40]!r}")
+    missing = [key for key in _REQUIRED[op] if not out.get(key)]
+    if missing:
+        raise ValueError(f"malformed control message: {op} without {', '.join(missing)}")
+    if "id" in out:
+        if not _INT.match(out["id"]) or not 0 < int(out["id"]) <= MAX_ID:
+            raise ValueError(f"malformed control message: id {out['id'][:40]!r} is not a run id")
+        out["id"] = int(out["id"])
+    for key, kinds in _BLOBS.items():
+        if key in out:
+            try:
                 out[key] = unpack(out[key])
-    except (KeyError, UnicodeDecodeError, ValueError, msgpack.UnpackException) as exc:
-        raise ValueError(f"malformed control message: {exc!r}") from None
-    if op not in (K.OP_CREATE, K.OP_ATTACH, K.OP_FINISH, K.OP_CONFIG):
-        raise ValueError(f"unknown control op {op!r}")
+            except Exception as exc:  # noqa: BLE001 - msgpack raises many types on junk
+                raise ValueError(f"malformed control message: {key} is not msgpack "
+                                 f"({type(exc).__name__})") from None
+            if not isinstance(out[key], kinds):
+                raise ValueError(f"malformed control message: {key} is a "
+                                 f"{type(out[key]).__name__}, not a {kinds[0].__name__}")
     return out

@@ -76,6 +76,26 @@ class _Lengths(dict[int, str]):
 _LENGTH = _Lengths()
 
 
+class Packed:
+    """One chunk as RESP: the payload, the entries it holds (flat), how many, and the entries
+    left out as ``(names, reason)``."""
+
+    def __init__(self) -> None:
+        self.parts: list[bytes] = []
+        self.items: list[Any] = []
+        self.count = 0
+        self.bad: list[tuple[tuple[str, ...], str]] = []
+
+    def add(self, payload: bytes, items: list[Any], count: int) -> None:
+        self.parts.append(payload)
+        self.items += items
+        self.count += count
+
+    @property
+    def payload(self) -> bytes:
+        return b"".join(self.parts)
+
+
 class XaddPacker:
     """Packs entries as ``XADD <stream> * _rank r _step s _time t name value ...``.
 
@@ -90,17 +110,36 @@ class XaddPacker:
         self._time_field = "\r\n" + bulk(F_TIME.encode()).decode() + "$"
         self._fields: dict[tuple[str, ...], tuple[str, list[str]]] = {}
 
-    def pack(self, items: list[Any]) -> tuple[bytes, int]:
-        """The flat entries in ``items`` (whole entries only) as RESP, and how many there are."""
-        parts: list[str] = []
-        at, total = 0, 0
+    def pack(self, items: list[Any]) -> Packed:
+        """The flat entries in ``items`` (whole entries only) as RESP.
+
+        A run of same-named entries is packed in one go; if that fails (an int too long for
+        ``repr``, a name that cannot be encoded), its entries are packed one by one and only
+        the ones that fail are left out, each with the reason: one bad entry never costs its
+        neighbours, and the chunk never fails as a whole.
+        """
+        out = Packed()
+        at = 0
         while at < len(items):
             names = items[at + 2]
             count = max(_uniform(items, at, names), 1)
             end = at + count * (3 + len(names))
-            parts += self._pieces(names, items[at:end], count)
-            at, total = end, total + count
-        return "".join(parts).encode(), total
+            group = items[at:end]
+            try:
+                out.add(self._encode(names, group, count), group, count)
+            except (ValueError, OverflowError, TypeError, UnicodeError):
+                width = 3 + len(names)
+                for i in range(0, len(group), width):
+                    one = group[i:i + width]
+                    try:
+                        out.add(self._encode(names, one, 1), one, 1)
+                    except (ValueError, OverflowError, TypeError, UnicodeError) as exc:
+                        out.bad.append((names, f"{type(exc).__name__}: {str(exc)[:200]}"))
+            at = end
+        return out
+
+    def _encode(self, names: tuple[str, ...], items: list[Any], count: int) -> bytes:
+        return "".join(self._pieces(names, items, count)).encode()
 
     def _pieces(self, names: tuple[str, ...], items: list[Any], count: int) -> list[str]:
         width, per = 3 + len(names), 7 + 3 * len(names)
@@ -136,26 +175,65 @@ class XaddPacker:
         return known
 
 
-class ReplyCounter:
-    """Counts XADD replies as they stream in, in C (``bytes.count``), without parsing them.
+TRANSIENT = (b"LOADING", b"BUSY", b"TRYAGAIN", b"MOVED", b"ASK", b"READONLY", b"MASTERDOWN",
+             b"CLUSTERDOWN", b"OOM")
+"""Error replies of a healthy but busy or changing server (redis-py's ``_parsers/base.py``
+maps the same prefixes to retryable classes): keep the entry and send it again later."""
 
-    Each XADD answers ``$<n>\\r\\n<id>\\r\\n`` (two CRLFs); a refused entry (e.g. OOM) answers
-    ``-<error>\\r\\n`` (one CRLF, its ``-`` right after the previous reply's CRLF). So ``count``
-    (CRLFs + errors) reaches exactly 2 per reply once every byte arrived.
+
+def transient(error: bytes) -> bool:
+    """Whether an error reply (without its ``-``) means "try again", not "never"."""
+    return error.split(b" ", 1)[0] in TRANSIENT
+
+
+class Replies:
+    """Counts XADD replies as they stream in and records the error ones, by reply index.
+
+    Each XADD answers ``$<n>\r\n<id>\r\n`` (two lines) or ``-<error>\r\n`` (one line; a
+    RESP3 connection may send a long one as ``!<n>\r\n<error>\r\n``). Stream ids contain no
+    CRLF and never start with ``-`` or ``!``, so splitting on CRLF (in C) tells them apart;
+    only input that holds an error is walked in Python. ``count`` is the number of whole
+    replies read so far; ``errors`` lists ``(index, text)``.
     """
 
     def __init__(self) -> None:
         self.count = 0
-        self._tail = b""
-        self._after_crlf = True  # the first reply starts the stream
+        self.errors: list[tuple[int, bytes]] = []
+        self._tail = b""  # an incomplete line carried to the next chunk
+        self._next = b""  # after a ``$<n>`` or ``!<n>`` line: what its second line is
 
     def feed(self, chunk: bytes) -> int:
-        """Account for ``chunk``; returns how many error replies began in it."""
-        tail = self._tail
-        errors = chunk.count(b"\r\n-")
-        errors += (tail == b"\r" and chunk[:2] == b"\n-") + (self._after_crlf and chunk[:1] == b"-")
-        crlf = chunk.count(b"\r\n") + (tail == b"\r" and chunk[:1] == b"\n")
-        self._after_crlf = chunk[-2:] == b"\r\n" or (chunk == b"\n" and tail == b"\r")
-        self._tail = chunk[-1:]
-        self.count += crlf + errors
-        return errors
+        """Account for ``chunk``; returns how many error replies it completed."""
+        data = self._tail + chunk if self._tail else chunk
+        lines = data.split(b"\r\n")
+        self._tail = lines.pop()
+        if not (data[:1] in (b"-", b"!") or b"\r\n-" in data or b"\r\n!" in data
+                or self._next == b"!"):
+            total = len(lines) + (self._next == b"$")  # every reply is exactly two lines
+            self.count += total // 2
+            self._next = b"$" if total % 2 else b""
+            return 0
+        found = 0
+        for line in lines:
+            if self._next:
+                if self._next == b"!":
+                    self.errors.append((self.count, line))
+                    found += 1
+                self._next = b""
+                self.count += 1
+            elif line[:1] == b"-":
+                self.errors.append((self.count, line[1:]))
+                self.count += 1
+                found += 1
+            elif line == b"$-1" or line[:1] == b"_":  # a nil reply: one reply all the same
+                self.count += 1
+            else:
+                self._next = line[:1]
+        return found
+
+    def take_errors(self, below: int) -> list[tuple[int, bytes]]:
+        """The recorded errors of replies before index ``below``, removed from the record."""
+        mine = [e for e in self.errors if e[0] < below]
+        if mine:
+            self.errors = [e for e in self.errors if e[0] >= below]
+        return mine

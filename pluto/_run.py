@@ -8,10 +8,13 @@ import operator
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
 import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from . import _protocol as proto
 from ._keys import Keys
@@ -60,11 +63,16 @@ class Run:
         self._queue = producer.queue if producer else None
         self._max = settings.buffer_size
         self._interned: dict[tuple[str, ...], tuple[str, ...]] = {}
-        self._cleaner = Cleaner(settings.strict)
+        self._cleaner = Cleaner(settings.strict, self._count_bad_value if producer else None)
         self._names = self._cleaner.good_names
         self._step = 0
         self._closed = False
+        self._finishing = False
+        self._deadline = 0.0
         self._finish_lock = threading.Lock()
+        self.on_finished: Callable[[Run], None] | None = None
+        """Called at the end of every ``finish`` (``_init`` releases the run and, when a signal
+        interrupted this finish, lets the process die of it)."""
 
     def __repr__(self) -> str:
         return (f"Run(id={self.id}, run_id={self.run_id!r}, project={self.project!r}, "
@@ -89,6 +97,10 @@ class Run:
             names = tuple(data)  # one shared tuple per set of names: entries stay small
             names = self._interned.get(names) or self._intern(names)
             self._queue.extend((self._step, ts, names, *data.values()))
+
+    def _count_bad_value(self) -> None:
+        assert self._producer is not None
+        self._producer.ledger.drop("bad_value")
 
     def _intern(self, names: tuple[str, ...]) -> tuple[str, ...]:
         if len(self._interned) > 10_000:
@@ -127,42 +139,87 @@ class Run:
     def finish(self, timeout: float | None = None, *, state: State = State.FINISHED) -> int:
         """Flush what was logged to Redis (bounded by ``timeout``), mark this process done.
 
-        Returns how many entries were lost (dropped on buffer overflow or never sent); 0 normally.
+        Returns how many entries were lost (dropped on buffer overflow, refused, unencodable,
+        or still unsent when the timeout ran out); 0 normally. Releases the connection and the
+        thread, so a process can run many runs one after another.
         """
+        if self._finishing:  # re-entered from a signal handler on this very thread
+            return self.lost
         with self._finish_lock:
             if self._closed:
                 return self.lost
-            self._closed = True
+            self._closed = self._finishing = True
             self.state = state
-            if self._producer is None:
-                return 0
-            limit = self.settings.finish_timeout if timeout is None else max(float(timeout), 0.0)
-            self._producer.flush(limit)
-            self._producer.stop()
-            self.lost = self._producer.dropped + self._producer.failed + self._producer.pending()
-            self._announce(state)
+            try:
+                self._flush_and_release(timeout)
+            finally:
+                self._finishing = False
         if self.lost:
+            assert self._producer is not None
+            drops = {k: v for k, v in self._producer.ledger.drops.items() if v}
             warnings.warn(f"pluto: {self.lost} logged entries of run {self.run_id!r} never reached "
-                          f"Redis ({self._producer.dropped} dropped when the buffer "
-                          f"(PLUTO_BUFFER_SIZE={self._max}) was full, the rest unsent when "
-                          "finish() timed out)", PlutoWarning, stacklevel=2)
+                          f"Redis ({', '.join(f'{v} {k}' for k, v in drops.items())}; overflow "
+                          f"means the buffer (PLUTO_BUFFER_SIZE={self._max}) was full, "
+                          "finish_timeout that finish() gave up waiting for Redis)",
+                          PlutoWarning, stacklevel=2)
+        if self.on_finished is not None:
+            self.on_finished(self)
         return self.lost
 
-    def _announce(self, state: State) -> None:
-        """Tell the workers this process is done: members hash first, then the control stream."""
-        assert self._client is not None
+    def terminate(self, budget: float) -> None:
+        """A signal arrived while ``finish`` runs: record ``terminated`` and let the flush
+        wait at most ``budget`` seconds more."""
+        self.state = State.TERMINATED
+        self._deadline = min(self._deadline, time.monotonic() + budget)
+        if self._producer is not None:
+            self._producer.cut_short(budget)
+
+    @property
+    def finishing(self) -> bool:
+        return self._finishing
+
+    def _flush_and_release(self, timeout: float | None) -> None:
+        producer = self._producer
+        if producer is None:
+            return
+        limit = self.settings.finish_timeout if timeout is None else max(float(timeout), 0.0)
+        self._deadline = time.monotonic() + limit
+        producer.flush(limit)
+        producer.stop(self._left(5.0))
+        unsent = producer.pending()
+        if unsent:
+            producer.ledger.drop("finish_timeout", unsent)
+        self.lost = producer.ledger.dropped
+        self._announce(self._left(5.0))
+        if self._client is not None:
+            self._client.close()
+
+    def _left(self, at_most: float) -> float:
+        """What is left of finish's time budget, between 0.5 s and ``at_most``."""
+        return max(0.5, min(at_most, self._deadline - time.monotonic()))
+
+    def _announce(self, timeout: float) -> None:
+        """Tell the workers this process is done, with its final ledger: members hash first,
+        then the control stream. Bounded by ``timeout``: a paused Redis cannot hold us."""
+        assert self._client is not None and self._producer is not None
+        client = _bounded(self._client, timeout)
         try:
-            info = self._client.hget(self._keys.members(self.id), self.member)
-            member = proto.unpack(info) if info else {}
-            member["state"] = state.value
-            with self._client.pipeline(transaction=False) as pipe:
+            member = dict(self._producer.info or {})
+            if not member:
+                info = client.hget(self._keys.members(self.id), self.member)
+                member = proto.unpack(info) if info else {}
+            member.update(self._producer.ledger.as_fields(0), state=self.state.value)
+            with client.pipeline(transaction=False) as pipe:
                 pipe.hset(self._keys.members(self.id), self.member, proto.pack(member))
                 pipe.xadd(self._keys.control,  # type: ignore[arg-type]
-                          proto.control_finish(self.id, self.member, state.value))
+                          proto.control_finish(self.id, self.member, self.state.value))
                 pipe.execute()
-        except redis.RedisError as exc:
+        except (redis.RedisError, OSError) as exc:
             log.warning("pluto: could not record that %s finished (%s); the worker will see its "
                         "heartbeat stop instead", self.member, exc)
+        finally:
+            if client is not self._client:
+                client.connection_pool.disconnect()
 
     def __enter__(self) -> Run:
         return self
@@ -177,3 +234,16 @@ class Run:
             self.finish()
         else:
             self.finish(state=State.FAILED)
+
+
+def _bounded(client: redis.Redis, timeout: float) -> redis.Redis:
+    """A client like ``client`` whose commands give up after ``timeout`` seconds (a plain
+    Redis only; a cluster client is used as it is)."""
+    if not isinstance(client, redis.Redis):
+        return client
+    kwargs = dict(client.connection_pool.connection_kwargs)
+    kwargs.update(socket_timeout=timeout, socket_connect_timeout=min(timeout, 3.0),
+                  retry=Retry(NoBackoff(), 0))
+    pool = redis.ConnectionPool(connection_class=client.connection_pool.connection_class,
+                                **kwargs)
+    return redis.Redis(connection_pool=pool)

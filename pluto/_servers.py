@@ -13,7 +13,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -148,3 +148,67 @@ def start_worker(redis_url: str, prefix: str, api_url: str, api_key: str, log_di
     full_env.update(PLUTO_REDIS_URL=redis_url, PLUTO_PREFIX=prefix, PLUTO_API_URL=api_url,
                     PLUTO_API_KEY=api_key)
     return spawn(name, [sys.executable, "-m", "worker"], log_dir, full_env)
+
+
+@dataclass
+class _Slot:
+    name: str
+    start: Callable[[], Child]
+    child: Child
+    started: float
+    delay: float = 0.5
+    due: float | None = None
+    """When a restart is due after the child exited; None while it runs."""
+
+
+class Supervisor:
+    """Keeps children running for ``pluto up``: a child that exits is restarted with back-off
+    (0.5 s doubling to 30 s; back to 0.5 s once it ran a minute) and a log line. One child's
+    death never stops another — above all not the embedded Redis, which holds every run's
+    unpersisted entries. :meth:`stop` ends them newest first (the worker before the backend
+    before Redis), each by its pid.
+    """
+
+    MAX_DELAY = 30.0
+    HEALTHY_S = 60.0
+
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say = say
+        self.slots: list[_Slot] = []
+
+    def add(self, name: str, start: Callable[[], Child]) -> Child:
+        """Start a child now (a failure to start raises) and keep it running from then on."""
+        child = start()
+        self.slots.append(_Slot(name, start, child, time.monotonic()))
+        return child
+
+    def child(self, name: str) -> Child:
+        return next(s.child for s in self.slots if s.name == name)
+
+    def poll(self) -> None:
+        now = time.monotonic()
+        for slot in self.slots:
+            if slot.due is None:
+                if slot.child.alive():
+                    continue
+                if now - slot.started > self.HEALTHY_S:
+                    slot.delay = 0.5
+                slot.due = now + slot.delay
+                self.say(f"{slot.name} exited ({slot.child.proc.returncode}); restarting it in "
+                         f"{slot.delay:.1f} s (log: {slot.child.log_path})")
+                slot.delay = min(slot.delay * 2, self.MAX_DELAY)
+            elif now >= slot.due:
+                try:
+                    slot.child = slot.start()
+                except PlutoError as exc:
+                    slot.due = now + slot.delay
+                    self.say(f"{slot.name} did not start again ({str(exc)[:300]}); next try in "
+                             f"{slot.delay:.1f} s")
+                    slot.delay = min(slot.delay * 2, self.MAX_DELAY)
+                    continue
+                slot.due, slot.started = None, time.monotonic()
+                self.say(f"{slot.name} restarted (pid {slot.child.pid})")
+
+    def stop(self) -> None:
+        for slot in reversed(self.slots):  # worker first: it acknowledges its batch, then exits
+            slot.child.stop()

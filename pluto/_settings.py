@@ -45,6 +45,17 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise ConfigError(f"{name}={raw!r} is not an integer") from None
 
 
+MAX_RANK = 2**31 - 1
+
+
+def _rank(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _int(env, name, default)
+    if not 0 <= value <= MAX_RANK:
+        raise ConfigError(f"{name}={value} is not a process rank (0 to {MAX_RANK}); unset it or "
+                          "let the launcher set it")
+    return value
+
+
 def _torch_rank() -> int:
     """The rank from torch.distributed if the user already initialised it (never imports torch)."""
     dist = sys.modules.get("torch.distributed")
@@ -93,6 +104,9 @@ class Settings:
     buffer_size: int = 1_000_000
     """Entries held in memory while Redis is unreachable; beyond it the oldest are dropped."""
     finish_timeout: float = 30.0
+    term_timeout: float = 10.0
+    """Seconds a SIGTERM/SIGINT leaves for flushing before the process dies of the signal:
+    well under the 30 s torchrun waits before its SIGKILL."""
     heartbeat_interval: float = 2.0
     connect_timeout: float = 3.0
     rank: int = 0
@@ -116,8 +130,9 @@ class Settings:
             lease=env_number(env, "PLUTO_LEASE", 10.0),
             buffer_size=int(env_number(env, "PLUTO_BUFFER_SIZE", 1_000_000, low=0.5)),
             finish_timeout=env_number(env, "PLUTO_FINISH_TIMEOUT", 30.0),
-            rank=_int(env, "RANK", _torch_rank()),
-            local_rank=_int(env, "LOCAL_RANK", 0),
+            term_timeout=env_number(env, "PLUTO_TERM_TIMEOUT", 10.0),
+            rank=_rank(env, "RANK", _torch_rank()),
+            local_rank=_rank(env, "LOCAL_RANK", 0),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

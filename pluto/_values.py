@@ -50,10 +50,12 @@ def to_number(value: Any) -> int | float | None:
 class Cleaner:
     """Per-run state for the slow path: which names are known good, which were warned about."""
 
-    def __init__(self, strict: bool) -> None:
+    def __init__(self, strict: bool, on_drop: Any = None) -> None:
         self.strict = strict
         self.good_names: set[str] = set()
         self._warned: set[str] = set()
+        self._on_drop = on_drop
+        """Called once per value dropped (the ledger's ``bad_value``), so a drop is counted."""
 
     def clean(self, data: Any) -> dict[str, int | float]:
         if not isinstance(data, Mapping):
@@ -73,7 +75,7 @@ class Cleaner:
                 self._flatten(value, name + "/", out)
                 continue
             if name not in self.good_names:
-                problem = name_problem(name)
+                problem = name_problem(name) or _unencodable(name)
                 if problem:
                     self._reject(name[:80], problem)
                     continue
@@ -93,9 +95,21 @@ class Cleaner:
         message = f"pluto: dropped {what} {key!r}: {why}"
         if self.strict:
             raise TypeError(message + " (strict mode: set PLUTO_STRICT=0 to warn instead)")
+        if what == "metric" and self._on_drop is not None:
+            self._on_drop()
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, PlutoWarning, stacklevel=4)
+
+
+def _unencodable(name: str) -> str | None:
+    """Why ``name`` cannot travel as UTF-8 (a lone surrogate, as ``os.fsdecode`` makes), or None."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        return (f"metric name is not valid text ({exc.reason} at position {exc.start}); "
+                "decode file names with errors='replace'")
+    return None
 
 
 def clean_config(config: Any) -> dict[str, Any] | None:
@@ -107,20 +121,50 @@ def clean_config(config: Any) -> dict[str, Any] | None:
         if not isinstance(raw, dict):
             raise TypeError(f"config must be a dict (or argparse.Namespace), got {type(config).__name__}")
         config = raw
-    return {str(k): _config_value(v, str(k)) for k, v in config.items()}
+    out: dict[str, Any] = {}
+    for k, v in config.items():
+        key = str(k)
+        if _unencodable(key):
+            raise TypeError(f"config key {key!r} is not valid text; decode it with errors='replace'")
+        out[key] = _config_value(v, key)
+    return out
 
 
-def _config_value(value: Any, path: str) -> Any:
-    if value is None or isinstance(value, (str, bool)):
+MAX_CONFIG_DEPTH = 32
+_INT64 = (-(2**63), 2**63 - 1)
+
+
+def _config_value(value: Any, path: str, depth: int = 1) -> Any:
+    if depth > MAX_CONFIG_DEPTH:
+        raise TypeError(f"config key {path!r} is nested more than {MAX_CONFIG_DEPTH} levels deep; "
+                        "flatten it")
+    if isinstance(value, str) and type(value) is str:
+        if _unencodable(value):
+            raise TypeError(f"config key {path!r} holds a string that is not valid text (a lone "
+                            "surrogate?); decode it with errors='replace'")
+        return value
+    if value is None or isinstance(value, bool):
         return value
     if isinstance(value, (int, float)) and type(value) in (int, float):
+        if type(value) is int and not _INT64[0] <= value <= _INT64[1]:
+            raise TypeError(f"config key {path!r} holds an integer beyond 64 bits; pass it as a "
+                            "string")
         return value
     if isinstance(value, Mapping):
-        return {str(k): _config_value(v, f"{path}.{k}") for k, v in value.items()}
+        out = {}
+        for k, v in value.items():
+            key = str(k)
+            if _unencodable(key):
+                raise TypeError(f"config key {path + '.' + key!r} is not valid text; decode it "
+                                "with errors='replace'")
+            out[key] = _config_value(v, f"{path}.{key}", depth + 1)
+        return out
     if isinstance(value, (list, tuple)):
-        return [_config_value(v, f"{path}[{i}]") for i, v in enumerate(value)]
+        return [_config_value(v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value)]
+    if isinstance(value, str):  # a str subclass
+        return _config_value(str(value), path, depth)
     number = to_number(value)
     if number is not None:
-        return number
+        return _config_value(number, path, depth)
     raise TypeError(f"config key {path!r} holds a {type(value).__name__}, which is not "
                     "JSON-serialisable; pass str/int/float/bool/None, lists or dicts")

@@ -26,6 +26,34 @@ from pluto._keys import Keys
 
 ROOT = Path(__file__).resolve().parent.parent
 
+PROCESS_FIXTURES = frozenset({
+    "backend", "private_backend", "stack", "bare_stack", "chaos_stack", "own_redis",
+    "fault_backend", "pg_url", "pluto_ml_python"})
+"""Fixtures that start real server or rank processes: a test using one is ``e2e``."""
+REDIS_FIXTURES = frozenset({"redis_url", "r", "prefix", "keys"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The test tiers, from what a test uses (so no test file has to say it):
+    ``unit`` no servers; ``integration`` real Redis and in-process app/worker; ``e2e`` real
+    backend, worker or rank processes; ``chaos`` everything under tests/chaos.
+    ``make test-fast`` runs ``unit or integration``."""
+    tiers = ("unit", "integration", "e2e", "chaos")
+    for item in items:
+        if any(item.get_closest_marker(t) for t in tiers):
+            continue  # the test said so itself
+        used = set(getattr(item, "fixturenames", ()))
+        path = Path(str(item.fspath))
+        if "chaos" in path.parts:
+            tier = "chaos"
+        elif "e2e" in path.parts or "ui" in path.parts or used & PROCESS_FIXTURES or item.get_closest_marker("slow"):
+            tier = "e2e"
+        elif used & REDIS_FIXTURES:
+            tier = "integration"
+        else:
+            tier = "unit"
+        item.add_marker(getattr(pytest.mark, tier))
+
 
 @pytest.fixture(scope="session")
 def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:

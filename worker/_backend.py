@@ -2,13 +2,16 @@
 
     BackendError
      ├── Rejected      the backend refused the request for good (4xx): do not retry
+     ├── Unavailable   still failing after a few quick attempts: try again later
      └── Interrupted   the worker is shutting down while a request was still being retried
 
 Connection errors, timeouts, 5xx and the "try again" 4xx (401/403: a key being rotated or
-misconfigured, 408, 429) are retried here with exponential back-off and jitter, each retry
-logged at WARNING, until the request succeeds or the worker stops. So a caller sees either an
-answer, :class:`Rejected`, or :class:`Interrupted` — never a transient failure, which is what
-lets the worker acknowledge an entry only after the backend stored it.
+misconfigured, 408, 429) are retried here a few times with a short back-off (``attempts``);
+then the call raises :class:`Unavailable` and the caller parks what it was doing (a run's
+entries stay pending, a control entry stays unacknowledged) and retries it later with
+exponential back-off — so one run the backend cannot serve never holds up the others. A
+caller sees an answer, :class:`Rejected`, :class:`Unavailable` or :class:`Interrupted`; only
+an answer lets the worker acknowledge an entry.
 """
 
 from __future__ import annotations
@@ -52,6 +55,14 @@ class Rejected(BackendError):
         self.body = body
 
 
+class Unavailable(BackendError):
+    """The request failed transiently (connection, timeout, 5xx, 429...) on every attempt."""
+
+    def __init__(self, what: str, reason: str, attempts: int) -> None:
+        super().__init__(f"{what} failed ({reason}) after {attempts} attempts")
+        self.reason = reason
+
+
 class Interrupted(BackendError):
     """Retrying was abandoned because the worker is stopping; nothing was confirmed."""
 
@@ -68,8 +79,9 @@ class Backend:
 
     def __init__(self, settings: WorkerSettings, stop: threading.Event | None = None,
                  on_wait: Callable[[], None] | None = None,
-                 transport: httpx.BaseTransport | None = None) -> None:
+                 transport: httpx.BaseTransport | None = None, attempts: int = 3) -> None:
         self._stop = stop or threading.Event()
+        self.attempts = attempts
         self._on_wait = on_wait
         self._retry_max = settings.retry_max
         self._msgpack = True  # until the backend answers 415 to a msgpack body
@@ -104,6 +116,18 @@ class Backend:
 
     def upsert_members(self, run: int, members: list[dict[str, Any]]) -> None:
         self._json("POST", f"/api/runs/{run}/members", f"members of run {run}", json=members)
+
+    def upsert_ledger(self, run: int, rows: list[dict[str, Any]]) -> bool:
+        """POST the run's per-rank ledger; False when this backend has no such route (the
+        official server: 404 Not Found / 405), so the caller stops sending it."""
+        what = f"ledger of run {run}"
+        resp = self._request("POST", f"/api/runs/{run}/ledger", what, json=rows)
+        if resp.status_code == 405 or (resp.status_code == 404
+                                       and "no run" not in resp.text.lower()):
+            return False
+        if resp.status_code >= 400:
+            raise Rejected(what, resp.status_code, resp.text)
+        return True
 
     def project_of(self, run: int) -> str | None:
         """The run's project (for ``X-Project-Name``); None if the backend has no such run."""
@@ -149,13 +173,15 @@ class Backend:
         if resp.status_code in (200, 422):
             self._columns = COLUMNS in resp.headers.get("x-pluto-ingest", "")
         if resp.status_code == 200:
-            return IngestResult(int(_maybe_json(resp).get("stored", sent)))
+            return IngestResult(sent)
         if resp.status_code == 422:
-            answer = _maybe_json(resp)
-            bad = {int(b["index"]): str(b.get("error", "rejected"))
-                   for b in answer.get("bad_lines", [])}
-            if bad:
-                return IngestResult(int(answer.get("stored", sent - len(bad))), bad)
+            try:
+                bad = {int(b["index"]): str(b.get("error", "rejected"))
+                       for b in _maybe_json(resp).get("bad_lines", [])}
+            except (AttributeError, KeyError, TypeError, ValueError):
+                bad = {}  # an answer we cannot read: the whole batch counts as refused
+            if bad and all(0 <= i < sent for i in bad):
+                return IngestResult(sent - len(bad), bad)
         raise Rejected(what, resp.status_code, resp.text)
 
     # -- plumbing --------------------------------------------------------------------------
@@ -181,7 +207,8 @@ class Backend:
         return _maybe_json(resp)
 
     def _request(self, method: str, path: str, what: str, **kwargs: Any) -> httpx.Response:
-        """Send until the answer is final (2xx or a definite 4xx); back off between attempts."""
+        """Send until the answer is final (2xx or a definite 4xx), at most ``attempts`` times
+        with a short back-off between; :class:`Unavailable` if none got a final answer."""
         delay, attempt = 0.1, 0
         while True:
             if self._stop.is_set() and attempt:
@@ -198,8 +225,10 @@ class Backend:
                     log.error("%s: the backend refused the API key (%s); check PLUTO_API_KEY",
                               what, resp.status_code)
             attempt += 1
+            if attempt >= self.attempts:
+                raise Unavailable(what, reason, attempt)
             pause = delay * random.uniform(0.5, 1.0)
-            log.warning("%s failed (%s); retry %d in %.2f s", what, reason, attempt, pause)
+            log.debug("%s failed (%s); attempt %d in %.2f s", what, reason, attempt + 1, pause)
             if self._on_wait is not None:
                 self._on_wait()
             if self._stop.wait(pause):

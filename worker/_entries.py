@@ -2,8 +2,8 @@
 
 :func:`pluto._protocol.decode_entry` is the definition of a valid entry. Calling it for every
 entry costs a validation of every metric name on every entry, which dominates a drain; so the
-hot path here remembers names it has seen validated and parses values with the same rules
-(``-?\\d+`` -> int, else ``float``). Whenever the fast path meets anything it has not seen —
+hot path here remembers names it has seen validated and parses values with the same grammar
+(``-?[0-9]+`` -> int; what ``repr`` writes for a float -> float; nothing else). Whenever the fast path meets anything it has not seen —
 a new name, a missing field, a value ``float`` refuses — it hands the whole entry to
 ``decode_entry``, so the accepted entries, their values and the error messages are exactly
 ``decode_entry``'s.
@@ -18,7 +18,7 @@ from typing import Any
 import msgpack
 
 from pluto import _keys as K
-from pluto._protocol import decode_entry, name_problem
+from pluto._protocol import _FLOAT, _INT, decode_entry, name_problem
 
 _RANK = K.F_RANK.encode()
 _STEP = K.F_STEP.encode()
@@ -29,6 +29,8 @@ _SKIP = ""
 _MAX_CACHE = 100_000
 
 _names: dict[bytes, str] = {}
+_is_int = _INT.match
+_is_float = _FLOAT.match
 
 
 def fields_dict(flat: list[bytes]) -> dict[bytes, bytes]:
@@ -66,8 +68,13 @@ def record(entry_id: bytes, flat: list[bytes]) -> dict[str, Any]:
             if name:
                 if value.isdigit() or (value.startswith(_MINUS) and value[1:].isdigit()):
                     data[name] = int(value)
-                else:
+                elif _is_float(value):
                     data[name] = float(value)
+                else:
+                    raise ValueError(name)
+            elif not _is_int(value):
+                if raw in _HEAD:
+                    raise ValueError(raw)
             elif raw == _STEP:
                 step = int(value)
             elif raw == _TIME:
@@ -85,6 +92,9 @@ def record(entry_id: bytes, flat: list[bytes]) -> dict[str, Any]:
 
 _INT64 = (-(2**63), 2**63 - 1)
 _INTS = re.compile(rb"-?[0-9]+(?:\n-?[0-9]+)*")
+_NUM = rb"(?:-?(?:[0-9]+(?:\.[0-9]+)?(?:e[-+]?[0-9]+)?|inf)|nan)"
+_NUMS = re.compile(_NUM + rb"(?:\n" + _NUM + rb")*")
+"""A column of values in the grammar of ``pluto._protocol.parse_value``, one per line."""
 _AN_INT = re.compile(rb"\n-?[0-9]+\n")
 _HEAD = (_RANK, _STEP, _TIME)
 _MANY = 16
@@ -123,7 +133,8 @@ class Columns:
         try:
             if flat[0] != _RANK or flat[2] != _STEP or flat[4] != _TIME:
                 raise KeyError(K.F_RANK)  # not the producer's layout: record() decides
-            int(flat[1])
+            if not (_is_int(flat[1]) and _is_int(flat[3]) and _is_int(flat[5])):
+                raise ValueError(K.F_RANK)
             step, time_ms = int(flat[3]), int(flat[5])
             for raw, value in zip(flat[6::2], flat[7::2]):
                 if not names[raw]:  # KeyError: a name not validated yet
@@ -135,8 +146,10 @@ class Columns:
                     if not _INT64[0] <= v <= _INT64[1]:
                         self.big = True
                     values.append(v)
-                else:
+                elif _is_float(value):
                     values.append(float(value))
+                else:
+                    raise ValueError(raw)
         except (KeyError, ValueError, IndexError):
             rec = record(entry_id, flat)  # the authority; raises ValueError
             step, time_ms, data = rec["step"], rec["time"], rec["data"]
@@ -185,8 +198,10 @@ class Columns:
             return False
         ids, flats = [e[0] for e in entries], [e[1] for e in entries]
         parts = b"-".join(ids).split(b"-")
+        head = [b"\n".join(map(itemgetter(i), flats)) for i in (1, 3, 5)]
+        if not all(map(_INTS.fullmatch, head)):  # ranks are checked, not stored
+            return False
         try:
-            list(map(int, map(itemgetter(1), flats)))  # ranks: valid, not stored
             steps = list(map(int, map(itemgetter(3), flats)))
             times = list(map(int, map(itemgetter(5), flats)))
             seq_ms, seq_n = list(map(int, parts[0::2])), list(map(int, parts[1::2]))
@@ -216,12 +231,13 @@ class Columns:
 
     @staticmethod
     def _column(texts: list[bytes]) -> list[int] | list[float] | None:
-        """One metric's values with :func:`record`'s rule (``-?\\d+`` is an int, else float);
-        None for a column mixing both (left to the per-entry path)."""
+        """One metric's values with :func:`record`'s rule (``-?[0-9]+`` is an int, else a
+        float as ``repr`` writes it); None for a column mixing both or holding anything else
+        (left to the per-entry path, which dead-letters what is not a number)."""
         joined = b"\n".join(texts)
         if _INTS.fullmatch(joined):
             return list(map(int, texts))
-        if _AN_INT.search(b"\n%s\n" % joined):
+        if not _NUMS.fullmatch(joined) or _AN_INT.search(b"\n%s\n" % joined):
             return None
         return list(map(float, texts))
 

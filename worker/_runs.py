@@ -13,12 +13,16 @@ import logging
 import time
 from typing import Any
 
-from pluto._keys import Keys
-from pluto._protocol import pack, unpack
+import redis
 
-from ._backend import Backend
-from ._control import member_row
-from ._streams import drained, trim
+from pluto._keys import Keys
+from pluto._protocol import _INT, pack
+
+from ._backend import Backend, Interrupted, Rejected, Unavailable
+from ._control import member_info, member_row
+from ._ledger import LedgerSync
+from ._problems import Problems
+from ._streams import drained, is_weather, trim
 
 log = logging.getLogger("worker.runs")
 
@@ -63,13 +67,19 @@ def _epoch_ms(value: Any) -> int | None:
 
 
 class RunWatcher:
+    """Dead members and completed runs, each run inside its own error boundary: a members
+    value that is not a msgpack map, a heartbeat that is not a number, a hash of the wrong
+    type is reported and ignored; a backend call that fails backs that run's checks off."""
+
     def __init__(self, r: Any, keys: Keys, backend: Backend, heartbeat_timeout: float,
-                 retention: int) -> None:
+                 retention: int, problems: Problems | None = None) -> None:
         self.r = r
         self.keys = keys
         self.backend = backend
         self.timeout_ms = int(heartbeat_timeout * 1000)
         self.retention = retention
+        self.problems = problems or Problems()
+        self.ledger = LedgerSync(r, keys, backend)
         self._cas = r.register_script(_CAS)
         self._first_seen: dict[tuple[int, str], int] = {}
         # Heartbeats are judged only over time this worker could watch Redis: after Redis was
@@ -79,6 +89,7 @@ class RunWatcher:
         self._last_check = 0.0
         self._excused = 0.0
         self._watching_since = 0
+        self._backoff: dict[int, tuple[float, float]] = {}  # run -> (not before, delay)
 
     def excuse(self, seconds: float) -> None:
         """Time the loop spent waiting for the backend, not for Redis: not a blind spell."""
@@ -86,23 +97,62 @@ class RunWatcher:
 
     def check(self, runs: list[int]) -> None:
         """Fail members whose heartbeat stopped, then complete the runs that are done."""
+        now = time.monotonic()
+        runs = [run for run in runs if self._backoff.get(run, (0.0, 0.0))[0] <= now]
         if not runs:
             return
         pipe = self.r.pipeline(transaction=False)
         for run in runs:
             pipe.hgetall(self.keys.members(run))
             pipe.hgetall(self.keys.heartbeats(run))
-        replies = pipe.execute()
-        now = time.monotonic()
+        replies = pipe.execute(raise_on_error=False)
         if now - self._last_check - self._excused > self.blind_s:
             self._watching_since = int(time.time() * 1000)
         self._last_check, self._excused = now, 0.0
         for i, run in enumerate(runs):
-            members = {m.decode(): (raw, unpack(raw)) for m, raw in replies[2 * i].items()}
-            self._reap_dead(run, members, replies[2 * i + 1])
-            states = [info.get("state") for _, info in members.values()]
-            if states and RUNNING not in states:
-                self._complete(run)
+            try:
+                self._check_run(run, replies[2 * i], replies[2 * i + 1])
+                self._backoff.pop(run, None)
+            except Exception as exc:
+                if is_weather(exc) or isinstance(exc, Interrupted):
+                    raise
+                self._back_off(run, exc)
+
+    def _check_run(self, run: int, raw_members: Any, raw_beats: Any) -> None:
+        for reply, key in ((raw_members, self.keys.members(run)),
+                           (raw_beats, self.keys.heartbeats(run))):
+            if isinstance(reply, Exception):
+                raise reply
+        members = self._members(run, raw_members)
+        self._reap_dead(run, members, raw_beats)
+        infos = {m: info for m, (_, info) in members.items()}
+        self.ledger.sync(run, infos)
+        states = [info.get("state") for info in infos.values()]
+        if states and RUNNING not in states:
+            self._complete(run)
+
+    def _members(self, run: int, raw: dict[bytes, bytes]) -> dict[str, tuple[bytes, dict[str, Any]]]:
+        """The members hash decoded; a value that is not what the SDK writes is skipped."""
+        out = {}
+        for m, value in raw.items():
+            info = member_info(value)
+            name = m.decode(errors="replace")
+            if info is None:
+                self.problems.report(f"member:{run}:{name}", f"run {run}: member {name[:80]!r} "
+                                     f"of {self.keys.members(run)} is not a msgpack map "
+                                     f"({value[:40]!r}); ignored", logging.WARNING)
+                continue
+            out[name] = (value, info)
+        return out
+
+    def _back_off(self, run: int, exc: BaseException) -> None:
+        delay = min(self._backoff.get(run, (0.0, 0.25))[1] * 2, 30.0)
+        self._backoff[run] = (time.monotonic() + delay, delay)
+        known = isinstance(exc, (Unavailable, Rejected, redis.ResponseError))
+        self.problems.report(f"check:{run}", f"run {run}: status check failed "
+                             f"({type(exc).__name__}: {exc}); retry in {delay:.1f} s",
+                             logging.WARNING if known else logging.ERROR,
+                             None if known else exc)
 
     def _reap_dead(self, run: int, members: dict[str, tuple[bytes, dict[str, Any]]],
                    beats: dict[bytes, bytes]) -> None:
@@ -112,6 +162,11 @@ class RunWatcher:
                 self._first_seen.pop((run, member), None)
                 continue
             beat = beats.get(member.encode())
+            if beat is not None and not _INT.match(beat):
+                self.problems.report(f"beat:{run}:{member}", f"run {run}: heartbeat of "
+                                     f"{member[:80]!r} is not epoch ms ({beat[:40]!r}); judged "
+                                     "by its attach time instead", logging.WARNING)
+                beat = None
             last = int(beat) if beat else _epoch_ms(info.get("attached_at"))
             if last is None:
                 last = self._first_seen.setdefault((run, member), now)
@@ -133,18 +188,21 @@ class RunWatcher:
         stream = self.keys.metrics(run)
         if not drained(self.r, stream):
             return  # entries still to persist; checked again next round
-        raw = self.r.hgetall(self.keys.members(run))
-        states = live_states([unpack(v) for v in raw.values()])
+        members = self._members(run, self.r.hgetall(self.keys.members(run)))
+        states = live_states([info for _, info in members.values()])
         if not states or RUNNING in states:
             return
         status = final_status(states)
+        # The ledger, final, before the status: a COMPLETED run shows what it lost.
+        self.ledger.sync(run, {m: info for m, (_, info) in members.items()}, final=True)
         self.backend.update_status(run, status)
         self.r.srem(self.keys.runs, str(run))
         # A process may have re-attached between our read and the SREM: put the run back.
-        again = [unpack(v).get("state") for v in self.r.hvals(self.keys.members(run))]
+        again = [(member_info(v) or {}).get("state") for v in self.r.hvals(self.keys.members(run))]
         if RUNNING in again:
             self.r.sadd(self.keys.runs, str(run))
             self.backend.update_status(run, "RUNNING")
             return
         log.info("run %d %s (%d members)", run, status, len(states))
+        self.ledger.forget(run)
         trim(self.r, stream, self.retention)

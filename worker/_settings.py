@@ -37,6 +37,15 @@ class WorkerSettings:
     """Consumer name in the group; ``<host>:<pid>`` unless ``PLUTO_WORKER_NAME`` is set."""
     batch: int = 5000
     """Entries read per stream per iteration (XREADGROUP COUNT), split over the active runs."""
+    batch_bytes: int = 8 << 20
+    """Raw entry bytes per POST at most (``PLUTO_WORKER_BATCH_BYTES``): a run's share of one
+    read is posted in parts this large, well below the backend's body limit (64 MiB by
+    default); a backend answering 413 anyway gets the part split in halves until it fits."""
+    posters: int = 4
+    """Threads posting to the backend, one run each at a time (``PLUTO_WORKER_POSTERS``)."""
+    http_attempts: int = 3
+    """Quick attempts per backend call before the run (or control entry) is parked and retried
+    with back-off (``PLUTO_WORKER_HTTP_ATTEMPTS``)."""
     block_ms: int = 200
     claim_idle_ms: int = 15_000
     """Entries pending this long on another consumer are taken over (XAUTOCLAIM)."""
@@ -65,6 +74,9 @@ class WorkerSettings:
             api_key=env.get("PLUTO_API_KEY") or "",
             name=env.get("PLUTO_WORKER_NAME") or f"{socket.gethostname()}:{os.getpid()}",
             batch=int(_num(env, "PLUTO_WORKER_BATCH", 5000, low=0.5)),
+            batch_bytes=int(_num(env, "PLUTO_WORKER_BATCH_BYTES", 8 << 20, low=1024)),
+            posters=int(_num(env, "PLUTO_WORKER_POSTERS", 4, low=0.5)),
+            http_attempts=int(_num(env, "PLUTO_WORKER_HTTP_ATTEMPTS", 3, low=0.5)),
             block_ms=int(_num(env, "PLUTO_WORKER_BLOCK_MS", 200, low=0.5)),
             claim_idle_ms=int(_num(env, "PLUTO_CLAIM_IDLE_MS", 15_000, low=0.5)),
             heartbeat_timeout=_num(env, "PLUTO_HEARTBEAT_TIMEOUT", 30.0),

@@ -58,6 +58,25 @@ def is_nogroup(exc: redis.ResponseError) -> bool:
     return str(exc).startswith("NOGROUP")
 
 
+WEATHER = frozenset({"OOM", "LOADING", "READONLY", "BUSY", "TRYAGAIN", "MASTERDOWN",
+                     "CLUSTERDOWN", "MOVED", "ASK", "NOREPLICAS", "MISCONF"})
+"""Error replies a busy or constrained Redis gives (DESIGN.md §5): wait and retry."""
+
+
+def error_code(exc: redis.ResponseError) -> str:
+    """The reply's first word (``OOM``, ``WRONGTYPE``...); redis-py strips it from the message
+    of the errors it maps to classes and keeps it in ``status_code``."""
+    code = getattr(exc, "status_code", None)
+    return str(code) if code else (str(exc).split(" ", 1)[0] if str(exc) else "")
+
+
+def is_weather(exc: BaseException) -> bool:
+    """Transient: connection trouble, a timeout, or one of the :data:`WEATHER` replies."""
+    if isinstance(exc, (redis.ConnectionError, redis.TimeoutError)):
+        return True  # BusyLoadingError (LOADING) is a ConnectionError too
+    return isinstance(exc, redis.ResponseError) and error_code(exc) in WEATHER
+
+
 def ensure_group(r: Any, stream: str) -> None:
     """Create the ``workers`` group reading from the start (``0``): after Redis lost the group,
     re-reading is harmless (the backend upserts) while starting at ``$`` could skip entries."""

@@ -1,11 +1,16 @@
-"""The worker loop: claim stale -> read -> persist -> ack -> maintain.
+"""The worker loop: claim stale -> read -> persist -> settle -> ack -> maintain.
 
-One iteration reads the control stream and every active run's metrics stream in one
+One iteration reads the control stream and the active runs' metrics streams in one
 XREADGROUP (bounded COUNT, so an iteration stays short and control is served even while a
-large backlog drains), posts one batch per run to the backend, and acknowledges everything the
-backend confirmed in one pipelined call. An entry is acknowledged only after the backend stored
-it, dead-lettered it on purpose, or it could never be decoded: a crash at any point leaves the
-rest pending, to be re-read by this consumer or claimed by another (XAUTOCLAIM).
+large backlog drains), applies control entries at once, decodes each run's share into a post,
+and hands posts to the poster threads — one post per run at a time, so a run the backend
+cannot serve is parked (:mod:`._flow`) while every other run flows. An entry is acknowledged
+only after the backend stored it or it was dead-lettered with its reason: a crash at any point
+leaves the rest pending, to be re-read by this consumer or claimed by another (XAUTOCLAIM).
+
+Isolation (DESIGN.md §5): each run's batch, control entry and members value is handled inside
+its own error boundary; Redis's busy replies and outages are waited out with back-off; no
+input makes :meth:`Worker.run` return before :meth:`Worker.stop`.
 """
 
 from __future__ import annotations
@@ -14,58 +19,32 @@ import logging
 import random
 import threading
 import time
-from collections import defaultdict
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from typing import Any
 
 import redis
 
-from pluto import _keys as K
 from pluto._keys import GROUP, Keys
+from pluto._protocol import MAX_ID
 
-from ._backend import Backend, IngestResult, Interrupted, Rejected
+from ._acks import Acker, Acks
+from ._backend import Backend, Interrupted
 from ._control import Control
-from ._entries import Columns, fields_dict, record
+from ._flow import Flow
+from ._persist import NO_PROJECT, Post, decode, deliver
+from ._problems import Problems
 from ._runs import RunWatcher
 from ._settings import WorkerSettings
 from ._streams import (
-    Entry, as_entry, connect, ensure_group, is_nogroup, raw_reply, stream_entries, trim,
+    Entry, as_entry, connect, ensure_group, error_code, is_nogroup, is_weather, raw_reply,
+    stream_entries, trim,
 )
 
 log = logging.getLogger("worker")
 
 Batch = dict[str, list[Entry]]
-
-
-@dataclass
-class Post:
-    """One run's decoded entries on their way to the backend, and the backend's answer."""
-
-    run: int
-    stream: str
-    project: str | None
-    records: list[dict[str, Any]] = field(default_factory=list)
-    columns: Columns | None = None
-    """The batch as columns instead of records, when the backend takes them."""
-    kept: list[Entry] = field(default_factory=list)
-    result: IngestResult | Rejected | None = None
-
-
-@dataclass
-class Acks:
-    """What one iteration settled: ids to XACK per stream, entries to dead-letter first."""
-
-    ids: dict[str, list[bytes]] = field(default_factory=lambda: defaultdict(list))
-    dead: list[tuple[int, bytes, list[bytes], str]] = field(default_factory=list)
-
-    def add(self, stream: str, entry_id: bytes) -> None:
-        self.ids[stream].append(entry_id)
-
-    def bury(self, stream: str, run: int, entry_id: bytes, fields: list[bytes],
-             reason: str) -> None:
-        self.dead.append((run, entry_id, fields, reason))
-        self.ids[stream].append(entry_id)
+WAIT_S = 0.05
+"""Longest wait for a post in flight before the loop reads Redis again."""
 
 
 class Worker:
@@ -82,67 +61,74 @@ class Worker:
         if not s.cluster:
             self.r.set_response_callback("XREADGROUP", raw_reply)
         self._stop = threading.Event()
-        self.backend = Backend(s, self._stop, on_wait=self._beat_quietly)
+        self.problems = Problems()
+        self.backend = Backend(s, self._stop, on_wait=self._beat_quietly,
+                               attempts=s.http_attempts)
         self.projects: dict[int, str | None] = {}
-        self.control = Control(self.r, self.keys, self.backend, self.projects)
+        self.control = Control(self.r, self.keys, self.backend, self.projects, self.problems,
+                               s.retry_max)
         self.watcher = RunWatcher(self.r, self.keys, self.backend, s.heartbeat_timeout,
-                                  s.retention)
+                                  s.retention, self.problems)
+        self.acker = Acker(self.r, self.keys, s.retention, self.problems)
+        self.flow = Flow(s.retry_max)
         self.runs: list[int] = []
         self.stored = 0  # metric points the backend confirmed, for the periodic log line
         self._ready = False
-        self._poster = ThreadPoolExecutor(1, thread_name_prefix="poster")
-        self._inflight: Future[list[Post]] | None = None
-        self._due: dict[str, float] = defaultdict(float)
+        self._control_from = "0"  # this consumer's pending control entries first
+        self._poster = ThreadPoolExecutor(s.posters, thread_name_prefix="poster")
+        self._due: dict[str, float] = {}
 
     # -- the loop ------------------------------------------------------------------------
 
     def run(self) -> int:
-        """Serve until :meth:`stop` (SIGTERM); Redis outages are waited out with back-off."""
+        """Serve until :meth:`stop` (SIGTERM); whatever goes wrong is reported and waited out."""
         delay = 0.1
         while not self._stop.is_set():
             try:
                 self.run_once()
                 delay = 0.1
-            except (redis.ConnectionError, redis.TimeoutError) as exc:
-                pause = delay * random.uniform(0.5, 1.0)
-                log.warning("redis unreachable (%s); retrying in %.1f s", exc, pause)
-                self._stop.wait(pause)
-                delay = min(delay * 2, self.settings.retry_max)
             except Interrupted as exc:
                 log.info("stopped while retrying: %s (left pending, not acknowledged)", exc)
+            except Exception as exc:  # noqa: BLE001 - the boundary of last resort: never exit
+                self._trouble(exc, delay)
+                delay = min(delay * 2, self.settings.retry_max)
         self.close()
         return 0
 
     def run_once(self, block_ms: int | None = None) -> int:
-        """One iteration; returns how many entries it settled. Tests drive this (burst mode).
-
-        Metrics are posted by one helper thread while the next batch is read and decoded;
-        the batch in flight is settled (acked) here, one iteration later.
-        """
+        """One iteration; returns how many entries it settled. Tests drive this (burst mode)."""
         if not self._ready:
             self._start()
-        batch = self._claim_stale()
-        block = 0 if self._inflight else block_ms  # never sit in BLOCK with answers waiting
-        for stream, entries in self._read(block).items():
-            batch.setdefault(stream, []).extend(entries)
         acks = Acks()
         try:
-            posts = self._persist(batch, acks)
+            batch = self._claim_stale()
+            for stream, entries in self._read(block_ms).items():
+                batch.setdefault(stream, []).extend(entries)
+            self._persist(batch, acks)
             self._settle(acks)
-            self._submit(posts)
+            self._submit()
         finally:
-            self._ack(acks)
+            self.acker(acks)
         self._maintain()
-        return sum(len(ids) for ids in acks.ids.values())
+        return acks.count()
 
-    def flush(self) -> int:
-        """Settle the batch in flight, if any (tests; and warm shutdown)."""
-        acks = Acks()
-        try:
-            self._settle(acks)
-        finally:
-            self._ack(acks)
-        return sum(len(ids) for ids in acks.ids.values())
+    def flush(self, timeout: float | None = None) -> int:
+        """Post what is queued and settle every post in flight (tests; warm shutdown)."""
+        settled = 0
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.flow.flight or self.flow.queued:
+            self._submit()
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            wait(list(self.flow.flight.values()), timeout=left, return_when=FIRST_COMPLETED)
+            acks = Acks()
+            try:
+                self._settle(acks)
+            finally:
+                self.acker(acks)
+            settled += acks.count()
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+        return settled
 
     def stop(self) -> None:
         """Warm stop: the iteration in hand finishes (and acks), then :meth:`run` returns."""
@@ -155,37 +141,31 @@ class Worker:
     # -- steps ---------------------------------------------------------------------------
 
     def _start(self) -> None:
-        """Groups exist, then re-read this consumer's own pending entries (a restart under the
-        same name, e.g. pid 1 in a container) before anything new."""
-        ensure_group(self.r, self.keys.control)
+        """Groups exist; every run starts by re-reading this consumer's own pending entries
+        (a restart under the same name, e.g. pid 1 in a container) before anything new."""
+        self._guard("control group", lambda: ensure_group(self.r, self.keys.control))
         self._refresh_runs()
-        while True:
-            batch = self._xreadgroup("0", count=self.settings.batch, block=None)
-            if not any(batch.values()):
-                break
-            acks = Acks()
-            try:
-                self._submit(self._persist(batch, acks))
-            finally:
-                self._ack(acks)
-            self.flush()
+        self.flow.recover_all(self.runs)
         self._ready = True
         log.info("worker %s ready; %d active runs", self.name, len(self.runs))
 
     def _claim_stale(self) -> Batch:
         """Take over entries another consumer left pending too long (it died mid-batch)."""
-        if time.monotonic() < self._due["claim"]:
+        if time.monotonic() < self._due.get("claim", 0.0):
             return {}
         self._due["claim"] = time.monotonic() + max(1.0, self.settings.claim_idle_ms / 2000)
+        new, _ = self.flow.reads(self.runs)
         batch: Batch = {}
-        for stream in self._streams():
+        for stream in [self.keys.control] + [self.keys.metrics(run) for run in new]:
             try:
                 cursor, entries, *_ = self.r.xautoclaim(
                     stream, GROUP, self.name, self.settings.claim_idle_ms, "0-0",
                     count=self.settings.batch)
             except redis.ResponseError as exc:
-                if not is_nogroup(exc):
+                if is_weather(exc):
                     raise
+                if not is_nogroup(exc):
+                    self.problems.report(f"claim:{stream}", f"claiming from {stream}: {exc}")
                 continue
             if entries:
                 log.info("claimed %d stale entries of %s", len(entries), stream)
@@ -195,163 +175,195 @@ class Worker:
         return batch
 
     def _read(self, block_ms: int | None) -> Batch:
+        """New entries of the runs free to read, pending ones of the recovering runs."""
         self._refresh_runs()
+        new, old = self.flow.reads(self.runs)
         count = max(100, self.settings.batch // max(1, len(self.runs)))
         block = self.settings.block_ms if block_ms is None else block_ms
-        return self._xreadgroup(">", count=count, block=block or None)
+        if self.flow.flight:  # answers are coming: wait for one, not for Redis
+            wait(list(self.flow.flight.values()), timeout=min(block / 1000, WAIT_S),
+                 return_when=FIRST_COMPLETED)
+            block = 0
+        starts = {self.keys.control: self._control_from}
+        starts.update({self.keys.metrics(run): ">" for run in new})
+        starts.update({self.keys.metrics(run): "0" for run in old})
+        batch = self._xreadgroup(starts, count, block or None)
+        if self._control_from != ">":
+            got = batch.get(self.keys.control, [])
+            self._control_from = got[-1][0].decode() if got else ">"
+        for run in old:
+            if len(batch.get(self.keys.metrics(run), [])) < count:
+                self.flow.recovering.discard(run)  # its pending entries are all in hand
+        return batch
 
-    def _persist(self, batch: Batch, acks: Acks) -> list[Post]:
-        """Apply control entries now (a create must not wait behind metrics); decode metrics
-        into one post per run, for :meth:`_submit`."""
-        for entry_id, fields in batch.pop(self.keys.control, []):
-            if fields is not None:
-                self.control.handle(entry_id, fields_dict(fields))
-            acks.add(self.keys.control, entry_id)
-        posts = []
+    def _persist(self, batch: Batch, acks: Acks) -> None:
+        """Apply control entries now (a create must not wait behind metrics); decode each
+        run's metrics into the post queued for it."""
+        self.control.apply(batch.pop(self.keys.control, []), acks)
         for stream, entries in batch.items():
             run = self.keys.run_of_stream(stream)
-            if run is not None and entries:
-                post = self._decode(run, stream, entries, acks)
-                if post.kept:
-                    posts.append(post)
-        return posts
-
-    def _decode(self, run: int, stream: str, entries: list[Entry], acks: Acks) -> Post:
-        post = Post(run, stream, self._project(run))
-        cols = post.columns = Columns() if self.backend.takes_columns else None
-        if cols is not None:
-            post.kept, entries = cols.add_many(entries)
-        for entry_id, fields in entries:
-            if fields is None:  # deleted while pending: nothing left to store
-                acks.add(stream, entry_id)
+            if run is None or not entries:
                 continue
-            try:
-                if cols is None:
-                    post.records.append(record(entry_id, fields))
+            post = self.flow.queued.get(run) or Post(run, stream,
+                                                      self.projects.get(run, NO_PROJECT))
+            dead = self.keys.dead(run)
+
+            def bury(entry: Entry, reason: str) -> None:
+                if reason:
+                    acks.bury(dead, stream, entry[0], entry[1] or [], reason)
                 else:
-                    cols.add(entry_id, fields)
-            except ValueError as exc:
-                acks.bury(stream, run, entry_id, fields, f"undecodable: {exc}")
+                    acks.add(stream, entry[0])
+
+            try:
+                decode(post, entries, self.backend.takes_columns, self.settings.batch_bytes,
+                       bury)
+            except Exception as exc:  # noqa: BLE001 - never reached in practice: per entry
+                self.problems.report(f"decode:{run}", f"run {run}: decoding failed", exc=exc)
+                self.flow.park(run, f"decoding failed: {exc!r}")
                 continue
-            post.kept.append((entry_id, fields))
-        return post
+            if post.parts:
+                self.flow.queued[run] = post
 
-    def _submit(self, posts: list[Post]) -> None:
-        if posts:
-            self._inflight = self._poster.submit(self._post_all, posts)
-
-    def _post_all(self, posts: list[Post]) -> list[Post]:
-        """On the poster thread: one ingest call per run; Interrupted ends it unanswered."""
-        for post in posts:
-            try:
-                if post.columns is not None:
-                    post.result = self.backend.ingest_columns(post.run, post.project,
-                                                              post.columns, post.kept)
-                else:
-                    post.result = self.backend.ingest(post.run, post.project, post.records)
-            except Rejected as exc:
-                post.result = exc
-        return posts
+    def _submit(self) -> None:
+        """Start the queued post of each run that has nothing in flight."""
+        for run in [r for r in self.flow.queued if r not in self.flow.flight]:
+            post = self.flow.queued.pop(run)
+            self.flow.flight[run] = self._poster.submit(deliver, self.backend, post,
+                                                        self.projects)
 
     def _settle(self, acks: Acks) -> None:
-        """Wait for the batch in flight; ack what was stored, dead-letter what was refused."""
-        if self._inflight is None:
-            return
-        future, self._inflight = self._inflight, None
-        waited = time.monotonic()
-        posts = future.result()
-        self.watcher.excuse(time.monotonic() - waited)  # a slow backend is not a Redis outage
-        for post in posts:
+        """Ack what the backend stored, dead-letter what it refused, park what failed."""
+        for run in self.flow.done():
+            future = self.flow.flight.pop(run)
+            try:
+                post = future.result()
+            except Exception as exc:  # noqa: BLE001 - deliver() catches; a bug lands here
+                self.problems.report(f"post:{run}", f"run {run}: posting failed", exc=exc)
+                self.flow.park(run, repr(exc))
+                continue
             self._settle_post(post, acks)
 
     def _settle_post(self, post: Post, acks: Acks) -> None:
-        result, stream, run = post.result, post.stream, post.run
-        if isinstance(result, Rejected):
-            log.error("run %d: backend rejected a batch of %d entries; dead-lettered: %s",
-                      run, len(post.kept), result)
-        bad = result.bad if isinstance(result, IngestResult) else {}
-        for i, (entry_id, fields) in enumerate(post.kept):
-            if isinstance(result, Rejected) or i in bad:
-                reason = str(result) if isinstance(result, Rejected) else bad[i]
-                acks.bury(stream, run, entry_id, fields or [], f"rejected: {reason}")
-            else:
-                acks.add(stream, entry_id)
-        if bad:
-            log.warning("run %d: backend refused %d of %d entries; dead-lettered",
-                        run, len(bad), len(post.kept))
-        points = post.columns.points() if post.columns is not None else sum(
-            len(rec["data"]) for rec in post.records)
-        self.stored += points - len(bad)
-
-    def _ack(self, acks: Acks) -> None:
-        """Dead letters first, then XACK, in one round trip."""
-        if not acks.ids:
-            return
-        pipe = self.r.pipeline(transaction=False)
-        cap = max(self.settings.retention, 1000)
-        for run, entry_id, fields, reason in acks.dead:
-            pipe.execute_command("XADD", self.keys.dead(run), "MAXLEN", "~", cap, "*",
-                                 K.F_DEAD_ID, entry_id, K.F_DEAD_REASON, reason, *fields)
-        for stream, ids in acks.ids.items():
-            pipe.xack(stream, GROUP, *ids)
-        pipe.execute()
+        run, stream, dead = post.run, post.stream, self.keys.dead(post.run)
+        for entry_id, flat in post.stored:
+            acks.stored(stream, entry_id, flat or [])
+        for (entry_id, flat), reason in post.bad:
+            acks.bury(dead, stream, entry_id, flat or [], reason)
+        self.stored += sum((len(flat or []) - 6) // 2 for _, flat in post.stored)
+        if post.bad:
+            self.problems.report(f"bad:{run}", f"run {run}: {len(post.bad)} entries "
+                                 f"dead-lettered to {dead}: {post.bad[0][1][:300]}",
+                                 logging.WARNING)
+        if post.splits:
+            log.info("run %d: the backend refused a body as too large (413); split %d times",
+                     run, post.splits)
+        if post.failed:
+            pause = self.flow.park(run, post.failed)
+            log.warning("run %d: %s; %d entries left pending, parked, retry in %.1f s",
+                        run, post.failed, post.entries(), pause)
+        else:
+            self.flow.succeeded(run)
 
     def _maintain(self) -> None:
         """Heartbeat, run completion / dead members, trimming — each on its own interval."""
-        s, now = self.settings, time.monotonic()
-        if now >= self._due["beat"]:
-            self._due["beat"] = now + s.heartbeat_interval
-            self.r.hset(self.keys.workers, self.name, int(time.time() * 1000))
-        if now >= self._due["check"]:
-            self._due["check"] = now + s.check_interval
-            self.watcher.check(self.runs)
-        if now >= self._due["trim"]:
-            self._due["trim"] = now + s.trim_interval
+        s = self.settings
+        if self._due_now("beat", s.heartbeat_interval):
+            self._guard("heartbeat", lambda: self.r.hset(self.keys.workers, self.name,
+                                                         int(time.time() * 1000)))
+        if self._due_now("check", s.check_interval):
+            self._guard("check", lambda: self.watcher.check(self.runs))
+            self.flow.forget(set(self.runs))
+        if self._due_now("trim", s.trim_interval):
             for stream in self._streams():
-                removed = trim(self.r, stream, s.retention)
-                if removed:
-                    log.debug("trimmed %d acknowledged entries from %s", removed, stream)
-        if now >= self._due["report"]:
+                self._guard(f"trim:{stream}", lambda: trim(self.r, stream, s.retention))
+        if self._due_now("report", 30.0):
             if self.stored:
                 log.info("stored %d metric points in the last %.0f s", self.stored, 30.0)
-            self._due["report"], self.stored = now + 30.0, 0
+            self.stored = 0
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _due_now(self, what: str, interval: float) -> bool:
+        now = time.monotonic()
+        if now < self._due.get(what, 0.0):
+            return False
+        self._due[what] = now + interval
+        return True
+
+    def _guard(self, what: str, step: Any) -> Any:
+        """Run one maintenance step; its failure (but Redis weather) is reported, not fatal."""
+        try:
+            return step()
+        except Exception as exc:
+            if is_weather(exc) or isinstance(exc, Interrupted):
+                raise
+            self.problems.report(what, f"{what} failed: {type(exc).__name__}: {exc}",
+                                 exc=None if isinstance(exc, redis.ResponseError) else exc)
+            return None
+
+    def _trouble(self, exc: Exception, delay: float) -> None:
+        """An iteration failed: report, back off, and re-read whatever may be left pending."""
+        pause = delay * random.uniform(0.5, 1.0)
+        if is_weather(exc):
+            code = error_code(exc) if isinstance(exc, redis.ResponseError) else ""
+            self.problems.report(f"redis:{code or type(exc).__name__}",
+                                 f"redis unavailable ({code or type(exc).__name__}: {exc}); "
+                                 f"retrying with back-off", logging.WARNING)
+        else:
+            self.problems.report(f"loop:{type(exc).__name__}", f"worker loop error: "
+                                 f"{type(exc).__name__}: {exc}; retrying", exc=exc)
+        self.flow.recover_all(self.runs)
+        self._control_from = "0"
+        self._stop.wait(pause)
 
     def _streams(self) -> list[str]:
         return [self.keys.control] + [self.keys.metrics(run) for run in self.runs]
 
     def _refresh_runs(self) -> None:
-        ids = self.r.smembers(self.keys.runs)
-        self.runs = sorted(int(x) for x in ids if x.isdigit())
+        """The runs set; when it cannot be read (e.g. WRONGTYPE) the runs known so far."""
+        ids = self._guard("runs set", lambda: self.r.smembers(self.keys.runs))
+        if ids is not None:
+            self.runs = sorted(int(x) for x in ids if x.isdigit() and 0 < int(x) <= MAX_ID)
 
-    def _xreadgroup(self, start: str, count: int, block: int | None) -> Batch:
-        streams = self._streams()
+    def _xreadgroup(self, starts: dict[str, str], count: int, block: int | None) -> Batch:
+        starts = {k: v for k, v in starts.items() if k not in self._bad_streams()}
         try:
             if self.settings.cluster:  # one slot per run: no multi-stream reads on a cluster
                 reply = []
-                for stream in streams:
+                for stream, start in starts.items():
                     reply += self.r.xreadgroup(GROUP, self.name, {stream: start},
                                                count=count) or []
                 if not reply and block:
                     time.sleep(block / 1000)
             else:
-                reply = self.r.xreadgroup(GROUP, self.name, {s: start for s in streams},
-                                          count=count, block=block) or []
+                reply = self.r.xreadgroup(GROUP, self.name, starts, count=count,
+                                          block=block) or []
         except redis.ResponseError as exc:
-            if not is_nogroup(exc):
+            if is_weather(exc):
                 raise
-            log.warning("consumer group missing (Redis restarted without persistence?); "
-                        "re-creating it from the start of each stream")
-            for stream in streams:
-                ensure_group(self.r, stream)
+            self._repair(list(starts), exc)
             return {}
         return stream_entries(reply)
 
-    def _project(self, run: int) -> str | None:
-        if run not in self.projects:
-            self.projects[run] = self.backend.project_of(run)
-        return self.projects[run]
+    def _repair(self, streams: list[str], exc: redis.ResponseError) -> None:
+        """A read failed: a group is missing (re-create it) or a key is not a stream."""
+        if is_nogroup(exc):
+            log.warning("consumer group missing (Redis restarted without persistence?); "
+                        "re-creating it from the start of each stream")
+        pipe = self.r.pipeline(transaction=False)
+        for stream in streams:
+            pipe.type(stream)
+        for stream, kind in zip(streams, pipe.execute()):
+            if kind in (b"stream", "stream", b"none", "none"):
+                self._guard(f"group:{stream}", lambda s=stream: ensure_group(self.r, s))
+            else:
+                self._due[f"bad:{stream}"] = time.monotonic() + 30.0
+                self.problems.report(f"type:{stream}", f"{stream} is a {kind!r}, not a stream; "
+                                     "skipped (checked again every 30 s)")
+
+    def _bad_streams(self) -> set[str]:
+        now = time.monotonic()
+        return {k[4:] for k, due in self._due.items() if k.startswith("bad:") and due > now}
 
     def _beat_quietly(self) -> None:
         """Heartbeat while the backend is being retried, so ``pluto status`` sees us alive."""
@@ -361,12 +373,12 @@ class Worker:
             log.debug("heartbeat failed: %s", exc)
 
     def close(self) -> None:
-        """Settle the batch in flight, then leave the group: drop this consumer from every
+        """Settle the posts in flight, then leave the group: drop this consumer from every
         stream where it holds nothing pending."""
         try:
-            self.flush()
+            self.flush(timeout=self.settings.read_timeout * 2)
         except (Interrupted, redis.RedisError) as exc:
-            log.warning("batch in flight left pending: %s", exc)
+            log.warning("posts in flight left pending: %s", exc)
         self._poster.shutdown(wait=True)
         try:
             for stream in self._streams():

@@ -10,7 +10,7 @@ import redis
 
 from pluto import _io, _producer
 from pluto._keys import Keys
-from pluto._producer import Producer
+from pluto._producer import Producer, Target
 from pluto._protocol import decode_entry
 from pluto._resp import count_entries, whole_entries
 
@@ -33,6 +33,10 @@ def _flat(entries: list[tuple[int, float, dict[str, int | float]]]) -> list[obje
     for step, ts, data in entries:
         items += [step, ts, tuple(data), *data.values()]
     return items
+
+
+def _target(keys: Keys, run: int) -> Target:
+    return Target(keys.metrics(run), keys.heartbeats(run), keys.members(run), "h:1")
 
 
 def _nobody_listens() -> redis.Redis:
@@ -60,7 +64,7 @@ def test_mixed_entries_land_in_order_exactly(r: redis.Redis, keys: Keys, chunk: 
     if not libc:  # the portable path: plain socket calls
         monkeypatch.setattr(_io, "_LIBC", None)
     stream = keys.metrics(7)
-    producer = Producer(r, stream, 3, keys.heartbeats(7), "h:1", 0.01, 1.0, 100_000)
+    producer = Producer(r, _target(keys, 7), 3, 0.01, 1.0, 100_000)
     producer.start()
     entries = _entries(3000)
     for entry in entries:  # as Run.log does: one atomic extend per entry
@@ -76,7 +80,7 @@ def test_mixed_entries_land_in_order_exactly(r: redis.Redis, keys: Keys, chunk: 
 
 
 def test_overflow_drops_the_oldest_whole_entries(r: redis.Redis, keys: Keys) -> None:
-    producer = Producer(r, keys.metrics(8), 0, keys.heartbeats(8), "h:1", 0.01, 1.0, 100)
+    producer = Producer(r, _target(keys, 8), 0, 0.01, 1.0, 100)
     for step in range(1, 1001):
         producer.queue.extend((step, 1.0, ("a", "b"), step, float(step)))
     producer._drop_overflow()
@@ -84,31 +88,40 @@ def test_overflow_drops_the_oldest_whole_entries(r: redis.Redis, keys: Keys) -> 
     assert producer.queue[0] == 901
 
 
-def test_reply_counter_at_every_split_point() -> None:
-    from pluto._resp import ReplyCounter
+def test_replies_are_counted_and_errors_placed_at_every_split_point() -> None:
+    from pluto._resp import Replies
 
     replies = [b"$15\r\n1764000000123-0\r\n", b"-OOM command not allowed\r\n",
-               b"$15\r\n1764000000123-1\r\n", b"-ERR x\r\n", b"-ERR y\r\n", b"$3\r\n1-0\r\n"]
+               b"$15\r\n1764000000123-1\r\n", b"-ERR x\r\n", b"!7\r\nERR y z\r\n",
+               b"$3\r\n1-0\r\n"]
     stream = b"".join(replies)
+    want = [(1, b"OOM command not allowed"), (3, b"ERR x"), (4, b"ERR y z")]
     for cut in range(len(stream) + 1):
         for cut2 in range(cut, len(stream) + 1, 7):
-            counter = ReplyCounter()
-            errors = sum(counter.feed(part) for part in
+            got = Replies()
+            errors = sum(got.feed(part) for part in
                          (stream[:cut], stream[cut:cut2], stream[cut2:]) if part)
-            assert (counter.count, errors) == (2 * len(replies), 3), (cut, cut2)
+            assert (got.count, errors, got.errors) == (len(replies), 3, want), (cut, cut2)
+    only_ok = Replies()
+    only_ok.feed(replies[0][:7])
+    assert only_ok.count == 0
+    only_ok.feed(replies[0][7:] + replies[2])
+    assert (only_ok.count, only_ok.errors) == (2, [])
 
 
 def test_refused_entries_are_counted_not_retried(r: redis.Redis, keys: Keys) -> None:
     stream = keys.metrics(9)
     r.set(stream, "not a stream")  # every XADD to it fails with WRONGTYPE
-    producer = Producer(r, stream, 0, keys.heartbeats(9), "h:1", 0.01, 1.0, 100_000)
+    producer = Producer(r, _target(keys, 9), 0, 0.01, 1.0, 100_000)
     for step in range(1, 5001):
         producer.queue.extend((step, 1.0, ("a",), 1.0))
     assert producer._send_all() and producer.failed == 5000 and not producer.queue
+    assert producer.ledger.sent == 0 and producer.ledger.drops == {"refused": 5000}
     r.delete(stream)
     for step in range(1, 11):
         producer.queue.extend((step, 1.0, ("a",), 1.0))
     assert producer._send_all() and producer.failed == 5000 and r.xlen(stream) == 10
+    assert producer.ledger.sent == 10
 
 
 def test_repeated_values_keep_their_exact_text() -> None:
@@ -123,7 +136,7 @@ def test_repeated_values_keep_their_exact_text() -> None:
 def test_entries_survive_a_redis_that_refuses_connections(keys: Keys) -> None:
     """Nothing listens: every write fails, and every entry stays queued, in order."""
     client = _nobody_listens()
-    producer = Producer(client, keys.metrics(10), 0, keys.heartbeats(10), "h:1", 0.01, 1.0, 100_000)
+    producer = Producer(client, _target(keys, 10), 0, 0.01, 1.0, 100_000)
     for step in range(1, 10_001):
         producer.queue.extend((step, 1.0, ("a", "b"), step, 0.5))
     assert not producer._send_all()
@@ -178,7 +191,7 @@ def test_registration_is_retried_before_any_entry_is_sent(r: redis.Redis, keys: 
         if len(calls) < 3:
             raise redis.ConnectionError("Redis went away")
 
-    producer = Producer(r, stream, 0, keys.heartbeats(11), "h:1", 0.01, 1.0, 100_000,
+    producer = Producer(r, _target(keys, 11), 0, 0.01, 1.0, 100_000,
                         register=register)
     for step in range(1, 101):
         producer.queue.extend((step, 1.0, ("a",), step))
@@ -196,7 +209,7 @@ def test_a_long_overflow_warns_once_not_every_tick(keys: Keys,
     import time
 
     client = _nobody_listens()
-    producer = Producer(client, keys.metrics(12), 0, keys.heartbeats(12), "h:1", 0.02, 1.0, 100)
+    producer = Producer(client, _target(keys, 12), 0, 0.02, 1.0, 100)
     producer.start()
     deadline, step = time.monotonic() + 1.5, 0
     with caplog.at_level("WARNING", logger="pluto"):
@@ -209,3 +222,46 @@ def test_a_long_overflow_warns_once_not_every_tick(keys: Keys,
     assert producer.dropped > 1000
     full = [r for r in caplog.records if "buffer full" in r.getMessage()]
     assert len(full) == 1, [r.getMessage() for r in full]
+
+
+def test_busy_replies_keep_the_entries_until_redis_takes_them(tmp_path: object) -> None:
+    """OOM (maxmemory) is weather: nothing is dropped, everything lands once memory frees."""
+    from pathlib import Path
+
+    from pluto import _servers
+
+    port = _servers.free_port()
+    child = _servers.start_redis(port, Path(str(tmp_path)) / "oom")
+    try:
+        r = redis.Redis(port=port)
+        keys = Keys("oom")
+        r.config_set("maxmemory-policy", "noeviction")
+        used = int(r.info("memory")["used_memory"])
+        r.set("ballast", b"x" * 3_000_000)
+        r.config_set("maxmemory", str(used + 1_000_000))  # below what is already used: OOM
+        producer = Producer(r, _target(keys, 1), 0, 0.01, 1.0, 100_000)
+        producer.start()
+        for step in range(1, 3001):
+            producer.queue.extend((step, 1.0, ("a",), float(step)))
+        assert not producer.flush(1.5)  # Redis answers -OOM: the entries wait in memory
+        assert producer.ledger.drops == {} and producer.pending() == 3000
+        r.delete("ballast")
+        r.config_set("maxmemory", "0")
+        assert producer.flush(20)
+        producer.stop()
+        steps = [int(f[b"_step"]) for _, f in r.xrange(keys.metrics(1))]
+        assert sorted(set(steps)) == list(range(1, 3001)) and producer.ledger.sent == 3000
+        assert producer.ledger.drops == {}
+    finally:
+        child.stop()
+
+
+def test_an_entry_repr_cannot_write_is_dropped_alone(r: redis.Redis, keys: Keys) -> None:
+    producer = Producer(r, _target(keys, 13), 0, 0.01, 1.0, 100_000)
+    for step in range(1, 11):
+        value = 10**5000 if step == 5 else step  # repr() refuses ints over 4,300 digits
+        producer.queue.extend((step, 1.0, ("a",), value))
+    assert producer._send_all()
+    steps = [int(f[b"_step"]) for _, f in r.xrange(keys.metrics(13))]
+    assert steps == [1, 2, 3, 4, 6, 7, 8, 9, 10]
+    assert producer.ledger.sent == 9 and producer.ledger.drops == {"bad_entry": 1}

@@ -90,3 +90,95 @@ def pending(r: redis.Redis, stream: str) -> int:
 def project(prefix: str) -> str:
     """A project of this test's own on the shared backend."""
     return f"proj-{prefix}"
+
+
+def in_process_worker(redis_url: str, prefix: str, backend: Any, name: str = "w-inproc",
+                      **settings: Any) -> Any:
+    """A :class:`worker.Worker` in this process (the fast tier): the test drives its real loop
+    with ``run_once`` against the real Redis and backend."""
+    from worker import Worker, WorkerSettings
+
+    s = WorkerSettings.from_env({}, redis_url=redis_url, prefix=prefix, api_url=backend.url,
+                                api_key=backend.key, name=name, block_ms=10,
+                                check_interval=0.05, **settings)
+    return Worker(s)
+
+
+def spin(worker: Any, until: Any, timeout: float = 20.0, what: str = "condition") -> Any:
+    """Run ``worker.run_once`` until ``until()`` is truthy (or fail naming ``what``)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        worker.run_once(block_ms=10)
+        got = until()
+        if got:
+            return got
+    pytest.fail(f"timed out after {timeout} s waiting for {what}")
+
+
+class FaultProxy:
+    """A real HTTP server in front of the backend that answers 500 to the requests matching
+    one of :attr:`fail` (regexes over ``"METHOD /path run=<X-Run-Id>"``; a ``(regex, status)``
+    pair answers that status instead) and forwards everything else: a backend that cannot
+    read one run, whatever the backend's own fixes make of its data."""
+
+    def __init__(self, upstream: str) -> None:
+        import http.server
+        import re
+        import threading
+
+        import httpx
+
+        self.fail: list[str | tuple[str, int]] = []
+        self.hits: list[str] = []
+        proxy = self
+        client = httpx.Client(base_url=upstream, timeout=30)
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _serve(self) -> None:
+                body = self.rfile.read(int(self.headers.get("content-length") or 0))
+                what = f"{self.command} {self.path} run={self.headers.get('x-run-id', '')}"
+                for rule in proxy.fail:
+                    pattern, status = rule if isinstance(rule, tuple) else (rule, 500)
+                    if re.search(pattern, what):
+                        proxy.hits.append(what)
+                        body = b'{"error": "%s"}' % (b"Not Found" if status == 404 else
+                                                      b"injected by the test proxy")
+                        self.send_response(status)
+                        self.send_header("content-type", "application/json")
+                        self.send_header("content-length", str(len(body)))
+                        self.end_headers()
+                        self.wfile.write(body)
+                        return
+                headers = {k: v for k, v in self.headers.items()
+                           if k.lower() not in ("host", "content-length", "connection")}
+                resp = client.request(self.command, self.path, content=body, headers=headers)
+                self.send_response(resp.status_code)
+                for k, v in resp.headers.items():
+                    if k.lower() in ("content-type", "x-pluto-ingest"):
+                        self.send_header(k, v)
+                self.send_header("content-length", str(len(resp.content)))
+                self.end_headers()
+                self.wfile.write(resp.content)
+
+            do_GET = do_POST = _serve
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self._client = client
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self._client.close()
+
+
+def dead_letters(r: redis.Redis, stream: str) -> list[tuple[bytes, list[bytes]]]:
+    """XRANGE as Redis sent it: a control dead letter has two ``id`` fields (first the entry's
+    id, then the original entry's run id), which redis-py's dict would fold into one."""
+    raw_client = redis.Redis(connection_pool=r.connection_pool)
+    raw_client.set_response_callback("XRANGE", lambda response, **options: response)
+    return [(entry_id, list(flat)) for entry_id, flat in raw_client.xrange(stream)]

@@ -51,11 +51,16 @@ export class RunsPage {
   draw() {
     const match = matcher(this.nameBox.value);
     const status = this.statusBox.value;
-    const shown = this.runs.filter((r) => (!status || r.status === status) &&
+    const shown = this.runs.filter((r) => r.error ? !status :
+      (!status || r.status === status) &&
       match(`${r.name} ${r.externalId ?? ""} ${r.id}`));
     this.count.textContent = `${shown.length} of ${this.runs.length} runs`;
     const now = Date.now();
     this.table.replaceChildren(...shown.map((r) => {
+      if (r.error) {  // a stored row the backend cannot read: say so, in place of the run
+        return el("tr", {cls: "run-row", data: {run: r.id}}, el("td", {text: r.id}),
+                  el("td", {cls: "bad", text: r.error, attrs: {colspan: 7}}));
+      }
       const link = el("a", {text: r.name || r.externalId || `run ${r.id}`,
                             attrs: {href: `#run=${r.id}`}});
       const ext = r.externalId && r.name ? el("span", {cls: "muted", text: ` ${r.externalId}`}) : null;

@@ -1,0 +1,171 @@
+"""Isolation, in process (the fast tier): the real worker loop (``Worker.run_once``) against
+the real Redis and backend. Poison values in one run's hashes, junk control entries and a
+runs set of the wrong type never stop it; each bad item is dead-lettered with its reason; a
+run the backend cannot read is parked while the others flow; the ledger counts each
+acknowledged entry exactly once."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from pluto import _keys as K
+from pluto import _protocol as P
+from pluto._keys import GROUP, Keys
+from tests.conftest import Backend
+from tests.worker.conftest import (
+    FaultProxy, attach, dead_letters, entry, in_process_worker, pending, produce, request_create, run_id_of,
+    spin,
+)
+from worker._acks import Acks
+
+
+@pytest.fixture
+def worker(redis_url: str, prefix: str, backend: Backend) -> Iterator[Any]:
+    w = in_process_worker(redis_url, prefix, backend)
+    yield w
+    w.close()
+
+
+def _create(w: Any, r: redis.Redis, keys: Keys, project: str, run_id: str) -> int:
+    request_create(r, keys, project, run_id)
+    return int(spin(w, lambda: run_id_of(r, keys, project, run_id), what=f"run {run_id}"))
+
+
+def _stored(backend: Backend, run: int, name: str, n: int) -> Any:
+    return lambda: len(backend.points(run, name)) >= n
+
+
+def test_poison_values_are_reported_and_worked_around(worker: Any, r: redis.Redis, keys: Keys,
+                                                       project: str, backend: Backend) -> None:
+    good, bad = (_create(worker, r, keys, project, name) for name in ("good", "bad"))
+    attach(r, keys, bad, "h:1")
+    r.hset(keys.members(bad), "evil", b"\xc1\xff not msgpack")
+    r.hset(keys.members(bad), "list", P.pack([1, 2]))
+    r.hset(keys.heartbeats(bad), "h:1", "abc")
+    junk = [
+        {"op": "attach", "id": str(bad), "member": "h:2", "info": P.pack([1])},
+        {"op": "attach", "id": str(bad), "member": "h:3", "info": b"\xc1"},
+        {"op": "finish", "id": "99999999999999999999", "member": "x"},
+        {"op": "create"},
+        {"op": "explode"},
+        {"op": "config", "id": str(bad), "config": P.pack("not a map")},
+    ]
+    junk_ids = [r.xadd(keys.control, j) for j in junk]
+    produce(r, keys, good, (entry(s, {"a": s}) for s in range(1, 201)))
+    spin(worker, _stored(backend, good, "a", 200), what="the good run stored")
+    spin(worker, lambda: r.xlen(keys.control_dead) == len(junk),
+         what="every junk control entry dead-lettered")
+    dead = dead_letters(r, keys.control_dead)
+    assert [flat[:2] for _, flat in dead] == [[b"id", i] for i in junk_ids]
+    assert [flat[2] for _, flat in dead] == [b"reason"] * len(junk)
+    reasons = [flat[3].decode() for _, flat in dead]
+    assert "info is a list" in reasons[0] and "info is not msgpack" in reasons[1]
+    assert "not a run id" in reasons[2] and "create without" in reasons[3]
+    assert "unknown control op" in reasons[4] and "config is a str" in reasons[5]
+    assert dead[0][1][4:] == [x.encode() if isinstance(x, str) else x  # the original fields
+                              for kv in junk[0].items() for x in kv]
+    assert r.xpending(keys.control, GROUP)["pending"] == 0
+    assert worker.problems.counts["control"] == len(junk)
+    assert any(k.startswith(f"member:{bad}:") for k in worker.problems.counts)
+
+    r.delete(keys.runs)
+    r.set(keys.runs, "x")  # WRONGTYPE for SMEMBERS: the runs already known keep being served
+    produce(r, keys, good, (entry(s, {"a": s}) for s in range(201, 301)))
+    spin(worker, _stored(backend, good, "a", 300), what="served with the runs set unreadable")
+    assert worker.problems.counts["runs set"] > 0
+
+
+@pytest.mark.parametrize("text", ["1_000", " 7 ", "+5", "0x10", "Infinity", "NaN", "1e5 ",
+                                  "1.", ".5", "1E5", "-nan", "", "٣"])
+def test_values_outside_the_grammar_are_dead_lettered(worker: Any, r: redis.Redis, keys: Keys,
+                                                      project: str, backend: Backend,
+                                                      text: str) -> None:
+    run = _create(worker, r, keys, project, "grammar")
+    produce(r, keys, run, [entry(1, {"a": 1.5}), {**entry(2, {}), "a": text},
+                           {**entry(3, {}), K.F_STEP: f" {3}", "a": "3"}, entry(4, {"a": 4})])
+    spin(worker, lambda: r.xlen(keys.dead(run)) == 2, what="two dead letters")
+    dead = r.xrange(keys.dead(run))
+    assert b"not a number" in dead[0][1][b"reason"] and dead[0][1][b"a"] == text.encode()
+    assert b"_step is not an integer" in dead[1][1][b"reason"]
+    spin(worker, lambda: [p[:2] for p in backend.points(run, "a")] == [[1, 1.5], [4, 4]],
+         what="the good neighbours stored")
+
+
+def test_ledger_counts_each_entry_once(worker: Any, r: redis.Redis, keys: Keys, project: str,
+                                       backend: Backend) -> None:
+    run = _create(worker, r, keys, project, "ledger")
+    produce(r, keys, run, [entry(s, {"a": s}, rank=0, time_ms=1000 + s) for s in range(1, 11)])
+    produce(r, keys, run, [entry(s, {"a": s}, rank=1) for s in (5, 2)])
+    produce(r, keys, run, [{**entry(11, {}, rank=0), "a": "junk"},
+                           {K.F_RANK: "x", K.F_STEP: "1", K.F_TIME: "1", "a": "1"}])
+    want = {b"stored:0": b"10", b"stored:1": b"2", b"dead:0": b"1", b"dead:?": b"1",
+            b"step:0": b"10", b"time:0": b"1010", b"step:1": b"5", b"time:1": b"1764000000005"}
+    spin(worker, lambda: r.hgetall(keys.ledger(run)) == want, what="the ledger")
+    # Redelivered (another worker, a restart): XACK answers 0, nothing is counted again.
+    acks = Acks()
+    for entry_id, fields in r.xrange(keys.metrics(run))[:12]:  # the ones stored
+        acks.stored(keys.metrics(run), entry_id, [x for kv in fields.items() for x in kv])
+    worker.acker(acks)
+    assert r.hgetall(keys.ledger(run)) == want
+    assert pending(r, keys.metrics(run)) == 0
+
+
+@pytest.mark.parametrize("status", [404, 405])
+def test_a_backend_without_the_ledger_route_is_not_asked_again(
+        redis_url: str, prefix: str, r: redis.Redis, keys: Keys, project: str,
+        backend: Backend, status: int) -> None:
+    proxy = FaultProxy(backend.url)
+    proxy.fail = [(r"^POST /api/runs/\d+/ledger ", status)]
+    w = in_process_worker(redis_url, prefix, Backend(proxy.url, backend.key))
+    try:
+        run = _create(w, r, keys, project, "no-ledger")
+        attach(r, keys, run, "h:1")
+        produce(r, keys, run, (entry(s, {"a": s}) for s in range(1, 21)))
+        spin(w, _stored(backend, run, "a", 20), what="stored")
+        spin(w, lambda: not w.watcher.ledger.route, what="the ledger route given up")
+        asked = len(proxy.hits)
+        assert asked == 1
+        produce(r, keys, run, (entry(s, {"a": s}) for s in range(21, 41)))
+        spin(w, _stored(backend, run, "a", 40), what="stored")
+        r.hset(keys.members(run), "h:1", P.pack({"rank": 0, "state": "finished", "logged": 40,
+                                                 "sent": 40, "dropped": 0, "drops": {}}))
+        spin(w, lambda: backend.run(run)["status"] == "COMPLETED", what="COMPLETED")
+        assert len(proxy.hits) == asked  # never again, the final one included
+        assert r.hget(keys.ledger(run), "stored:0") == b"40"
+        member = backend.run(run)["members"][0]
+        assert member["state"] == "finished"
+    finally:
+        w.close()
+        proxy.close()
+
+
+def test_a_run_the_backend_cannot_read_is_parked(redis_url: str, prefix: str, r: redis.Redis,
+                                                 keys: Keys, project: str,
+                                                 backend: Backend) -> None:
+    proxy = FaultProxy(backend.url)
+    w = in_process_worker(redis_url, prefix, Backend(proxy.url, backend.key), retry_max=0.5)
+    try:
+        sick = _create(w, r, keys, project, "sick")
+        well = _create(w, r, keys, project, "well")
+        w.projects.clear()  # as after a restart: the project must be looked up again
+        proxy.fail = [rf"^GET /api/runs/{sick} ", rf"^POST /ingest/metrics run={sick}$"]
+        produce(r, keys, sick, (entry(s, {"a": s}) for s in range(1, 51)))
+        produce(r, keys, well, (entry(s, {"a": s}) for s in range(1, 51)))
+        spin(w, _stored(backend, well, "a", 50), what="the healthy run stored")
+        other = _create(w, r, keys, f"{project}-other", "unrelated")  # a create still served
+        produce(r, keys, other, (entry(s, {"b": s}) for s in range(1, 51)))
+        spin(w, _stored(backend, other, "b", 50), what="the unrelated run stored")
+        assert sick in {**w.flow.parked, **w.flow.flight} or sick in w.flow.recovering
+        assert backend.points(sick, "a") == [] and r.xlen(keys.dead(sick)) == 0
+        assert pending(r, keys.metrics(sick)) == 50  # held, not acknowledged, not lost
+        assert any(h.startswith(f"GET /api/runs/{sick} ") for h in proxy.hits)
+        proxy.fail = []
+        spin(w, _stored(backend, sick, "a", 50), what="the parked run after recovery")
+        spin(w, lambda: pending(r, keys.metrics(sick)) == 0, what="acknowledged")
+    finally:
+        w.close()
+        proxy.close()

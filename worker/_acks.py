@@ -1,0 +1,133 @@
+"""Settling what one iteration decided: dead letters, then XACK with the loss ledger.
+
+Every metrics entry a worker acknowledges is counted once in the run's ledger hash
+(``Keys.ledger``): ``stored:<rank>`` when the backend confirmed it, ``dead:<rank>`` when it was
+dead-lettered. The count happens in the same Lua script as the XACK and only for ids XACK
+really acknowledged (it returns 1), so an entry redelivered, claimed by a second worker or
+re-read after a restart is never counted twice. The stream and the ledger share the run's hash
+tag, so the script runs on one Cluster slot.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+from pluto import _keys as K
+from pluto._keys import GROUP, Keys
+from pluto._protocol import _INT
+
+from ._problems import Problems
+from ._streams import is_weather
+
+# KEYS[1] stream, KEYS[2] ledger. ARGV: group, n, then n pairs (id, ledger field or ""), then
+# quadruples (step field, time field, step, time): the newest step stored per rank, raised to
+# the max (idempotent, so it needs no XACK guard).
+_ACK = """
+local n = tonumber(ARGV[2])
+local counts = {}
+for i = 0, n - 1 do
+  local f = ARGV[4 + 2 * i]
+  if redis.call('XACK', KEYS[1], ARGV[1], ARGV[3 + 2 * i]) == 1 and f ~= '' then
+    counts[f] = (counts[f] or 0) + 1
+  end
+end
+for f, c in pairs(counts) do redis.call('HINCRBY', KEYS[2], f, c) end
+local j = 3 + 2 * n
+while j + 3 <= #ARGV do
+  local old = redis.call('HGET', KEYS[2], ARGV[j])
+  if not old or tonumber(ARGV[j + 2]) > tonumber(old) then
+    redis.call('HSET', KEYS[2], ARGV[j], ARGV[j + 2], ARGV[j + 1], ARGV[j + 3])
+  end
+  j = j + 4
+end
+return 1
+"""
+
+
+def head(flat: list[bytes] | None) -> tuple[str, int | None, int | None]:
+    """``(rank text, step, time)`` of an entry: rank ``?`` when unreadable, None for the rest."""
+    found: dict[bytes, bytes] = {}
+    if flat:
+        if flat[0:1] == [b"_rank"] and flat[2:3] == [b"_step"] and flat[4:5] == [b"_time"]:
+            found = {b"_rank": flat[1], b"_step": flat[3], b"_time": flat[5]}
+        else:
+            it = iter(flat)
+            found = {k: v for k, v in zip(it, it) if k in (b"_rank", b"_step", b"_time")}
+
+    def num(name: str) -> int | None:
+        raw = found.get(name.encode())
+        return int(raw) if raw is not None and _INT.match(raw) else None
+
+    rank = num(K.F_RANK)
+    return ("?" if rank is None else str(rank)), num(K.F_STEP), num(K.F_TIME)
+
+
+@dataclass
+class Acks:
+    """What one iteration settled: ids to XACK per stream (with the ledger field each counts
+    in), entries to dead-letter first, and the newest stored step per stream and rank."""
+
+    ids: dict[str, list[tuple[bytes, str]]] = field(default_factory=lambda: defaultdict(list))
+    dead: list[tuple[str, bytes, list[bytes], str]] = field(default_factory=list)
+    newest: dict[str, dict[str, tuple[int, int]]] = field(
+        default_factory=lambda: defaultdict(dict))
+
+    def add(self, stream: str, entry_id: bytes) -> None:
+        """Acknowledge without counting: a control entry, or one deleted while pending."""
+        self.ids[stream].append((entry_id, ""))
+
+    def stored(self, stream: str, entry_id: bytes, flat: list[bytes]) -> None:
+        rank, step, time_ms = head(flat)
+        self.ids[stream].append((entry_id, f"{K.LEDGER_STORED}:{rank}"))
+        if step is not None and time_ms is not None:
+            best = self.newest[stream].get(rank)
+            if best is None or step > best[0]:
+                self.newest[stream][rank] = (step, time_ms)
+
+    def bury(self, dead_stream: str, stream: str, entry_id: bytes, flat: list[bytes],
+             reason: str, count: bool = True) -> None:
+        """Dead-letter ``flat`` with ``reason`` into ``dead_stream``, then acknowledge it."""
+        self.dead.append((dead_stream, entry_id, flat, reason))
+        rank = head(flat)[0]
+        self.ids[stream].append((entry_id, f"{K.LEDGER_DEAD}:{rank}" if count else ""))
+
+    def count(self) -> int:
+        return sum(len(ids) for ids in self.ids.values())
+
+
+class Acker:
+    """Writes :class:`Acks` to Redis in one pipelined round trip."""
+
+    def __init__(self, r: Any, keys: Keys, retention: int, problems: Problems) -> None:
+        self.r = r
+        self.problems = problems
+        self.keys = keys
+        self.cap = max(retention, 1000)
+        self._script = r.register_script(_ACK)
+
+    def __call__(self, acks: Acks) -> None:
+        if not acks.ids:
+            return
+        pipe = self.r.pipeline(transaction=False)
+        for dead_stream, entry_id, flat, reason in acks.dead:
+            pipe.execute_command("XADD", dead_stream, "MAXLEN", "~", self.cap, "*",
+                                 K.F_DEAD_ID, entry_id, K.F_DEAD_REASON, reason, *flat)
+        for stream, pairs in acks.ids.items():
+            run = self.keys.run_of_stream(stream)
+            if run is None:
+                pipe.xack(stream, GROUP, *(entry_id for entry_id, _ in pairs))
+                continue
+            args: list[Any] = [GROUP, len(pairs)]
+            for entry_id, ledger_field in pairs:
+                args += [entry_id, ledger_field]
+            for rank, (step, time_ms) in acks.newest.get(stream, {}).items():
+                args += [f"{K.LEDGER_STEP}:{rank}", f"{K.LEDGER_TIME}:{rank}", step, time_ms]
+            self._script(keys=[stream, self.keys.ledger(run)], args=args, client=pipe)
+        for reply in pipe.execute(raise_on_error=False):
+            if isinstance(reply, Exception):
+                if is_weather(reply):
+                    raise reply
+                # e.g. WRONGTYPE: someone SET a run's dead-letter key; the rest still settles
+                self.problems.report("ack", f"acknowledging: {reply}")

@@ -1,0 +1,77 @@
+"""Telling the backend a run's loss ledger (/work/notes/ledger.md §2): per member what its
+process logged, sent and dropped (members rows), per rank what the workers stored and
+dead-lettered (``POST /api/runs/{id}/ledger``, from the ledger hash :mod:`._acks` counts in).
+
+Sent when it changed, at most every ``interval`` seconds per run, and once more, final, right
+before the run's final status. A backend without the ledger route (the official server: 404
+Not Found / 405) is not asked again.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+from pluto import _keys as K
+from pluto._keys import Keys
+
+from ._backend import Backend
+from ._control import member_row
+
+log = logging.getLogger("worker.ledger")
+
+
+def ledger_rows(raw: dict[bytes, bytes]) -> list[dict[str, Any]]:
+    """``[{rank, stored, dead, last_step, last_time}]`` from a ledger hash, rank None for ``?``."""
+    by_rank: dict[str, dict[str, Any]] = {}
+    names = {K.LEDGER_STORED: "stored", K.LEDGER_DEAD: "dead", K.LEDGER_STEP: "last_step",
+             K.LEDGER_TIME: "last_time"}
+    for field, value in raw.items():
+        kind, _, rank = field.decode(errors="replace").partition(":")
+        if kind not in names or not value.lstrip(b"-").isdigit():
+            continue
+        row = by_rank.setdefault(rank, {"rank": int(rank) if rank.lstrip("-").isdigit() else None,
+                                        "stored": 0, "dead": 0, "last_step": None,
+                                        "last_time": None})
+        row[names[kind]] = int(value)
+    return sorted(by_rank.values(), key=lambda r: (r["rank"] is None, r["rank"] or 0))
+
+
+class LedgerSync:
+    def __init__(self, r: Any, keys: Keys, backend: Backend, interval: float = 2.0) -> None:
+        self.r = r
+        self.keys = keys
+        self.backend = backend
+        self.interval = interval
+        self.route = True  # until the backend says it has no ledger route
+        self._due: dict[int, float] = {}
+        self._members: dict[tuple[int, str], dict[str, Any]] = {}
+        self._ledger: dict[int, list[dict[str, Any]]] = {}
+
+    def sync(self, run: int, members: dict[str, dict[str, Any]], final: bool = False) -> None:
+        """Send what changed; raises the backend's errors (the caller backs off)."""
+        now = time.monotonic()
+        if not final and now < self._due.get(run, 0.0):
+            return
+        self._due[run] = now + self.interval
+        rows = [member_row(m, info) for m, info in members.items()]
+        changed = [row for row in rows if self._members.get((run, row["member"])) != row]
+        if changed:
+            self.backend.upsert_members(run, changed)
+            for row in changed:
+                self._members[(run, row["member"])] = row
+        if self.route:
+            ledger = ledger_rows(self.r.hgetall(self.keys.ledger(run)))
+            if ledger and ledger != self._ledger.get(run):
+                if self.backend.upsert_ledger(run, ledger):
+                    self._ledger[run] = ledger
+                else:
+                    self.route = False
+                    log.info("the backend has no ledger route (404/405); not sending ledgers")
+
+    def forget(self, run: int) -> None:
+        self._due.pop(run, None)
+        self._ledger.pop(run, None)
+        for key in [k for k in self._members if k[0] == run]:
+            del self._members[key]

@@ -1,0 +1,164 @@
+"""One run's entries on their way to the backend: decode, post, and what came of it.
+
+:func:`decode` turns a run's share of one read into a :class:`Post` of parts no larger than
+``batch_bytes`` (raw entry bytes), dead-lettering each entry that is not what the SDK writes.
+:func:`deliver` runs on a poster thread, one post per run at a time: it looks the run's
+project up if needed, then posts each part. An answer of 413 splits a part in halves until it
+fits (only a single entry too large on its own is dead-lettered, with the reason); an
+unexpected error splits the same way, so one entry that trips the worker never takes its
+neighbours with it. A transient failure (:class:`Unavailable`) stops the post: what was not
+confirmed stays pending, and the loop parks the run.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from ._backend import Backend, Interrupted, Rejected, Unavailable
+from ._entries import Columns, record
+from ._streams import Entry
+
+log = logging.getLogger("worker")
+
+Bury = Callable[[Entry, str], None]
+NO_PROJECT = object()
+"""``Post.project`` before the look-up: the backend has not been asked yet."""
+
+
+@dataclass
+class Part:
+    entries: list[Entry]
+    columns: Columns | None = None
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class Post:
+    """One run's decoded entries, and what the backend made of them."""
+
+    run: int
+    stream: str
+    project: Any = NO_PROJECT
+    parts: list[Part] = field(default_factory=list)
+    stored: list[Entry] = field(default_factory=list)
+    bad: list[tuple[Entry, str]] = field(default_factory=list)
+    failed: str | None = None
+    """Why the rest was not sent (the backend was unavailable); those entries stay pending."""
+    splits: int = 0
+
+    def entries(self) -> int:
+        return sum(len(p.entries) for p in self.parts)
+
+
+def size(flat: list[bytes] | None) -> int:
+    return sum(map(len, flat)) + 4 * len(flat) if flat else 0
+
+
+def decode(post: Post, entries: list[Entry], columns: bool, batch_bytes: int,
+           bury: Bury) -> None:
+    """Append ``entries`` to ``post`` as parts of at most ``batch_bytes`` raw bytes each."""
+    chunk: list[Entry] = []
+    used = 0
+    for entry in entries:
+        n = size(entry[1])
+        if chunk and used + n > batch_bytes:
+            _add_part(post, chunk, columns, bury)
+            chunk, used = [], 0
+        chunk.append(entry)
+        used += n
+    if chunk:
+        _add_part(post, chunk, columns, bury)
+
+
+def _add_part(post: Post, entries: list[Entry], columns: bool, bury: Bury) -> None:
+    part = make_part(entries, columns, bury)
+    if part.entries:
+        post.parts.append(part)
+
+
+def make_part(entries: list[Entry], columns: bool, bury: Bury) -> Part:
+    """The entries that decode, as columns or records; each one that does not is buried."""
+    cols = Columns() if columns else None
+    part = Part([], cols)
+    todo = entries
+    if cols is not None:
+        try:
+            part.entries, todo = cols.add_many(entries)
+        except Exception:  # noqa: BLE001 - the column-wise path is an optimisation only
+            log.exception("column-wise decoding failed; decoding entry by entry")
+            part.columns = cols = Columns()
+            part.entries, todo = [], entries
+    for entry in todo:
+        entry_id, flat = entry
+        if flat is None:  # deleted while pending: nothing left to store
+            bury(entry, "")
+            continue
+        try:
+            if cols is None:
+                part.records.append(record(entry_id, flat))
+            else:
+                cols.add(entry_id, flat)
+        except ValueError as exc:
+            bury(entry, f"undecodable: {exc}")
+            continue
+        except Exception as exc:  # noqa: BLE001 - one entry must never stop the others
+            bury(entry, f"worker error decoding it: {type(exc).__name__}: {exc}")
+            continue
+        part.entries.append(entry)
+    return part
+
+
+def deliver(backend: Backend, post: Post, projects: dict[int, str | None]) -> Post:
+    """On a poster thread: look the project up, then post every part (see the module doc)."""
+    try:
+        if post.project is NO_PROJECT:
+            if post.run not in projects:
+                projects[post.run] = backend.project_of(post.run)
+            post.project = projects[post.run]
+        for i, part in enumerate(post.parts):
+            _send(backend, post, part)
+            post.parts[i] = Part([])  # sent: nothing of it is left to retry
+    except (Unavailable, Interrupted) as exc:
+        post.failed = str(exc)
+    return post
+
+
+def _send(backend: Backend, post: Post, part: Part) -> None:
+    entries = part.entries
+    try:
+        if part.columns is not None:
+            result = backend.ingest_columns(post.run, post.project, part.columns, entries)
+        else:
+            records = part.records or [record(e, f or []) for e, f in entries]
+            result = backend.ingest(post.run, post.project, records)
+    except Rejected as exc:
+        if exc.status == 413 and len(entries) > 1:
+            return _split(backend, post, part)
+        reason = ("too large for the backend on its own: " if exc.status == 413 else "") + str(exc)
+        post.bad += [(e, f"rejected: {reason}") for e in entries]
+        return None
+    except (Unavailable, Interrupted):
+        raise
+    except Exception as exc:  # noqa: BLE001 - isolate the entry that trips us, keep the rest
+        if len(entries) > 1:
+            return _split(backend, post, part)
+        log.exception("run %d: posting entry %r failed", post.run, entries[0][0])
+        post.bad.append((entries[0], f"worker error posting it: {type(exc).__name__}: {exc}"))
+        return None
+    post.bad += [(entries[i], f"rejected: {why}") for i, why in result.bad.items()]
+    post.stored += [e for i, e in enumerate(entries) if i not in result.bad]
+    return None
+
+
+def _split(backend: Backend, post: Post, part: Part) -> None:
+    """Post ``part`` as two halves (each re-decoded the way the whole was)."""
+    post.splits += 1
+    half = len(part.entries) // 2
+    columns = part.columns is not None
+    for entries in (part.entries[:half], part.entries[half:]):
+        sub = make_part(entries, columns, lambda e, why: post.bad.append((e, why)))
+        if sub.entries:
+            _send(backend, post, sub)
