@@ -259,9 +259,13 @@ def test_msgpack_oddities_are_400(c: TestClient) -> None:
     run = inproc.new_run(c)
     list_key = b"\x91\x82\xa4step\x01\x91\x01\x02"  # [{"step": 1, [1]: 2}]
     unhashable = b"\x91\x81\x80\x01"  # [{{}: 1}]
+    empty_maps = msgpack.packb([{"step": 1, "data": {i: {} for i in range(10_000)}}])
     for body in (list_key, unhashable, b"\xc1", b"", b"\x92\x80", b"\x91\x80\x80",
-                 b"\xdd\xff\xff\xff\xff\xc0"):
+                 b"\xdd\xff\xff\xff\xff\xc0", empty_maps):
         refused(inproc.ingest(c, run, body, "application/msgpack"), 400)
+    assert "more maps" in inproc.ingest(c, run, empty_maps, "application/msgpack").text
+    small = msgpack.packb([{"step": s, "data": {"m": s}} for s in range(1000)])  # 2 maps in ~18 bytes
+    assert inproc.ingest(c, run, small, "application/msgpack").json() == {"stored": 1000}
     for body in (msgpack.packb([{"a": 1}]), msgpack.packb({"names": [[]] * 20}),
                  msgpack.packb({"names": [{}] * 3})):
         refused(inproc.ingest(c, run, body, "application/x-pluto-columns"), 400)
@@ -347,7 +351,7 @@ def _peak_rss_mb(pid: int) -> float:
 
 def test_memory_per_request_is_bounded(private_backend: Backend) -> None:
     """A 3 MB msgpack body of nils once cost +1 GB and a 212 MB answer; now a few MB per MB
-    (README "Limits" states the measured worst case, ~31 MB per MB)."""
+    (README "Limits" states the measured worst case, ~30 MB per MB)."""
     assert private_backend.child is not None
     pid = private_backend.child.pid
     with private_backend.client() as api:
