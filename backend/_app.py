@@ -43,8 +43,9 @@ from ._ingest import (
     decode,
     shown,
 )
+from ._rows import BrokenRow
 from ._settings import ServerSettings, db_path
-from ._store import STATUSES, BrokenRow, Store, loaded
+from ._store import STATUSES, Store, loaded
 
 STATIC = Path(__file__).parent / "static"
 

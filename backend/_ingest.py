@@ -68,9 +68,10 @@ MAX_REASONS = 20
 class BadLines:
     """The indexes of the bad lines of one body, and the reasons of the first few.
 
-    The 422 names the first problem in ``error`` and lists every bad index (the worker dead-letters exactly those entries), the first
-    :data:`MAX_REASONS` as ``{"index": i, "error": why}``, the rest as ``{"index": i}``
-    (at most ~20 bytes each), plus ``bad_count``.
+    The 422 names the first problem in ``error`` and lists every bad index (the worker
+    dead-letters exactly those entries): the first :data:`MAX_REASONS` as
+    ``{"index": i, "error": why}``, the rest as ``{"index": i}`` (at most ~20 bytes each),
+    plus ``bad_count``.
     """
 
     def __init__(self) -> None:

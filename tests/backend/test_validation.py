@@ -264,7 +264,7 @@ def test_msgpack_oddities_are_400(c: TestClient) -> None:
                  b"\xdd\xff\xff\xff\xff\xc0", empty_maps):
         refused(inproc.ingest(c, run, body, "application/msgpack"), 400)
     assert "more maps" in inproc.ingest(c, run, empty_maps, "application/msgpack").text
-    small = msgpack.packb([{"step": s, "data": {"m": s}} for s in range(1000)])  # 2 maps in ~18 bytes
+    small = msgpack.packb([{"step": s, "data": {"m": s}} for s in range(1000)])  # 2 maps/~18 B
     assert inproc.ingest(c, run, small, "application/msgpack").json() == {"stored": 1000}
     for body in (msgpack.packb([{"a": 1}]), msgpack.packb({"names": [[]] * 20}),
                  msgpack.packb({"names": [{}] * 3})):
