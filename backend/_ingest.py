@@ -122,10 +122,10 @@ _valid_names: set[str] = set()
 
 
 def _check_name(name: Any) -> str:
-    if name in _valid_names:
-        return name  # type: ignore[no-any-return]
-    if not isinstance(name, str):
+    if not isinstance(name, str):  # first: a columns body's "name" may even be unhashable
         raise _BadLine(f"metric names must be strings, got {type(name).__name__}")
+    if name in _valid_names:
+        return name
     if not name:
         raise _BadLine("empty metric name")
     if len(name) > MAX_NAME:

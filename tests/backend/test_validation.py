@@ -267,7 +267,7 @@ def test_msgpack_oddities_are_400(c: TestClient) -> None:
     small = msgpack.packb([{"step": s, "data": {"m": s}} for s in range(1000)])  # 2 maps/~18 B
     assert inproc.ingest(c, run, small, "application/msgpack").json() == {"stored": 1000}
     for body in (msgpack.packb([{"a": 1}]), msgpack.packb({"names": [[]] * 20}),
-                 msgpack.packb({"names": [{}] * 3})):
+                 msgpack.packb({"names": [{}] * 3}), msgpack.packb({"names": [[]]})):
         refused(inproc.ingest(c, run, body, "application/x-pluto-columns"), 400)
     readable(c, run)
 
