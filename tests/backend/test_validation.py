@@ -303,9 +303,11 @@ def test_broken_stored_rows_are_error_items(tmp_path: Path) -> None:
         for run, config in zip(broken, rows):
             sql.execute("UPDATE runs SET config = ? WHERE id = ?", (config, run))
         sql.execute("UPDATE runs SET tags = ? WHERE id = ?", ('["\\ud800"]', broken[4]))
+        # bytes that are not UTF-8, as another tool could write them
+        sql.execute("UPDATE runs SET name = CAST(x'66ff' AS TEXT) WHERE id = ?", (good,))
     with inproc.client(db) as c:
         listed = {r["id"]: r for r in c.get("/api/runs").json()["runs"]}
-        assert listed[good]["config"] == {}
+        assert listed[good]["config"] == {} and listed[good]["name"] == "f\ufffd"
         assert listed[broken[3]]["config"] == {"x": "NaN"}  # bare NaN of old rows: spelled
         for run in (broken[0], broken[1], broken[2], broken[4]):
             assert listed[run].keys() == {"id", "error"} and str(run) in listed[run]["error"]
