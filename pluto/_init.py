@@ -12,7 +12,6 @@ import socket
 import sys
 import threading
 import time
-import uuid
 import warnings
 from collections.abc import Mapping
 from types import FrameType
@@ -23,11 +22,13 @@ from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
 from . import _protocol as proto
+from ._agree import agree_run_id  # issue 20 (H4)
 from ._attach import CreateRequest, elect
 from ._keys import Keys
 from ._producer import Producer
 from ._run import Run, State
 from ._settings import Settings, redact
+from ._sysmetrics import start_sampler  # issue 20 (H4)
 from ._values import PlutoWarning, clean_config
 from .errors import ConfigError, ConnectionFailed
 
@@ -56,7 +57,8 @@ def init(project: str | None = None, name: str | None = None, config: Any = None
     s = settings if isinstance(settings, Settings) else Settings.from_env(**dict(settings or {}))
     project = _check_id("project", project if project is not None else s.project, "PLUTO_PROJECT")
     given = run_id if run_id is not None else s.run_id
-    run_id = _check_id("run_id", given, "PLUTO_RUN_ID") if given is not None else uuid.uuid4().hex
+    run_id = agree_run_id(_check_id("run_id", given, "PLUTO_RUN_ID") if given is not None else None,
+                          project, s)  # issue 20 (H4): rank 0's id wins (pluto/_agree.py)
     if name is not None and not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}")
     cfg = clean_config(config)
@@ -81,6 +83,7 @@ def init(project: str | None = None, name: str | None = None, config: Any = None
     run = Run(id=won.id, run_id=run_id, resumed=won.resumed, name=name, project=project, config=cfg,
               rank=s.rank, member=member, settings=s, client=client, keys=keys, producer=producer)
     producer.start()
+    start_sampler(run)  # issue 20 (H4): per-rank system metrics (pluto/_sysmetrics.py)
     _track(run)
     return run
 
@@ -141,6 +144,7 @@ def _register_member(client: redis.Redis, keys: Keys, s: Settings, run: int, mem
     """Record this process in the run (members hash + attach op); a late config is merged in."""
     host, _, pid = member.rpartition(":")
     info = {"rank": s.rank, "local_rank": s.local_rank, "host": host, "pid": int(pid),
+            "node": s.node, "attempt": s.attempt,  # issue 20 (H4)
             "attached_at": int(time.time() * 1000), "state": State.RUNNING.value}
     with client.pipeline(transaction=False) as pipe:
         pipe.hset(keys.members(run), member, proto.pack(info))

@@ -17,6 +17,7 @@ from . import _protocol as proto
 from ._keys import Keys
 from ._producer import Producer
 from ._settings import Settings
+from ._sysmetrics import stop_sampler  # issue 20 (H4)
 from ._values import SCALARS, Cleaner, PlutoWarning
 from .errors import RunFinished
 
@@ -136,6 +137,7 @@ class Run:
             self.state = state
             if self._producer is None:
                 return 0
+            stop_sampler(self)  # issue 20 (H4): its last entry is flushed below
             limit = self.settings.finish_timeout if timeout is None else max(float(timeout), 0.0)
             self._producer.flush(limit)
             self._producer.stop()

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from ._launch import launch_fields  # issue 20 (H4): ranks from every launcher
+from ._sysmetrics import sysmetrics_fields  # issue 20 (H4): PLUTO_SYSTEM_METRICS*
 from .errors import ConfigError
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -97,6 +99,11 @@ class Settings:
     connect_timeout: float = 3.0
     rank: int = 0
     local_rank: int = 0
+    node: int = 0  # issue 20 (H4): fields of pluto/_launch.py and pluto/_sysmetrics.py
+    attempt: int = 0
+    job_run_id: str | None = None
+    system_metrics: bool = True
+    system_metrics_interval: float = 5.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -116,8 +123,7 @@ class Settings:
             lease=env_number(env, "PLUTO_LEASE", 10.0),
             buffer_size=int(env_number(env, "PLUTO_BUFFER_SIZE", 1_000_000, low=0.5)),
             finish_timeout=env_number(env, "PLUTO_FINISH_TIMEOUT", 30.0),
-            rank=_int(env, "RANK", _torch_rank()),
-            local_rank=_int(env, "LOCAL_RANK", 0),
+            **launch_fields(env), **sysmetrics_fields(env),  # issue 20 (H4)
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

@@ -25,6 +25,9 @@ from pluto import _servers
 from pluto._keys import Keys
 
 ROOT = Path(__file__).resolve().parent.parent
+# System metrics (on by default for users) would add sys/* entries to every test's runs; the
+# tests that want them turn them on (tests/integrations/test_sysmetrics.py).
+os.environ.setdefault("PLUTO_SYSTEM_METRICS", "0")
 
 
 @pytest.fixture(scope="session")
@@ -129,7 +132,7 @@ class Stack:
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PLUTO_", "MLOP_"))}
         env.update(PLUTO_REDIS_URL=self.redis_url, PLUTO_PREFIX=self.prefix,
-                   PLUTO_INIT_TIMEOUT="30", PYTHONPATH=str(ROOT))
+                   PLUTO_INIT_TIMEOUT="30", PLUTO_SYSTEM_METRICS="0", PYTHONPATH=str(ROOT))
         env.update(extra)
         return env
 
