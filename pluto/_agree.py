@@ -23,7 +23,7 @@ from collections import Counter
 from typing import Any
 
 from ._settings import Settings
-from ._values import PlutoWarning
+from ._values import PlutoWarning, user_stacklevel
 from .errors import InitTimeout
 
 KEY = "pluto/run_id/{project}/{n}"
@@ -56,7 +56,7 @@ def agree_run_id(given: str | None, project: str, s: Settings) -> str:
             warnings.warn(f"pluto: rank 0 published no run id within PLUTO_INIT_TIMEOUT="
                           f"{s.init_timeout:g} s ({exc}); this rank uses its own {mine!r}, so it "
                           "may log into a run of its own: call pluto.init on rank 0 too",
-                          PlutoWarning, stacklevel=3)
+                          PlutoWarning, stacklevel=user_stacklevel())
             return mine
         raise InitTimeout(f"rank 0 published no run id within PLUTO_INIT_TIMEOUT="
                           f"{s.init_timeout:g} s ({exc}): call pluto.init on rank 0 as well, or "
@@ -65,7 +65,7 @@ def agree_run_id(given: str | None, project: str, s: Settings) -> str:
         warnings.warn(f"pluto: this rank's run id {mine!r} differs from rank 0's {chosen!r}; "
                       "using rank 0's so the job stays one run (export the same PLUTO_RUN_ID "
                       "on every node, or leave it unset under torch.distributed)",
-                      PlutoWarning, stacklevel=3)
+                      PlutoWarning, stacklevel=user_stacklevel())
     return chosen
 
 

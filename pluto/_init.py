@@ -25,11 +25,12 @@ from . import _protocol as proto
 from ._agree import agree_run_id  # issue 20 (H4)
 from ._attach import CreateRequest, elect
 from ._keys import Keys
+from ._preflight import check_workers  # issue 20 (H4)
 from ._producer import Producer
 from ._run import Run, State
 from ._settings import Settings, redact
 from ._sysmetrics import start_sampler  # issue 20 (H4)
-from ._values import PlutoWarning, clean_config
+from ._values import PlutoWarning, clean_config, user_stacklevel
 from .errors import ConfigError, ConnectionFailed
 
 RUN_KEY_TTL = 30 * 24 * 3600
@@ -69,12 +70,13 @@ def init(project: str | None = None, name: str | None = None, config: Any = None
         return Run(id=0, run_id=run_id, resumed=False, name=name, project=project, config=cfg,
                    rank=s.rank, member=member, settings=s, client=None, keys=keys, producer=None)
     client = connect(s)
+    check_workers(client, keys, keys.run(project, run_id), s)  # issue 20 (H4): pluto/_preflight.py
     won = elect(client, keys, CreateRequest(project, run_id, name, cfg, tag_list), s.lease,
                 s.init_timeout, redact(s.redis_url))
     if won.resumed and name is not None:
         warnings.warn(f"pluto: run {run_id!r} already exists (id {won.id}); this process attached "
                       f"to it and ignored name={name!r} (the creator's name stands)",
-                      PlutoWarning, stacklevel=2)
+                      PlutoWarning, stacklevel=user_stacklevel())  # issue 20 (H4)
     register = functools.partial(_register_member, client, keys, s, won.id, member, project,
                                  run_id, cfg if won.resumed else None)
     producer = Producer(_stream_client(client, keys.metrics(won.id)), keys.metrics(won.id), s.rank,

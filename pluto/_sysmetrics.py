@@ -115,7 +115,7 @@ class Sampler(threading.Thread):
             if bad:  # cannot happen with our own names; refuse rather than send bad entries
                 log.warning("pluto: system metric names %s are invalid; not sent", bad)
                 return
-            names = self._names[key] = names
+            self._names[key] = names
         if append_entry(self._run, names, tuple(values.values())):
             self.samples += 1
 

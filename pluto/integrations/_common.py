@@ -100,7 +100,8 @@ def merge_config(run: Run, config: dict[str, Any]) -> None:
     if client is None or not clean:
         return
     try:
-        client.xadd(run._keys.control, proto.control_config(run.id, clean))  # type: ignore[arg-type]
+        fields: Any = proto.control_config(run.id, clean)
+        client.xadd(run._keys.control, fields)
     except redis.RedisError as exc:
         log.warning("pluto: could not send the config of run %r (%s); it is not stored",
                     run.run_id, exc)

@@ -17,6 +17,8 @@ from ._common import missing
 
 __all__ = ["PlutoLogger"]
 
+PlutoLogger: Any  # built on first access by __getattr__ below (the framework loads then)
+
 
 def _base() -> tuple[type, Any]:
     """Lightning's ``Logger`` and its rank, from whichever Lightning package is installed."""
@@ -25,8 +27,10 @@ def _base() -> tuple[type, Any]:
         from lightning.pytorch.utilities.rank_zero import rank_zero_only
     except ImportError:
         try:
-            from pytorch_lightning.loggers.logger import Logger  # type: ignore[no-redef]
-            from pytorch_lightning.utilities.rank_zero import rank_zero_only  # type: ignore[no-redef]
+            from pytorch_lightning.loggers.logger import Logger  # type: ignore[no-redef,assignment]
+            from pytorch_lightning.utilities import rank_zero  # type: ignore[no-redef]
+
+            rank_zero_only = rank_zero.rank_zero_only
         except ImportError:
             raise missing("PyTorch Lightning", "lightning") from None
     return Logger, rank_zero_only

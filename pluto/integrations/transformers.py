@@ -18,6 +18,8 @@ from ._common import missing
 
 __all__ = ["PlutoCallback"]
 
+PlutoCallback: Any  # built on first access by __getattr__ below (the framework loads then)
+
 
 def _build() -> type:
     from ._common import RankLogger, sanitize

@@ -105,7 +105,7 @@ def test_rank_0_that_never_calls_init_blocks_others_only_init_timeout(
     procs = [start_rank(script, env, str(rank)) for rank in (0, 1)]
     results = {}
     for p in procs:
-        code, out, err = finish_rank(p, 90)
+        _, out, err = finish_rank(p, 90)
         for line in json_lines(out):
             results[line["rank"]] = line
     assert set(results) == {0, 1}, err

@@ -38,7 +38,7 @@ def _job(stack: Stack, tmp_path: Path, ranks: int, **env: str) -> tuple[str, lis
 
 
 def test_system_metrics_per_rank(stack: Stack, tmp_path: Path) -> None:
-    project, results = _job(stack, tmp_path, 2, PLUTO_SYSTEM_METRICS="1")
+    _, results = _job(stack, tmp_path, 2, PLUTO_SYSTEM_METRICS="1")
     run_id = results[0]["id"]
     assert all("pluto-sysmetrics" in r["threads"] for r in results)
     assert all(r["step"] == 4 for r in results)  # sampling never advanced the user's step
@@ -56,7 +56,7 @@ def test_system_metrics_per_rank(stack: Stack, tmp_path: Path) -> None:
 
 
 def test_system_metrics_off(stack: Stack, tmp_path: Path) -> None:
-    project, results = _job(stack, tmp_path, 1, PLUTO_SYSTEM_METRICS="0")
+    _, results = _job(stack, tmp_path, 1, PLUTO_SYSTEM_METRICS="0")
     run_id = results[0]["id"]
     assert "pluto-sysmetrics" not in results[0]["threads"]
     wait_until(lambda: stack.backend.run(run_id)["status"] == "COMPLETED", 60, "COMPLETED")
