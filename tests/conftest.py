@@ -142,7 +142,24 @@ class Stack:
                                       self.backend.key, self.log_dir, env,
                                       name=f"worker{len(self.workers)}")
         self.workers.append(child)
+        self._await_served(child)
         return child
+
+    def _await_served(self, child: _servers.Child, timeout: float = 60.0) -> None:
+        """Until the worker created its consumer group: ``init`` fails fast on a Redis that no
+        worker ever served (pluto/_preflight.py), and a busy machine can take seconds to start
+        one. Returns early if the worker exited (tests that expect that judge it themselves)."""
+        from pluto._preflight import _ever_served
+
+        deadline = time.monotonic() + timeout
+        with redis.Redis.from_url(self.redis_url, socket_timeout=5) as r:
+            try:
+                while child.alive() and not _ever_served(r, self.keys):
+                    if time.monotonic() >= deadline:
+                        return
+                    time.sleep(0.05)
+            except (redis.RedisError, OSError):  # Redis down on purpose (chaos): don't wait
+                return
 
     def stop_workers(self) -> None:
         for w in self.workers:

@@ -5,8 +5,8 @@
 
 Lightning calls ``log_metrics`` on every rank; each logs ``<metric>/rank<N>`` (the rank is
 Lightning's global rank) into the one run, unless ``rank_zero_only=True``. ``log_hyperparams``
-merges into the run's config; ``finalize`` finishes the run (failed if training failed) when
-this logger started it. Works with ``lightning`` (``lightning.pytorch``) or ``pytorch_lightning``.
+merges into the run's config. The run finishes at process exit (or ``experiment.finish()``),
+so ``fit`` then ``test`` log into one run; ``finalize("failed")`` finishes it as failed. Works with ``lightning`` (``lightning.pytorch``) or ``pytorch_lightning``.
 """
 
 from __future__ import annotations
@@ -85,7 +85,11 @@ def _build() -> type:
             self._pluto.merge_config(_flat_params(params))
 
         def finalize(self, status: str) -> None:
-            self._pluto.finish(failed=status not in ("success", "finished"))
+            """Lightning calls this after each ``fit``/``test``: the run stays open for the next
+            one (it finishes at process exit, or with ``logger.experiment.finish()``), except
+            that a failed training finishes it as failed."""
+            if status not in ("success", "finished"):
+                self._pluto.finish(failed=True)
 
         def save(self) -> None:
             """Nothing to save: everything already streams to Redis."""

@@ -5,8 +5,8 @@
 
 ``on_train_begin`` starts the run (rank 0 passes the ``TrainingArguments`` and model config as
 the run's config), ``on_log`` logs ``train/<name>/rank<N>`` (``eval_*`` as ``eval/<name>``) at
-``state.global_step`` on every rank unless ``rank_zero_only=True``, ``on_train_end`` finishes
-the run this callback started. Pass ``report_to="none"`` in ``TrainingArguments`` if you do not
+``state.global_step`` on every rank unless ``rank_zero_only=True``. The run stays open after
+``train()`` (``evaluate()`` logs into it too) and finishes at process exit or ``callback.run.finish()``. Pass ``report_to="none"`` in ``TrainingArguments`` if you do not
 want Transformers' own trackers beside it.
 """
 
@@ -61,7 +61,8 @@ def _build() -> type:
             self._pluto.log(_rewrite(logs or {}), step=state.global_step)
 
         def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-            self._pluto.finish()
+            """The run stays open: ``trainer.evaluate()`` after ``train()`` still logs into it.
+            It finishes at process exit, or with ``callback.run.finish()``."""
 
     PlutoCallback.__module__ = __name__
     PlutoCallback.__qualname__ = "PlutoCallback"
