@@ -23,6 +23,7 @@ from redis.retry import Retry
 
 from . import _protocol as proto
 from ._agree import agree_run_id  # issue 20 (H4)
+from ._launch import member_name  # issue 20 (H4)
 from ._attach import CreateRequest, elect
 from ._keys import Keys
 from ._preflight import check_workers  # issue 20 (H4)
@@ -65,7 +66,7 @@ def init(project: str | None = None, name: str | None = None, config: Any = None
     cfg = clean_config(config)
     tag_list = _check_tags(tags)
     keys = Keys(s.prefix)
-    member = f"{socket.gethostname()}:{os.getpid()}"
+    member = member_name()  # issue 20 (H4): a second init in this process is a second member
     if s.mode == "disabled":
         return Run(id=0, run_id=run_id, resumed=False, name=name, project=project, config=cfg,
                    rank=s.rank, member=member, settings=s, client=None, keys=keys, producer=None)
@@ -144,8 +145,8 @@ def _check_tags(tags: Any) -> list[str] | None:
 def _register_member(client: redis.Redis, keys: Keys, s: Settings, run: int, member: str,
                      project: str, run_id: str, config: dict[str, Any] | None) -> None:
     """Record this process in the run (members hash + attach op); a late config is merged in."""
-    host, _, pid = member.rpartition(":")
-    info = {"rank": s.rank, "local_rank": s.local_rank, "host": host, "pid": int(pid),
+    host, pid = socket.gethostname(), os.getpid()  # issue 20 (H4): member may carry "/<n>"
+    info = {"rank": s.rank, "local_rank": s.local_rank, "host": host, "pid": pid,
             "node": s.node, "attempt": s.attempt,  # issue 20 (H4)
             "attached_at": int(time.time() * 1000), "state": State.RUNNING.value}
     with client.pipeline(transaction=False) as pipe:

@@ -11,7 +11,11 @@ environment.
 
 from __future__ import annotations
 
+import itertools
+import os
+import socket
 import sys
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -76,3 +80,21 @@ def launch_fields(env: Mapping[str, str]) -> dict[str, Any]:
         "attempt": _first_int(env, ATTEMPT_VARS) or 0,
         "job_run_id": job_run_id(env),
     }
+
+
+_inits = itertools.count(1)
+_inits_lock = threading.Lock()
+_inits_pid = os.getpid()
+
+
+def member_name() -> str:
+    """``<host>:<pid>`` for this process's first ``init``, ``<host>:<pid>/<n>`` for the n-th:
+    two runs (or two handles on one run) in one process are two members, each with its own
+    state and heartbeat. A forked child counts afresh (its pid is new)."""
+    global _inits, _inits_pid
+    with _inits_lock:
+        if os.getpid() != _inits_pid:
+            _inits, _inits_pid = itertools.count(1), os.getpid()
+        n = next(_inits)
+    base = f"{socket.gethostname()}:{os.getpid()}"
+    return base if n == 1 else f"{base}/{n}"

@@ -1,11 +1,12 @@
 """The first five minutes: init says at once when no worker is there, fails fast when none ever
-served this Redis, and warnings point at the user's own line."""
+served this Redis, warnings point at the user's own line, two inits in a process are two members."""
 
 from __future__ import annotations
 
 import logging
 import time
 import uuid
+from pathlib import Path
 
 import pytest
 import redis
@@ -13,6 +14,8 @@ import redis
 import pluto
 from pluto import Settings, _preflight
 from pluto._keys import GROUP, Keys
+from tests.conftest import Stack
+from tests.helpers import finish_rank, json_lines, start_rank, wait_until, write_script
 
 
 def _settings(redis_url: str, prefix: str, timeout: str) -> Settings:
@@ -83,3 +86,25 @@ def test_warnings_point_at_the_users_line(monkeypatch: pytest.MonkeyPatch) -> No
     assert len(caught) == 2
     assert {w.filename for w in caught} == {__file__}
     run.finish()
+
+
+def test_two_inits_in_one_process_are_two_members(stack: Stack, tmp_path: Path) -> None:
+    script = write_script(tmp_path, """
+        import json, os, pluto
+        first = pluto.init(project="two", run_id=os.environ["TEST_RUN_ID"])
+        second = pluto.init(project="two", run_id=os.environ["TEST_RUN_ID"])
+        first.log({"a": 1}); second.log({"b": 2})
+        print("RESULT " + json.dumps([first.member, second.member, first.id == second.id]))
+        second.finish(); first.finish()
+    """)
+    code, out, err = finish_rank(start_rank(script, stack.env(TEST_RUN_ID=uuid.uuid4().hex)))
+    assert code == 0, err
+    (first, second, same), = json_lines(out)
+    assert same and first != second and second == first + "/2"
+    run_id = stack.backend.runs("two")[0]["id"]
+    run = wait_until(lambda: (x := stack.backend.run(run_id))["status"] == "COMPLETED" and x, 30,
+                     "COMPLETED")
+    members = {m["member"]: m for m in run["members"]}
+    assert set(members) == {first, second}
+    assert {m["state"] for m in members.values()} == {"finished"}
+    assert members[first]["pid"] == members[second]["pid"]
