@@ -38,7 +38,9 @@ opts = json.loads(sys.argv[1])
 go, marker = opts.get("go_file"), opts.get("marker")
 with warnings.catch_warnings(record=True) as caught:
     run = pluto.init(project=opts.get("project", "rankside"), run_id=opts["run_id"])
-    print("READY " + json.dumps({"id": run.id}), flush=True)
+    with open(opts["ready_file"] + ".tmp", "w") as f:
+        f.write(str(run.id))
+    os.replace(opts["ready_file"] + ".tmp", opts["ready_file"])
     if go:
         while not os.path.exists(go):
             time.sleep(0.01)
@@ -71,6 +73,7 @@ def _good_steps(stack: Stack, run: int) -> list[int]:
 def _start(stack: Stack, tmp: Path, env: dict[str, str] | None = None,
            **opts: Any) -> subprocess.Popen[str]:
     opts.setdefault("run_id", f"rs-{uuid.uuid4().hex[:8]}")
+    opts.setdefault("ready_file", str(tmp / f"ready-{uuid.uuid4().hex[:6]}"))
     script = write_script(tmp, RANK, "rank_side.py")
     proc = start_rank(script, stack.env(**{"RANK": "0", **(env or {})}), json.dumps(opts))
     ranks.STARTED.append(proc)
@@ -78,10 +81,12 @@ def _start(stack: Stack, tmp: Path, env: dict[str, str] | None = None,
 
 
 def _ready(proc: subprocess.Popen[str]) -> int:
-    assert proc.stdout is not None
-    line = proc.stdout.readline()
-    assert line.startswith("READY "), (line, proc.stderr.read() if proc.stderr else "")
-    return int(json.loads(line[6:])["id"])
+    """The run id, once the rank's init returned (read from a file: reading a line of its
+    stdout here would buffer what ``communicate`` must see later)."""
+    path = Path(json.loads(proc.args[-1])["ready_file"])  # type: ignore[index]
+    wait_until(lambda: path.exists() or proc.poll() is not None, 60, "init to return")
+    assert path.exists(), proc.communicate()[1][-3000:]
+    return int(path.read_text())
 
 
 @pytest.mark.parametrize("bad,reason", [("surrogate", "bad_value"), ("bigint", "bad_entry")])
