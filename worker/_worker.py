@@ -64,10 +64,13 @@ class Worker:
         self.problems = Problems()
         self.backend = Backend(s, self._stop, on_wait=self._beat_quietly,
                                attempts=s.http_attempts)
+        # Calls made on the loop itself (control, status, members) get one attempt: a failing
+        # one is retried later with back-off instead of holding the loop for the others.
+        self.calls = Backend(s, self._stop, attempts=1)
         self.projects: dict[int, str | None] = {}
-        self.control = Control(self.r, self.keys, self.backend, self.projects, self.problems,
+        self.control = Control(self.r, self.keys, self.calls, self.projects, self.problems,
                                s.retry_max)
-        self.watcher = RunWatcher(self.r, self.keys, self.backend, s.heartbeat_timeout,
+        self.watcher = RunWatcher(self.r, self.keys, self.calls, s.heartbeat_timeout,
                                   s.retention, self.problems)
         self.acker = Acker(self.r, self.keys, s.retention, self.problems)
         self.flow = Flow(s.retry_max)
@@ -391,4 +394,5 @@ class Worker:
         except redis.RedisError as exc:
             log.warning("could not deregister from redis on exit: %s", exc)
         self.backend.close()
+        self.calls.close()
         log.info("worker %s stopped", self.name)

@@ -70,7 +70,9 @@ def test_poison_values_are_reported_and_worked_around(worker: Any, r: redis.Redi
                               for kv in junk[0].items() for x in kv]
     assert r.xpending(keys.control, GROUP)["pending"] == 0
     assert worker.problems.counts["control"] == len(junk)
-    assert any(k.startswith(f"member:{bad}:") for k in worker.problems.counts)
+    spin(worker, lambda: sum(k.startswith(f"member:{bad}:") for k in worker.problems.counts)
+         == 2, what="both junk members reported")
+    spin(worker, lambda: f"beat:{bad}:h:1" in worker.problems.counts, what="junk heartbeat")
 
     r.delete(keys.runs)
     r.set(keys.runs, "x")  # WRONGTYPE for SMEMBERS: the runs already known keep being served
@@ -166,6 +168,32 @@ def test_a_run_the_backend_cannot_read_is_parked(redis_url: str, prefix: str, r:
         proxy.fail = []
         spin(w, _stored(backend, sick, "a", 50), what="the parked run after recovery")
         spin(w, lambda: pending(r, keys.metrics(sick)) == 0, what="acknowledged")
+    finally:
+        w.close()
+        proxy.close()
+
+
+def test_a_control_call_that_fails_waits_in_order_while_others_go(
+        redis_url: str, prefix: str, r: redis.Redis, keys: Keys, project: str,
+        backend: Backend) -> None:
+    proxy = FaultProxy(backend.url)
+    w = in_process_worker(redis_url, prefix, Backend(proxy.url, backend.key), retry_max=0.5)
+    try:
+        sick = _create(w, r, keys, project, "members-500")
+        proxy.fail = [rf"^POST /api/runs/{sick}/members "]
+        attach(r, keys, sick, "h:1")
+        spin(w, lambda: proxy.hits, what="the attach tried")
+        info = P.unpack(r.hget(keys.members(sick), "h:1"))
+        r.hset(keys.members(sick), "h:1", P.pack({**info, "state": "finished"}))
+        r.xadd(keys.control, P.control_finish(sick, "h:1", "finished"))
+        other = _create(w, r, keys, f"{project}-other", "served")
+        assert other != sick  # served while the attach of the other run waits
+        assert r.xpending(keys.control, GROUP)["pending"] == 2  # attach + finish, in order
+        assert len(w.control.held) == 2 and r.xlen(keys.control_dead) == 0
+        proxy.fail = []
+        spin(w, lambda: r.xpending(keys.control, GROUP)["pending"] == 0, what="applied")
+        spin(w, lambda: [(m["member"], m["state"]) for m in backend.run(sick)["members"]]
+             == [("h:1", "finished")], what="attach, then finish")
     finally:
         w.close()
         proxy.close()

@@ -121,3 +121,38 @@ def test_retries_stop_when_the_worker_stops() -> None:
     b = Backend(settings, stop, transport=httpx.MockTransport(handler))
     with pytest.raises(Interrupted):
         b.update_status(1, "RUNNING")
+
+
+def test_transient_failures_end_in_unavailable_after_the_attempts() -> None:
+    from worker._backend import Unavailable
+
+    seen: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(1)
+        return httpx.Response(503, text="busy")
+
+    settings = WorkerSettings.from_env({}, api_url="http://backend", retry_max=0.01)
+    b = Backend(settings, transport=httpx.MockTransport(handler), attempts=3)
+    with pytest.raises(Unavailable, match="HTTP 503") as exc:
+        b.update_status(1, "RUNNING")
+    assert len(seen) == 3 and "after 3 attempts" in str(exc.value)
+
+
+@pytest.mark.parametrize("reply, weather", [
+    ("OOM command not allowed when used memory > 'maxmemory'.", True),
+    ("BUSY Redis is busy running a script.", True),
+    ("READONLY You can't write against a read only replica.", True),
+    ("LOADING Redis is loading the dataset in memory", True),
+    ("TRYAGAIN Multiple keys request during rehashing of slot", True),
+    ("MASTERDOWN Link with MASTER is down", True),
+    ("WRONGTYPE Operation against a key holding the wrong kind of value", False),
+    ("ERR unknown command", False),
+])
+def test_redis_error_replies_are_classified_by_their_code(reply: str, weather: bool) -> None:
+    """Through redis-py's own parser: the mapped classes lose the code from their message."""
+    from redis._parsers.base import BaseParser
+
+    from worker._streams import is_weather
+
+    assert is_weather(BaseParser.parse_error(reply)) is weather
