@@ -56,14 +56,15 @@ class LedgerSync:
         self._ledger: dict[int, list[dict[str, Any]]] = {}
 
     def sync(self, run: int, members: dict[str, dict[str, Any]], final: bool = False) -> None:
-        """Send what changed. A refusal (4xx) is logged and not sent again; a transient
+        """Send what changed (everything when ``final``). A refusal (4xx) is logged and not sent again; a transient
         failure raises (the caller backs off, and does not set a final status before it)."""
         now = time.monotonic()
         if not final and now < self._due.get(run, 0.0):
             return
         self._due[run] = now + self.interval
         rows = [member_row(m, info) for m, info in members.items()]
-        changed = [row for row in rows if self._members.get((run, row["member"])) != row]
+        changed = [row for row in rows
+                   if final or self._members.get((run, row["member"])) != row]
         if changed:
             try:
                 self.backend.upsert_members(run, changed)
@@ -73,7 +74,7 @@ class LedgerSync:
                 self._members[(run, row["member"])] = row
         if self.route:
             ledger = ledger_rows(self.r.hgetall(self.keys.ledger(run)))
-            if ledger and ledger != self._ledger.get(run):
+            if ledger and (final or ledger != self._ledger.get(run)):
                 try:
                     if not self.backend.upsert_ledger(run, ledger):
                         self.route = False

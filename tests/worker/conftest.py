@@ -130,6 +130,7 @@ class FaultProxy:
 
         self.fail: list[str | tuple[str, int]] = []
         self.hits: list[str] = []
+        self.seen: list[tuple[str, bytes]] = []  # every request: (what, body)
         proxy = self
         client = httpx.Client(base_url=upstream, timeout=30)
 
@@ -140,6 +141,7 @@ class FaultProxy:
             def _serve(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
                 what = f"{self.command} {self.path} run={self.headers.get('x-run-id', '')}"
+                proxy.seen.append((what, body))
                 for rule in proxy.fail:
                     pattern, status = rule if isinstance(rule, tuple) else (rule, 500)
                     if re.search(pattern, what):

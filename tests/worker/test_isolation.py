@@ -197,3 +197,45 @@ def test_a_control_call_that_fails_waits_in_order_while_others_go(
     finally:
         w.close()
         proxy.close()
+
+
+def test_ledger_and_member_ledgers_are_sent_and_final_before_the_status(
+        redis_url: str, prefix: str, r: redis.Redis, keys: Keys, project: str,
+        backend: Backend) -> None:
+    """What the worker POSTs (seen by the proxy; this backend's ledger route is stood in for
+    by the proxy answering 200), and that the final ledger goes before the final status."""
+    import json
+
+    proxy = FaultProxy(backend.url)
+    proxy.fail = [(r"^POST /api/runs/\d+/ledger ", 200)]
+    w = in_process_worker(redis_url, prefix, Backend(proxy.url, backend.key))
+    try:
+        run = _create(w, r, keys, project, "ledger-sent")
+        attach(r, keys, run, "h:1")
+        produce(r, keys, run, (entry(s, {"a": s}, time_ms=5000 + s) for s in range(1, 31)))
+        produce(r, keys, run, [{**entry(31, {}), "a": "junk"}])
+        spin(w, _stored(backend, run, "a", 30), what="stored")
+        info = P.unpack(r.hget(keys.members(run), "h:1"))
+        r.hset(keys.members(run), "h:1", P.pack({**info, "state": "finished", "logged": 33,
+                                                 "sent": 31, "dropped": 2,
+                                                 "drops": {"overflow": 2}}))
+        spin(w, lambda: backend.run(run)["status"] == "COMPLETED", what="COMPLETED")
+        posts = [(what.split()[1], json.loads(body)) for what, body in proxy.seen
+                 if what.startswith("POST /api/runs/") and body]
+        ledgers = [body for path, body in posts if path.endswith("/ledger")]
+        assert ledgers[-1] == [{"rank": 0, "stored": 30, "dead": 1, "last_step": 30,
+                                "last_time": 5030}]
+        members = [row for path, body in posts if path.endswith("/members") for row in body]
+        assert {k: members[-1][k] for k in ("member", "state", "logged", "sent", "dropped",
+                                            "drops")} == {
+            "member": "h:1", "state": "finished", "logged": 33, "sent": 31, "dropped": 2,
+            "drops": {"overflow": 2}}
+        order = [path for path, body in posts if path.endswith(("/ledger", "/status/update"))]
+        final = max(i for i, path in enumerate(order) if path.endswith("/status/update"))
+        assert order[final - 1].endswith("/ledger")  # the final ledger, then the status
+        last_members = max(i for i, (path, _) in enumerate(posts) if path.endswith("/members"))
+        assert last_members < [i for i, (path, _) in enumerate(posts)
+                               if path.endswith("/status/update")][-1]
+    finally:
+        w.close()
+        proxy.close()
