@@ -33,16 +33,15 @@ from ._control import Control
 from ._flow import Flow
 from ._persist import NO_PROJECT, Post, decode, deliver
 from ._problems import Problems
+from ._reader import Batch, Reader
 from ._runs import RunWatcher
 from ._settings import WorkerSettings
 from ._streams import (
-    Entry, as_entry, connect, ensure_group, error_code, is_nogroup, is_weather, raw_reply,
-    stream_entries, trim,
+    Entry, as_entry, connect, ensure_group, error_code, is_nogroup, is_weather, raw_reply, trim,
 )
 
 log = logging.getLogger("worker")
 
-Batch = dict[str, list[Entry]]
 WAIT_S = 0.05
 """Longest wait for a post in flight before the loop reads Redis again."""
 
@@ -73,6 +72,7 @@ class Worker:
         self.watcher = RunWatcher(self.r, self.keys, self.calls, s.heartbeat_timeout,
                                   s.retention, self.problems)
         self.acker = Acker(self.r, self.keys, s.retention, self.problems)
+        self.reader = Reader(self.r, self.name, s.cluster, self.problems)
         self.flow = Flow(s.retry_max)
         self.runs: list[int] = []
         self.stored = 0  # metric points the backend confirmed, for the periodic log line
@@ -190,7 +190,7 @@ class Worker:
         starts = {self.keys.control: self._control_from}
         starts.update({self.keys.metrics(run): ">" for run in new})
         starts.update({self.keys.metrics(run): "0" for run in old})
-        batch = self._xreadgroup(starts, count, block or None)
+        batch = self.reader.read(starts, count, block or None)
         if self._control_from != ">":
             got = batch.get(self.keys.control, [])
             self._control_from = got[-1][0].decode() if got else ">"
@@ -327,46 +327,6 @@ class Worker:
         ids = self._guard("runs set", lambda: self.r.smembers(self.keys.runs))
         if ids is not None:
             self.runs = sorted(int(x) for x in ids if x.isdigit() and 0 < int(x) <= MAX_ID)
-
-    def _xreadgroup(self, starts: dict[str, str], count: int, block: int | None) -> Batch:
-        starts = {k: v for k, v in starts.items() if k not in self._bad_streams()}
-        try:
-            if self.settings.cluster:  # one slot per run: no multi-stream reads on a cluster
-                reply = []
-                for stream, start in starts.items():
-                    reply += self.r.xreadgroup(GROUP, self.name, {stream: start},
-                                               count=count) or []
-                if not reply and block:
-                    time.sleep(block / 1000)
-            else:
-                reply = self.r.xreadgroup(GROUP, self.name, starts, count=count,
-                                          block=block) or []
-        except redis.ResponseError as exc:
-            if is_weather(exc):
-                raise
-            self._repair(list(starts), exc)
-            return {}
-        return stream_entries(reply)
-
-    def _repair(self, streams: list[str], exc: redis.ResponseError) -> None:
-        """A read failed: a group is missing (re-create it) or a key is not a stream."""
-        if is_nogroup(exc):
-            log.warning("consumer group missing (Redis restarted without persistence?); "
-                        "re-creating it from the start of each stream")
-        pipe = self.r.pipeline(transaction=False)
-        for stream in streams:
-            pipe.type(stream)
-        for stream, kind in zip(streams, pipe.execute()):
-            if kind in (b"stream", "stream", b"none", "none"):
-                self._guard(f"group:{stream}", lambda s=stream: ensure_group(self.r, s))
-            else:
-                self._due[f"bad:{stream}"] = time.monotonic() + 30.0
-                self.problems.report(f"type:{stream}", f"{stream} is a {kind!r}, not a stream; "
-                                     "skipped (checked again every 30 s)")
-
-    def _bad_streams(self) -> set[str]:
-        now = time.monotonic()
-        return {k[4:] for k, due in self._due.items() if k.startswith("bad:") and due > now}
 
     def _beat_quietly(self) -> None:
         """Heartbeat while the backend is being retried, so ``pluto status`` sees us alive."""
