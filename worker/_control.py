@@ -149,8 +149,13 @@ class Control:
     def _bury(self, entry: Entry, reason: str, acks: Acks,
               exc: BaseException | None = None) -> None:
         entry_id, flat = entry
-        self.problems.report("control", f"control entry {entry_id.decode()} dead-lettered to "
+        fields = fields_dict(flat or [])
+        about = fields.get(b"id") or b"/".join(
+            fields.get(k, b"?") for k in (b"project", b"run_id"))
+        self.problems.report(f"control:{about[:100]!r}", f"control entry {entry_id.decode()} "
+                             f"(run {about[:100].decode(errors='replace')}) dead-lettered to "
                              f"{self.keys.control_dead}: {reason[:500]}", exc=exc)
+        self.problems.counts["control"] += 1
         acks.bury(self.keys.control_dead, self.keys.control, entry_id, flat or [],
                   reason[:2000], count=False)
 
