@@ -30,6 +30,7 @@ from pluto._protocol import MAX_ID
 from ._acks import Acker, Acks
 from ._backend import Backend, Interrupted
 from ._control import Control
+from ._dispatch import Dispatcher
 from ._flow import Flow
 from ._persist import NO_PROJECT, Post, decode, deliver
 from ._problems import Problems
@@ -67,8 +68,8 @@ class Worker:
         # one is retried later with back-off instead of holding the loop for the others.
         self.calls = Backend(s, self._stop, attempts=1)
         self.projects: dict[int, str | None] = {}
-        self.control = Control(self.r, self.keys, self.calls, self.projects, self.problems,
-                               s.retry_max)
+        self.control = Dispatcher(Control(self.r, self.keys, self.calls, self.projects),
+                                  self.keys, self.problems, s.retry_max)
         self.watcher = RunWatcher(self.r, self.keys, self.calls, s.heartbeat_timeout,
                                   s.retention, self.problems)
         self.acker = Acker(self.r, self.keys, s.retention, self.problems)
@@ -119,12 +120,14 @@ class Worker:
         """Post what is queued and settle every post in flight (tests; warm shutdown)."""
         settled = 0
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.flow.flight or self.flow.queued:
+        while self.flow.flight or self.flow.queued or self.control.running:
             self._submit()
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            wait(list(self.flow.flight.values()), timeout=left, return_when=FIRST_COMPLETED)
+            wait(list(self.flow.flight.values()) + self.control.futures(), timeout=left,
+                 return_when=FIRST_COMPLETED)
             acks = Acks()
             try:
+                self.control.apply([], acks)
                 self._settle(acks)
             finally:
                 self.acker(acks)
@@ -183,9 +186,9 @@ class Worker:
         new, old = self.flow.reads(self.runs)
         count = max(100, self.settings.batch // max(1, len(self.runs)))
         block = self.settings.block_ms if block_ms is None else block_ms
-        if self.flow.flight:  # answers are coming: wait for one, not for Redis
-            wait(list(self.flow.flight.values()), timeout=min(block / 1000, WAIT_S),
-                 return_when=FIRST_COMPLETED)
+        coming = list(self.flow.flight.values()) + self.control.futures()
+        if coming:  # answers are coming: wait for one, not for Redis
+            wait(coming, timeout=min(block / 1000, WAIT_S), return_when=FIRST_COMPLETED)
             block = 0
         starts = {self.keys.control: self._control_from}
         starts.update({self.keys.metrics(run): ">" for run in new})
@@ -343,6 +346,7 @@ class Worker:
         except (Interrupted, redis.RedisError) as exc:
             log.warning("posts in flight left pending: %s", exc)
         self._poster.shutdown(wait=True)
+        self.control.close()
         try:
             for stream in self._streams():
                 for consumer in self.r.xinfo_consumers(stream, GROUP):
