@@ -19,7 +19,7 @@ import logging
 import random
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import redis
@@ -80,6 +80,8 @@ class Worker:
         self._ready = False
         self._control_from = "0"  # this consumer's pending control entries first
         self._poster = ThreadPoolExecutor(s.posters, thread_name_prefix="poster")
+        self._checker = ThreadPoolExecutor(1, thread_name_prefix="checks")
+        self._check: Future[None] | None = None
         self._due: dict[str, float] = {}
 
     # -- the loop ------------------------------------------------------------------------
@@ -277,7 +279,7 @@ class Worker:
             self._guard("heartbeat", lambda: self.r.hset(self.keys.workers, self.name,
                                                          int(time.time() * 1000)))
         if self._due_now("check", s.check_interval):
-            self._guard("check", lambda: self.watcher.check(self.runs))
+            self._start_check()
             self.flow.forget(set(self.runs))
         if self._due_now("trim", s.trim_interval):
             for stream in self._streams():
@@ -288,6 +290,20 @@ class Worker:
             self.stored = 0
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _start_check(self) -> None:
+        """Member and completion checks run on their own thread (they call the backend, which
+        may hang): a new one starts once the last has finished; its failure is reported."""
+        last = self._check
+        if last is not None and not last.done():
+            return
+        if last is not None and last.exception() is not None:
+            exc = last.exception()
+            kind = "redis" if is_weather(exc) else type(exc).__name__
+            self.problems.report(f"check:{kind}", f"run checks failed: {type(exc).__name__}: "
+                                 f"{exc}", logging.WARNING if is_weather(exc) else logging.ERROR,
+                                 None if is_weather(exc) else exc)
+        self._check = self._checker.submit(self.watcher.check, list(self.runs))
 
     def _due_now(self, what: str, interval: float) -> bool:
         now = time.monotonic()
@@ -346,6 +362,7 @@ class Worker:
         except (Interrupted, redis.RedisError) as exc:
             log.warning("posts in flight left pending: %s", exc)
         self._poster.shutdown(wait=True)
+        self._checker.shutdown(wait=True)
         self.control.close()
         try:
             for stream in self._streams():

@@ -239,3 +239,32 @@ def test_ledger_and_member_ledgers_are_sent_and_final_before_the_status(
     finally:
         w.close()
         proxy.close()
+
+
+def test_a_hanging_control_call_holds_up_only_its_own_run(
+        redis_url: str, prefix: str, r: redis.Redis, keys: Keys, project: str,
+        backend: Backend) -> None:
+    """The backend hangs past the read timeout on one run's members call: that attach waits
+    (and is retried); a create of another project and the other runs' metrics go on."""
+    proxy = FaultProxy(backend.url)
+    w = in_process_worker(redis_url, prefix, Backend(proxy.url, backend.key), retry_max=0.5,
+                          read_timeout=20.0)
+    try:
+        slow = _create(w, r, keys, project, "slow-members")
+        busy = _create(w, r, keys, project, "busy")
+        proxy.hang = [(rf"^POST /api/runs/{slow}/members ", 4.0)]
+        attach(r, keys, slow, "h:1")
+        spin(w, lambda: ("run", slow) in w.control.running, what="the hanging call made")
+        other = _create(w, r, keys, f"{project}-other", "while-hanging")
+        produce(r, keys, busy, (entry(s, {"a": s}) for s in range(1, 101)))
+        spin(w, _stored(backend, busy, "a", 100), what="another run's metrics stored")
+        assert other not in (slow, busy)
+        assert ("run", slow) in w.control.queues  # still in hand: hanging, or waiting a retry
+        assert r.xpending(keys.control, GROUP)["pending"] == 1  # the attach, still in hand
+        proxy.hang = []
+        spin(w, lambda: r.xpending(keys.control, GROUP)["pending"] == 0, what="attach retried")
+        spin(w, lambda: [m["member"] for m in backend.run(slow)["members"]] == ["h:1"],
+             what="the attach applied")
+    finally:
+        w.close()
+        proxy.close()
