@@ -156,3 +156,24 @@ def test_redis_error_replies_are_classified_by_their_code(reply: str, weather: b
     from worker._streams import is_weather
 
     assert is_weather(BaseParser.parse_error(reply)) is weather
+
+
+def test_isolation_settings_from_env() -> None:
+    s = WorkerSettings.from_env({"PLUTO_WORKER_BATCH_BYTES": "300000",
+                                 "PLUTO_WORKER_POSTERS": "2", "PLUTO_WORKER_HTTP_ATTEMPTS": "5"})
+    assert (s.batch_bytes, s.posters, s.http_attempts) == (300000, 2, 5)
+    d = WorkerSettings.from_env({})
+    assert (d.batch_bytes, d.posters, d.http_attempts) == (8 << 20, 4, 3)
+    with pytest.raises(ConfigError, match="PLUTO_WORKER_BATCH_BYTES"):
+        WorkerSettings.from_env({"PLUTO_WORKER_BATCH_BYTES": "12"})  # below 1 KiB
+
+
+def test_a_read_is_posted_in_parts_of_at_most_batch_bytes() -> None:
+    from worker._persist import Post, decode, size
+
+    flat = flatten({b"_rank": b"0", b"_step": b"1", b"_time": b"1", b"a": b"0." + b"5" * 300})
+    entries = [(b"%d-0" % i, flat) for i in range(1, 101)]
+    post = Post(1, "s")
+    decode(post, entries, columns=False, batch_bytes=10 * size(flat), bury=lambda e, why: None)
+    assert [len(p.entries) for p in post.parts] == [10] * 10
+    assert [len(p.records) for p in post.parts] == [10] * 10
