@@ -177,3 +177,14 @@ def test_a_read_is_posted_in_parts_of_at_most_batch_bytes() -> None:
     decode(post, entries, columns=False, batch_bytes=10 * size(flat), bury=lambda e, why: None)
     assert [len(p.entries) for p in post.parts] == [10] * 10
     assert [len(p.records) for p in post.parts] == [10] * 10
+
+
+@pytest.mark.parametrize("sizes, first", [
+    ([1] * 10, 5), ([1, 1, 1, 1000, 1, 1], 3), ([1000, 1, 1], 1), ([1, 1, 1000], 2), ([5, 5], 1),
+])
+def test_a_413_split_halves_by_bytes(sizes: list[int], first: int) -> None:
+    from worker._persist import halves
+
+    entries = [(b"%d-0" % i, [b"x" * n]) for i, n in enumerate(sizes)]
+    a, b = halves(entries)  # type: ignore[arg-type]
+    assert (len(a), a + b) == (first, entries)
