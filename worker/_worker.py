@@ -19,7 +19,7 @@ import logging
 import random
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import redis
@@ -30,19 +30,19 @@ from pluto._protocol import MAX_ID
 from ._acks import Acker, Acks
 from ._backend import Backend, Interrupted
 from ._control import Control
+from ._dispatch import Dispatcher
 from ._flow import Flow
 from ._persist import NO_PROJECT, Post, decode, deliver
 from ._problems import Problems
+from ._reader import Batch, Reader
 from ._runs import RunWatcher
 from ._settings import WorkerSettings
 from ._streams import (
-    Entry, as_entry, connect, ensure_group, error_code, is_nogroup, is_weather, raw_reply,
-    stream_entries, trim,
+    Entry, as_entry, connect, ensure_group, error_code, is_nogroup, is_weather, raw_reply, trim,
 )
 
 log = logging.getLogger("worker")
 
-Batch = dict[str, list[Entry]]
 WAIT_S = 0.05
 """Longest wait for a post in flight before the loop reads Redis again."""
 
@@ -64,18 +64,24 @@ class Worker:
         self.problems = Problems()
         self.backend = Backend(s, self._stop, on_wait=self._beat_quietly,
                                attempts=s.http_attempts)
+        # Calls made on the loop itself (control, status, members) get one attempt: a failing
+        # one is retried later with back-off instead of holding the loop for the others.
+        self.calls = Backend(s, self._stop, attempts=1)
         self.projects: dict[int, str | None] = {}
-        self.control = Control(self.r, self.keys, self.backend, self.projects, self.problems,
-                               s.retry_max)
-        self.watcher = RunWatcher(self.r, self.keys, self.backend, s.heartbeat_timeout,
+        self.control = Dispatcher(Control(self.r, self.keys, self.calls, self.projects),
+                                  self.keys, self.problems, s.retry_max)
+        self.watcher = RunWatcher(self.r, self.keys, self.calls, s.heartbeat_timeout,
                                   s.retention, self.problems)
         self.acker = Acker(self.r, self.keys, s.retention, self.problems)
+        self.reader = Reader(self.r, self.name, s.cluster, self.problems)
         self.flow = Flow(s.retry_max)
         self.runs: list[int] = []
         self.stored = 0  # metric points the backend confirmed, for the periodic log line
         self._ready = False
         self._control_from = "0"  # this consumer's pending control entries first
         self._poster = ThreadPoolExecutor(s.posters, thread_name_prefix="poster")
+        self._checker = ThreadPoolExecutor(1, thread_name_prefix="checks")
+        self._check: Future[None] | None = None
         self._due: dict[str, float] = {}
 
     # -- the loop ------------------------------------------------------------------------
@@ -116,12 +122,14 @@ class Worker:
         """Post what is queued and settle every post in flight (tests; warm shutdown)."""
         settled = 0
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.flow.flight or self.flow.queued:
+        while self.flow.flight or self.flow.queued or self.control.running:
             self._submit()
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            wait(list(self.flow.flight.values()), timeout=left, return_when=FIRST_COMPLETED)
+            wait(list(self.flow.flight.values()) + self.control.futures(), timeout=left,
+                 return_when=FIRST_COMPLETED)
             acks = Acks()
             try:
+                self.control.apply([], acks)
                 self._settle(acks)
             finally:
                 self.acker(acks)
@@ -180,14 +188,14 @@ class Worker:
         new, old = self.flow.reads(self.runs)
         count = max(100, self.settings.batch // max(1, len(self.runs)))
         block = self.settings.block_ms if block_ms is None else block_ms
-        if self.flow.flight:  # answers are coming: wait for one, not for Redis
-            wait(list(self.flow.flight.values()), timeout=min(block / 1000, WAIT_S),
-                 return_when=FIRST_COMPLETED)
+        coming = list(self.flow.flight.values()) + self.control.futures()
+        if coming:  # answers are coming: wait for one, not for Redis
+            wait(coming, timeout=min(block / 1000, WAIT_S), return_when=FIRST_COMPLETED)
             block = 0
         starts = {self.keys.control: self._control_from}
         starts.update({self.keys.metrics(run): ">" for run in new})
         starts.update({self.keys.metrics(run): "0" for run in old})
-        batch = self._xreadgroup(starts, count, block or None)
+        batch = self.reader.read(starts, count, block or None)
         if self._control_from != ">":
             got = batch.get(self.keys.control, [])
             self._control_from = got[-1][0].decode() if got else ">"
@@ -271,7 +279,7 @@ class Worker:
             self._guard("heartbeat", lambda: self.r.hset(self.keys.workers, self.name,
                                                          int(time.time() * 1000)))
         if self._due_now("check", s.check_interval):
-            self._guard("check", lambda: self.watcher.check(self.runs))
+            self._start_check()
             self.flow.forget(set(self.runs))
         if self._due_now("trim", s.trim_interval):
             for stream in self._streams():
@@ -282,6 +290,20 @@ class Worker:
             self.stored = 0
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _start_check(self) -> None:
+        """Member and completion checks run on their own thread (they call the backend, which
+        may hang): a new one starts once the last has finished; its failure is reported."""
+        last = self._check
+        if last is not None and not last.done():
+            return
+        if last is not None and last.exception() is not None:
+            exc = last.exception()
+            kind = "redis" if is_weather(exc) else type(exc).__name__
+            self.problems.report(f"check:{kind}", f"run checks failed: {type(exc).__name__}: "
+                                 f"{exc}", logging.WARNING if is_weather(exc) else logging.ERROR,
+                                 None if is_weather(exc) else exc)
+        self._check = self._checker.submit(self.watcher.check, list(self.runs))
 
     def _due_now(self, what: str, interval: float) -> bool:
         now = time.monotonic()
@@ -325,46 +347,6 @@ class Worker:
         if ids is not None:
             self.runs = sorted(int(x) for x in ids if x.isdigit() and 0 < int(x) <= MAX_ID)
 
-    def _xreadgroup(self, starts: dict[str, str], count: int, block: int | None) -> Batch:
-        starts = {k: v for k, v in starts.items() if k not in self._bad_streams()}
-        try:
-            if self.settings.cluster:  # one slot per run: no multi-stream reads on a cluster
-                reply = []
-                for stream, start in starts.items():
-                    reply += self.r.xreadgroup(GROUP, self.name, {stream: start},
-                                               count=count) or []
-                if not reply and block:
-                    time.sleep(block / 1000)
-            else:
-                reply = self.r.xreadgroup(GROUP, self.name, starts, count=count,
-                                          block=block) or []
-        except redis.ResponseError as exc:
-            if is_weather(exc):
-                raise
-            self._repair(list(starts), exc)
-            return {}
-        return stream_entries(reply)
-
-    def _repair(self, streams: list[str], exc: redis.ResponseError) -> None:
-        """A read failed: a group is missing (re-create it) or a key is not a stream."""
-        if is_nogroup(exc):
-            log.warning("consumer group missing (Redis restarted without persistence?); "
-                        "re-creating it from the start of each stream")
-        pipe = self.r.pipeline(transaction=False)
-        for stream in streams:
-            pipe.type(stream)
-        for stream, kind in zip(streams, pipe.execute()):
-            if kind in (b"stream", "stream", b"none", "none"):
-                self._guard(f"group:{stream}", lambda s=stream: ensure_group(self.r, s))
-            else:
-                self._due[f"bad:{stream}"] = time.monotonic() + 30.0
-                self.problems.report(f"type:{stream}", f"{stream} is a {kind!r}, not a stream; "
-                                     "skipped (checked again every 30 s)")
-
-    def _bad_streams(self) -> set[str]:
-        now = time.monotonic()
-        return {k[4:] for k, due in self._due.items() if k.startswith("bad:") and due > now}
-
     def _beat_quietly(self) -> None:
         """Heartbeat while the backend is being retried, so ``pluto status`` sees us alive."""
         try:
@@ -380,6 +362,8 @@ class Worker:
         except (Interrupted, redis.RedisError) as exc:
             log.warning("posts in flight left pending: %s", exc)
         self._poster.shutdown(wait=True)
+        self._checker.shutdown(wait=True)
+        self.control.close()
         try:
             for stream in self._streams():
                 for consumer in self.r.xinfo_consumers(stream, GROUP):
@@ -391,4 +375,5 @@ class Worker:
         except redis.RedisError as exc:
             log.warning("could not deregister from redis on exit: %s", exc)
         self.backend.close()
+        self.calls.close()
         log.info("worker %s stopped", self.name)

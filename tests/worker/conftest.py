@@ -130,6 +130,9 @@ class FaultProxy:
 
         self.fail: list[str | tuple[str, int]] = []
         self.hits: list[str] = []
+        self.seen: list[tuple[str, bytes]] = []  # every request: (what, body)
+        self.hang: list[tuple[str, float]] = []  # (regex, seconds): sleep, then forward
+        self.done: list[tuple[str, float]] = []  # (what, monotonic time it was answered)
         proxy = self
         client = httpx.Client(base_url=upstream, timeout=30)
 
@@ -140,6 +143,11 @@ class FaultProxy:
             def _serve(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
                 what = f"{self.command} {self.path} run={self.headers.get('x-run-id', '')}"
+                proxy.seen.append((what, body))
+                for pattern, seconds in proxy.hang:
+                    if re.search(pattern, what):
+                        proxy.hits.append(what)
+                        time.sleep(seconds)
                 for rule in proxy.fail:
                     pattern, status = rule if isinstance(rule, tuple) else (rule, 500)
                     if re.search(pattern, what):
@@ -162,6 +170,7 @@ class FaultProxy:
                 self.send_header("content-length", str(len(resp.content)))
                 self.end_headers()
                 self.wfile.write(resp.content)
+                proxy.done.append((what, time.monotonic()))
 
             do_GET = do_POST = _serve
 
