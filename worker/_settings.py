@@ -62,6 +62,10 @@ class WorkerSettings:
     retry_max: float = 5.0
     """Longest pause between two attempts against the backend or Redis."""
     log_level: str = "INFO"
+    metrics_port: int = 0
+    """``PLUTO_METRICS_PORT``: serve Prometheus metrics there (``/metrics``); 0 = off."""
+    metrics_interval: float = 5.0
+    """Seconds between two samples of the stream-group gauges (a few commands per run)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:
@@ -85,6 +89,7 @@ class WorkerSettings:
             connect_timeout=_num(env, "PLUTO_HTTP_CONNECT_TIMEOUT", 3.0),
             read_timeout=_num(env, "PLUTO_HTTP_READ_TIMEOUT", 10.0),
             log_level=(env.get("PLUTO_LOG_LEVEL") or "INFO").strip().upper(),
+            metrics_port=int(_num(env, "PLUTO_METRICS_PORT", 0, low=-0.5)),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

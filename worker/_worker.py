@@ -24,6 +24,7 @@ from typing import Any
 
 import redis
 
+from pluto import __version__
 from pluto._keys import GROUP, Keys
 from pluto._protocol import MAX_ID
 
@@ -32,6 +33,7 @@ from ._backend import Backend, Interrupted
 from ._control import Control
 from ._dispatch import Dispatcher
 from ._flow import Flow
+from ._metrics import Metrics
 from ._persist import NO_PROJECT, Post, decode, deliver
 from ._problems import Problems
 from ._reader import Batch, Reader
@@ -83,6 +85,8 @@ class Worker:
         self._checker = ThreadPoolExecutor(1, thread_name_prefix="checks")
         self._check: Future[None] | None = None
         self._due: dict[str, float] = {}
+        self.metrics = Metrics(self.name, __version__)
+        self._submitted: dict[int, float] = {}
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -115,6 +119,9 @@ class Worker:
             self._submit()
         finally:
             self.acker(acks)
+            for dead_stream, *_ in acks.dead:
+                self.metrics.dead.labels(
+                    "control" if dead_stream == self.keys.control_dead else "metrics").inc()
         self._maintain()
         return acks.count()
 
@@ -178,6 +185,8 @@ class Worker:
             if entries:
                 log.info("claimed %d stale entries of %s", len(entries), stream)
                 batch[stream] = [as_entry(e) for e in entries]
+                self.metrics.claimed.inc(len(entries))
+                self.metrics.on_read(self._kind(stream), len(entries))
             if cursor not in (b"0-0", "0-0"):
                 self._due["claim"] = 0.0  # more to claim: next iteration continues
         return batch
@@ -196,6 +205,11 @@ class Worker:
         starts.update({self.keys.metrics(run): ">" for run in new})
         starts.update({self.keys.metrics(run): "0" for run in old})
         batch = self.reader.read(starts, count, block or None)
+        for stream, entries in batch.items():
+            self.metrics.on_read(self._kind(stream), len(entries))
+            if starts.get(stream) == "0" or (stream == self.keys.control
+                                               and self._control_from != ">"):
+                self.metrics.redelivered.inc(len(entries))  # own pending ones, read again
         if self._control_from != ">":
             got = batch.get(self.keys.control, [])
             self._control_from = got[-1][0].decode() if got else ">"
@@ -236,6 +250,7 @@ class Worker:
         """Start the queued post of each run that has nothing in flight."""
         for run in [r for r in self.flow.queued if r not in self.flow.flight]:
             post = self.flow.queued.pop(run)
+            self._submitted[run] = time.monotonic()
             self.flow.flight[run] = self._poster.submit(deliver, self.backend, post,
                                                         self.projects)
 
@@ -257,7 +272,12 @@ class Worker:
             acks.stored(stream, entry_id, flat or [])
         for (entry_id, flat), reason in post.bad:
             acks.bury(dead, stream, entry_id, flat or [], reason)
-        self.stored += sum((len(flat or []) - 6) // 2 for _, flat in post.stored)
+        points = sum((len(flat or []) - 6) // 2 for _, flat in post.stored)
+        self.stored += points
+        if post.stored:
+            took = time.monotonic() - self._submitted.pop(run, time.monotonic())
+            self.metrics.on_persisted(len(post.stored), points, took,
+                                      [entry_id for entry_id, _ in post.stored])
         if post.bad:
             self.problems.report(f"bad:{run}", f"run {run}: {len(post.bad)} entries "
                                  f"dead-lettered to {dead}: {post.bad[0][1][:300]}",
@@ -265,7 +285,11 @@ class Worker:
         if post.splits:
             log.info("run %d: the backend refused a body as too large (413); split %d times",
                      run, post.splits)
+        if post.bad:
+            self.metrics.on_failed("rejected")
         if post.failed:
+            self.metrics.on_failed("failed")
+            self.metrics.parked.inc()
             pause = self.flow.park(run, post.failed)
             log.warning("run %d: %s; %d entries left pending, parked, retry in %.1f s",
                         run, post.failed, post.entries(), pause)
@@ -284,6 +308,9 @@ class Worker:
         if self._due_now("trim", s.trim_interval):
             for stream in self._streams():
                 self._guard(f"trim:{stream}", lambda: trim(self.r, stream, s.retention))
+        if self.metrics.enabled and self._due_now("sample", s.metrics_interval):
+            self._guard("metrics", lambda: self.metrics.sample(
+                self.r, self.keys.control, self._streams()[1:], GROUP))
         if self._due_now("report", 30.0):
             if self.stored:
                 log.info("stored %d metric points in the last %.0f s", self.stored, 30.0)
@@ -337,6 +364,9 @@ class Worker:
         self.flow.recover_all(self.runs)
         self._control_from = "0"
         self._stop.wait(pause)
+
+    def _kind(self, stream: str) -> str:
+        return "control" if stream == self.keys.control else "metrics"
 
     def _streams(self) -> list[str]:
         return [self.keys.control] + [self.keys.metrics(run) for run in self.runs]
