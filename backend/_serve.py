@@ -1,4 +1,4 @@
-"""Running the backend in the foreground: `python -m backend` and `pluto server` call these."""
+"""Running the backend in the foreground: `python -m pluto_server` and `pluto server` call these."""
 
 from __future__ import annotations
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from _common import ROOT, median, report
 
-from backend._store import Store
+from pluto_server._store import Store
 from pluto import _servers
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",

@@ -53,16 +53,39 @@ class CliSettings:
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from worker import main as worker_main
-
+    try:
+        from pluto_worker import main as worker_main
+    except ImportError as exc:
+        return _missing("worker", "worker", exc)
     return int(worker_main() or 0)
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from backend import serve
-
+    try:
+        from pluto_server import serve
+    except ImportError as exc:
+        return _missing("server", "server", exc)
     serve()
     return 0
+
+
+def _need(module: str, command: str, extra: str) -> Any:
+    """``module`` imported, or None after the one-line hint naming the extra to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        _missing(command, extra, exc)
+        return None
+
+
+def _missing(command: str, extra: str, exc: ImportError) -> int:
+    """An extra that is not installed is one line naming the pip command, not a traceback."""
+    module = (exc.name or 'a module').split('.')[0]
+    print(f"pluto {command}: needs {module} from the {extra!r} extra: "
+          f"pip install 'pluto-stream[{extra}]'", file=sys.stderr)
+    return 2
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -72,6 +95,10 @@ def cmd_up(args: argparse.Namespace) -> int:
     and the embedded Redis is stopped only by Ctrl-C / SIGTERM (worker first), never because
     another child died."""
     import redis
+
+    for module in ("starlette", "uvicorn", "httpx"):
+        if _need(module, "up", "server") is None:
+            return 2
 
     s = CliSettings.from_env()
     s.home.mkdir(parents=True, exist_ok=True)
@@ -171,8 +198,9 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 def cmd_runs(args: argparse.Namespace) -> int:
     """List runs (or show one with its metrics) from the backend's read API."""
-    import httpx
-
+    httpx = _need("httpx", "runs", "worker")
+    if httpx is None:
+        return 2
     s = CliSettings.from_env()
     key = s.key()
     if not key:
@@ -205,11 +233,13 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Health of Redis, the backend, the workers and every active run; non-zero if unhealthy."""
-    import httpx
     import redis
 
     from . import _ops
 
+    httpx = _need("httpx", "status", "worker")
+    if httpx is None:
+        return 2
     s = CliSettings.from_env()
     try:
         resp = httpx.get(f"{s.api_url}/healthz", timeout=3)

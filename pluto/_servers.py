@@ -92,6 +92,15 @@ class Child:
         return ""
 
 
+def module_argv(module: str) -> list[str]:
+    """``python -m <module>`` without the working directory on ``sys.path`` (``-m`` would put
+    it first): a service started from a repository with its own ``pluto_worker`` or
+    ``pluto_server`` folder, or one that shadows a dependency, still runs the installed code."""
+    code = ("import runpy, sys; sys.path[:] = [p for p in sys.path[1:] if p not in ('', '.')]; "
+            f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
+    return [sys.executable, "-c", code]
+
+
 def spawn(name: str, argv: list[str], log_dir: Path, env: Mapping[str, str] | None = None) -> Child:
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
@@ -135,7 +144,7 @@ def start_backend(api_url: str, db_url: str, api_key: str, log_dir: Path,
     parts = urlsplit(api_url)
     full_env = dict(os.environ if env is None else env)
     full_env.update(PLUTO_API_URL=api_url, PLUTO_DB_URL=db_url, PLUTO_API_KEY=api_key)
-    child = spawn(name, [sys.executable, "-m", "backend"], log_dir, full_env)
+    child = spawn(name, module_argv("pluto_server"), log_dir, full_env)
     host = parts.hostname or "127.0.0.1"
     port = parts.port or (443 if parts.scheme == "https" else 80)
     wait_for(lambda: port_open(host, port), 30, f"backend at {api_url}", child)
@@ -147,7 +156,7 @@ def start_worker(redis_url: str, prefix: str, api_url: str, api_key: str, log_di
     full_env = dict(os.environ if env is None else env)
     full_env.update(PLUTO_REDIS_URL=redis_url, PLUTO_PREFIX=prefix, PLUTO_API_URL=api_url,
                     PLUTO_API_KEY=api_key)
-    return spawn(name, [sys.executable, "-m", "worker"], log_dir, full_env)
+    return spawn(name, module_argv("pluto_worker"), log_dir, full_env)
 
 
 @dataclass

@@ -8,8 +8,8 @@ import time
 
 import httpx
 
-from backend._read import downsample, read_series
-from backend._store import Store
+from pluto_server._read import downsample, read_series
+from pluto_server._store import Store
 from tests.conftest import Backend
 
 from .conftest import create, ingest, ndjson, points

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from backend._settings import DEFAULT_MAX_BODY, ServerSettings, db_path
+from pluto_server._settings import DEFAULT_MAX_BODY, ServerSettings, db_path
 from pluto.errors import ConfigError
 
 

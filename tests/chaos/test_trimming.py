@@ -21,7 +21,7 @@ from tests.chaos import ranks
 from tests.chaos.conftest import FaultBackend
 from tests.conftest import Stack
 from tests.helpers import wait_until
-from worker._streams import drained, parse_id
+from pluto_worker._streams import drained, parse_id
 
 RETENTION, BATCH, RANKS = 200, 300, 2
 

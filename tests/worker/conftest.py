@@ -96,7 +96,7 @@ def in_process_worker(redis_url: str, prefix: str, backend: Any, name: str = "w-
                       **settings: Any) -> Any:
     """A :class:`worker.Worker` in this process (the fast tier): the test drives its real loop
     with ``run_once`` against the real Redis and backend."""
-    from worker import Worker, WorkerSettings
+    from pluto_worker import Worker, WorkerSettings
 
     s = WorkerSettings.from_env({}, redis_url=redis_url, prefix=prefix, api_url=backend.url,
                                 api_key=backend.key, name=name, block_ms=10,

@@ -7,9 +7,9 @@ import msgpack
 import pytest
 
 from pluto._protocol import decode_entry
-from worker._backend import COLUMNS, MSGPACK, Backend
-from worker._entries import Columns, flatten
-from worker._settings import WorkerSettings
+from pluto_worker._backend import COLUMNS, MSGPACK, Backend
+from pluto_worker._entries import Columns, flatten
+from pluto_worker._settings import WorkerSettings
 
 HEAD = {b"_rank": b"0", b"_step": b"3", b"_time": b"9"}
 
@@ -58,7 +58,7 @@ def test_every_path_refuses_what_the_grammar_refuses(text: bytes, where: str) ->
     agree, with decode_entry's message."""
     good = {**HEAD, b"a": b"2"}
     bad = {**good, (b"a" if where == "value" else where.encode()): text}
-    from worker._entries import record
+    from pluto_worker._entries import record
 
     record(b"1-0", flatten(good))  # the name is known: the fast paths are taken
     with pytest.raises(ValueError) as slow:

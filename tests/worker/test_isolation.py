@@ -20,7 +20,7 @@ from tests.worker.conftest import (
     FaultProxy, attach, dead_letters, entry, in_process_worker, pending, produce, request_create, run_id_of,
     spin,
 )
-from worker._acks import Acks
+from pluto_worker._acks import Acks
 
 
 @pytest.fixture

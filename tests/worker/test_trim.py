@@ -8,7 +8,7 @@ from pluto._keys import GROUP, Keys
 from tests.conftest import Stack
 from tests.helpers import wait_until
 from tests.worker.conftest import create, entry, pending, produce
-from worker._streams import ensure_group, parse_id, trim
+from pluto_worker._streams import ensure_group, parse_id, trim
 
 
 def ids(r: redis.Redis, stream: str) -> list[bytes]:

@@ -11,12 +11,12 @@ import httpx
 import msgpack
 import pytest
 
-import worker
+import pluto_worker
 from pluto._protocol import decode_entry
 from pluto.errors import ConfigError
-from worker import WorkerSettings
-from worker._backend import Backend, Interrupted, Rejected
-from worker._entries import flatten, record
+from pluto_worker import WorkerSettings
+from pluto_worker._backend import Backend, Interrupted, Rejected
+from pluto_worker._entries import flatten, record
 from pluto._settings import redact
 
 
@@ -124,7 +124,7 @@ def test_retries_stop_when_the_worker_stops() -> None:
 
 
 def test_transient_failures_end_in_unavailable_after_the_attempts() -> None:
-    from worker._backend import Unavailable
+    from pluto_worker._backend import Unavailable
 
     seen: list[int] = []
 
@@ -153,7 +153,7 @@ def test_redis_error_replies_are_classified_by_their_code(reply: str, weather: b
     """Through redis-py's own parser: the mapped classes lose the code from their message."""
     from redis._parsers.base import BaseParser
 
-    from worker._streams import is_weather
+    from pluto_worker._streams import is_weather
 
     assert is_weather(BaseParser.parse_error(reply)) is weather
 
@@ -169,7 +169,7 @@ def test_isolation_settings_from_env() -> None:
 
 
 def test_a_read_is_posted_in_parts_of_at_most_batch_bytes() -> None:
-    from worker._persist import Post, decode, size
+    from pluto_worker._persist import Post, decode, size
 
     flat = flatten({b"_rank": b"0", b"_step": b"1", b"_time": b"1", b"a": b"0." + b"5" * 300})
     entries = [(b"%d-0" % i, flat) for i in range(1, 101)]
@@ -183,7 +183,7 @@ def test_a_read_is_posted_in_parts_of_at_most_batch_bytes() -> None:
     ([1] * 10, 5), ([1, 1, 1, 1000, 1, 1], 3), ([1000, 1, 1], 1), ([1, 1, 1000], 2), ([5, 5], 1),
 ])
 def test_a_413_split_halves_by_bytes(sizes: list[int], first: int) -> None:
-    from worker._persist import halves
+    from pluto_worker._persist import halves
 
     entries = [(b"%d-0" % i, [b"x" * n]) for i, n in enumerate(sizes)]
     a, b = halves(entries)  # type: ignore[arg-type]
