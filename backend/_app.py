@@ -42,8 +42,9 @@ from ._ingest import (
     shown,
 )
 from ._metrics import BackendMetrics, CountRequests, metrics_endpoint
+from ._rows import BrokenRow
 from ._settings import ServerSettings, db_path
-from ._store import STATUSES, BrokenRow, Store
+from ._store import STATUSES, Store
 
 MAX_TEXT = 1024
 """Longest project, run, tag, member, host or state name accepted (in characters)."""
@@ -110,7 +111,8 @@ async def update_status(request: Request) -> Response:
     body = await _object(request)
     status = body.get("status")
     if status not in STATUSES:
-        raise HTTPException(400, f"status must be one of {', '.join(STATUSES)}; got {status!r}")
+        raise HTTPException(400, f"status must be one of {', '.join(STATUSES)}; "
+                                 f"got {shown(status)}")
     return await _updated(request, store_of(request).set_status, body, status)
 
 
@@ -151,10 +153,11 @@ def _items(body: Any, what: str) -> list[dict[str, Any]]:
 def _optional_int(item: dict[str, Any], key: str, what: str, low: int = -(2**63)) -> None:
     """400 unless ``item[key]`` is absent, null, or a JSON integer from ``low`` to 2**63-1."""
     value = item.get(key)
-    if value is not None and (type(value) is not int or isinstance(value, bool)):
+    if value is None:
+        return
+    if type(value) is not int:  # not a bool, not decimal text: JSON bodies carry numbers
         raise HTTPException(400, f"{what}.{key} must be an integer, got {shown(value)}")
-    if value is not None:
-        int64_of(value, f"{what}.{key}", low)
+    int64_of(value, f"{what}.{key}", low)
 
 
 def _drops(value: Any, what: str) -> None:
@@ -218,8 +221,8 @@ async def ingest_metrics(request: Request) -> Response:
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type not in MSGPACK_TYPES and media_type not in TEXT_TYPES \
             and media_type != COLUMNS_TYPE:
-        return error(415, f"unsupported Content-Type {media_type!r}: send application/x-ndjson"
-                          " or application/msgpack")
+        return error(415, f"unsupported Content-Type {shown(media_type)}: send "
+                          "application/x-ndjson or application/msgpack")
     run = run_id_of(request.headers.get("x-run-id"), "X-Run-Id header")
     store = store_of(request)
     if not await in_thread(store.run_exists, run):

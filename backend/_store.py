@@ -33,12 +33,11 @@ from itertools import chain, repeat
 from typing import Any
 
 from . import _json, _rows
-from ._rows import MEMBER_FIELDS, RANK_FIELDS, BrokenRow
+from ._rows import MEMBER_FIELDS, RANK_FIELDS
 from ._schema import migrate
 
 STATUSES = ("RUNNING", "COMPLETED", "FAILED", "TERMINATED")
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-__all__ = ["BrokenRow", "Store"]
 
 
 Stored = int | float | str | None
@@ -178,8 +177,8 @@ class Store:
             cur = db.execute(
                 "INSERT OR IGNORE INTO runs (project, external_id, name, status, config, tags,"
                 " created_at, updated_at) VALUES (?, ?, ?, 'RUNNING', ?, ?, ?, ?)",
-                (project, external_id, name, _rows.merged_config(0, "{}", config), _json.dumps(tags or []),
-                 now, now))
+                (project, external_id, name, _rows.merged_config(0, "{}", config),
+                 _json.dumps(tags or []), now, now))
             if cur.rowcount == 1:
                 run = int(cur.lastrowid or 0)
                 self._runs.add(run)
