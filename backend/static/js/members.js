@@ -65,6 +65,7 @@ export class Members {
     });
     const table = el("table", {cls: "members-table"}, el("thead", {}, head),
                      el("tbody", {}, ...rows));
-    this.root.replaceChildren(el("h3", {text: `members (${members.length})`}), table);
+    this.root.replaceChildren(el("h3", {text: `members (${members.length})`}),
+                              el("div", {cls: "members-box"}, table));
   }
 }
