@@ -79,10 +79,14 @@ def init(project: str | None = None, name: str | None = None, config: Any = None
     check_workers(client, keys, keys.run(project, run_id), s)  # issue 20 (H4): pluto/_preflight.py
     won = elect(client, keys, CreateRequest(project, run_id, name, cfg, tag_list), s.lease,
                 s.init_timeout, redact(s.redis_url))
-    if won.resumed and name is not None:
-        warnings.warn(f"pluto: run {run_id!r} already exists (id {won.id}); this process attached "
-                      f"to it and ignored name={name!r} (the creator's name stands)",
-                      PlutoWarning, stacklevel=user_stacklevel())  # issue 20 (H4)
+    given_name = name
+    if won.resumed:  # the run's real name, as its creator gave it (kept by the worker)
+        stored: Any = client.hget(keys.info(won.id), "name")
+        name = stored.decode(errors="replace") if stored else name
+    if won.resumed and given_name is not None and given_name != name:
+        warnings.warn(f"pluto: run {run_id!r} already exists (id {won.id}, name {name!r}); this "
+                      f"process attached to it and ignored name={given_name!r} (the creator's "
+                      "name stands)", PlutoWarning, stacklevel=user_stacklevel())
     register = functools.partial(_register_member, client, keys, s, won.id, member, project,
                                  run_id, cfg if won.resumed else None)
     stream = keys.metrics(won.id)

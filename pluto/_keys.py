@@ -91,6 +91,11 @@ class Keys:
         waiting ``init`` calls block on it (XREAD) instead of polling the run key."""
         return f"{self.prefix}:announce:{quote(project)}:{quote(run_id)}"
 
+    def info(self, run: int | str) -> str:
+        """Hash: the run's ``name``, ``project`` and ``run_id``, written by the worker when it
+        created the run, so a process that attaches shows the run's real name."""
+        return f"{self.prefix}:{{{run}}}:info"
+
     def metrics(self, run: int | str) -> str:
         return f"{self.prefix}:{{{run}}}:metrics"
 

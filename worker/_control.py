@@ -116,6 +116,13 @@ class Control:
         # already be readable by every worker (in the runs set, with its group).
         self.r.set(self.keys.created(token), "1" if resumed else "0", ex=CREATED_TTL)
         self.activate(run)
+        if not resumed:  # what attaching processes show as run.name (the creator's name stands)
+            info = self.keys.info(run)
+            with self.r.pipeline(transaction=False) as pipe:
+                pipe.hset(info, mapping={"name": msg.get("name") or run_id, "project": project,
+                                         "run_id": run_id})
+                pipe.expire(info, RUN_KEY_TTL)
+                pipe.execute()
         self.r.set(self.keys.run(project, run_id), str(run), ex=RUN_KEY_TTL)
         self.announce(project, run_id, str(run))
         log.info("run %s/%s -> id %d (%s)", project, run_id, run, "resumed" if resumed else "new")
