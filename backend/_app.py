@@ -19,8 +19,9 @@ from starlette.responses import FileResponse, JSONResponse, Response, StreamingR
 from starlette.routing import Route
 
 from . import _compat, _faults, _json
+from ._auth import ScopedAuth
+from ._headers import BodyTimeout, CreateRate, SecurityHeaders
 from ._http import (
-    BearerAuth,
     PathIds,
     broken_row,
     error,
@@ -43,7 +44,7 @@ from ._ingest import (
     decode,
     shown,
 )
-from ._settings import ServerSettings, db_path
+from ._settings import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE, ServerSettings, db_path
 from ._store import STATUSES, BrokenRow, Store, loaded
 
 STATIC = Path(__file__).parent / "static"
@@ -270,8 +271,19 @@ def _query_int(request: Request, name: str, low: int | None = None) -> int | Non
 
 
 async def list_runs(request: Request) -> Response:
+    """A page of runs, newest first: ``{"runs", "total", "offset", "limit", "next"}``, where
+    ``next`` is the ``offset`` of the following page (null on the last). ``limit`` defaults to
+    100 and is at most 1000, so no answer grows with the number of runs."""
     project = request.query_params.get("project") or None
-    return JSONResponse({"runs": await in_thread(store_of(request).list_runs, project)})
+    limit = _query_int(request, "limit", 1) or DEFAULT_PAGE_SIZE
+    offset = _query_int(request, "offset", 0) or 0
+    if limit > MAX_PAGE_SIZE:
+        raise HTTPException(400, f"query parameter limit must be at most {MAX_PAGE_SIZE}")
+    runs = await in_thread(store_of(request).list_runs, project)
+    page = runs[offset:offset + limit]
+    following = offset + limit if offset + limit < len(runs) else None
+    return JSONResponse({"runs": page, "total": len(runs), "offset": offset, "limit": limit,
+                         "next": following})
 
 
 async def get_run(request: Request) -> Response:
@@ -370,8 +382,13 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
         finally:
             app.state.store.close()
 
+    keys_db = None if settings.db_url.startswith("postgres") else db_path(settings.db_url)
     app = Starlette(routes=routes(), lifespan=lifespan,
-                    middleware=[Middleware(BearerAuth, keys=settings.api_keys),
+                    middleware=[Middleware(SecurityHeaders),
+                                Middleware(ScopedAuth, keys=settings.api_keys, db_path=keys_db),
+                                Middleware(CreateRate, rate=settings.create_rate,
+                                           burst=settings.create_burst),
+                                Middleware(BodyTimeout, timeout=settings.body_timeout),
                                 Middleware(PathIds)],
                     exception_handlers={HTTPException: http_error, BrokenRow: broken_row})
     app.state.settings = settings

@@ -90,7 +90,7 @@ class Backend:
         self._http = httpx.Client(
             base_url=settings.api_url, headers=headers,
             timeout=httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout),
-            transport=transport,
+            transport=transport, verify=settings.api_ca or True,
         )
 
     def close(self) -> None:

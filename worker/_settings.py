@@ -16,6 +16,7 @@ from typing import Any
 from pluto._settings import DEFAULT_REDIS_URL
 from pluto._settings import env_flag as _flag
 from pluto._settings import env_number as _num
+from pluto._settings import redis_tls
 
 DEFAULT_API_URL = "http://127.0.0.1:8080"
 
@@ -62,6 +63,13 @@ class WorkerSettings:
     retry_max: float = 5.0
     """Longest pause between two attempts against the backend or Redis."""
     log_level: str = "INFO"
+    redis_ca: str = ""
+    """``rediss://`` only: CA, client certificate and key files (``PLUTO_REDIS_CA``,
+    ``PLUTO_REDIS_CERT``, ``PLUTO_REDIS_KEY``)."""
+    redis_cert: str = ""
+    redis_key: str = ""
+    api_ca: str = ""
+    """CA file to verify an ``https://`` backend with (``PLUTO_API_CA``; else the system's)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:
@@ -85,9 +93,17 @@ class WorkerSettings:
             connect_timeout=_num(env, "PLUTO_HTTP_CONNECT_TIMEOUT", 3.0),
             read_timeout=_num(env, "PLUTO_HTTP_READ_TIMEOUT", 10.0),
             log_level=(env.get("PLUTO_LOG_LEVEL") or "INFO").strip().upper(),
+            redis_ca=env.get("PLUTO_REDIS_CA", "").strip(),
+            redis_cert=env.get("PLUTO_REDIS_CERT", "").strip(),
+            redis_key=env.get("PLUTO_REDIS_KEY", "").strip(),
+            api_ca=env.get("PLUTO_API_CA", "").strip(),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    def tls(self) -> dict[str, Any]:
+        """redis-py TLS keyword arguments (none for ``redis://``)."""
+        return redis_tls(self.redis_url, {}, self.redis_ca, self.redis_cert, self.redis_key)
 
     def replace(self, **changes: Any) -> WorkerSettings:
         return dataclasses.replace(self, **changes)
