@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import ssl
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -90,7 +91,8 @@ class Backend:
         self._http = httpx.Client(
             base_url=settings.api_url, headers=headers,
             timeout=httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout),
-            transport=transport, verify=settings.api_ca or True,
+            transport=transport,
+            verify=ssl.create_default_context(cafile=settings.api_ca) if settings.api_ca else True,
         )
 
     def close(self) -> None:
