@@ -277,8 +277,13 @@ def cmd_runs(args: argparse.Namespace) -> int:
                 print(json.dumps(run, indent=2))
                 print(_ledger_line(run), file=sys.stderr)
                 return 0
-            params = {"project": args.project} if args.project else {}
-            runs = client.get("/api/runs", params=params).raise_for_status().json()["runs"]
+            params: dict[str, Any] = {"project": args.project} if args.project else {}
+            runs, offset = [], 0
+            while offset is not None:  # the backend pages its list (``next``); older: one list
+                page = client.get("/api/runs", params={**params, "offset": offset,
+                                                       "limit": 1000}).raise_for_status().json()
+                runs += page["runs"]
+                offset = page.get("next")
         except httpx.HTTPError as exc:
             print(f"pluto runs: {s.api_url}: {exc} (is `pluto server` running? PLUTO_API_URL)",
                   file=sys.stderr)
