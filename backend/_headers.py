@@ -101,7 +101,8 @@ class CreateRate:
 
 class BodyTimeout:
     """408 when a request body has not arrived whole within ``timeout`` seconds of the
-    request's start, so a client trickling a body cannot hold a connection and a thread.
+    route's first read of it, so a client trickling a body cannot hold a connection and a
+    thread. (Time the request spent waiting for the server is not the client's fault.)
 
     Only receives of the body are bounded; once it is complete, ``receive`` (which then waits
     for the client to disconnect) passes through unchanged.
@@ -115,14 +116,16 @@ class BodyTimeout:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        deadline = time.monotonic() + self.timeout
-        state: dict[str, Any] = {"done": False}
+        state: dict[str, Any] = {"done": False, "deadline": None}
 
         async def bounded() -> Message:
             if state["done"]:
                 return await receive()
+            if state["deadline"] is None:  # from the first read: time queued here is ours
+                state["deadline"] = time.monotonic() + self.timeout
             try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+                left = max(0.1, state["deadline"] - time.monotonic())
+                message = await asyncio.wait_for(receive(), left)
             except asyncio.TimeoutError:
                 raise HTTPException(408, f"the request body did not arrive within "
                                          f"{self.timeout:g} s (PLUTO_BODY_TIMEOUT)") from None

@@ -64,6 +64,25 @@ def guarded_protocol(header_timeout: float) -> type[asyncio.Protocol]:
     return Guarded
 
 
+def raise_open_files_limit() -> tuple[int, int]:
+    """Raise the soft open-files limit to the hard one (returns both, as now), so that a few
+    hundred idle connections cannot exhaust descriptors (EMFILE) before their header deadline
+    closes them; a flood beyond the hard limit needs a proxy or firewall in front."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return (-1, -1)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, hard))
+            soft = wanted
+        except (ValueError, OSError):
+            pass
+    return soft, hard
+
+
 def uvicorn_options(settings: ServerSettings) -> dict[str, Any]:
     """What ``uvicorn.run`` gets besides the app: address, limits, timeouts, TLS."""
     host, port = settings.host_port()
@@ -90,6 +109,7 @@ def serve(settings: ServerSettings | None = None) -> None:
     from ._app import create_app
 
     settings = settings or ServerSettings.from_env()
+    raise_open_files_limit()
     uvicorn.run(create_app(settings), **uvicorn_options(settings))
 
 

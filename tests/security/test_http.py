@@ -3,19 +3,25 @@ per-key create rate limit, slowloris and trickled bodies cut off, HTTPS."""
 
 from __future__ import annotations
 
+import resource
+import shutil
 import socket
 import ssl
-import threading
 import time
 import uuid
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
+import pytest
 
 from backend._headers import CreateRate
-from tests.conftest import Backend
+from pluto import _servers
+from tests.conftest import ROOT, Backend
+from tests.helpers import PYTHON
 
 from .certs import Certs
+from .conftest import clean_env
 from .test_keys import db_of, new_key
 
 
@@ -113,6 +119,41 @@ def test_slowloris_connections_are_closed(make_backend: Callable[..., Backend]) 
     finally:
         for s in socks:
             s.close()
+
+
+def test_slowloris_at_the_open_files_limit(tmp_path: Path) -> None:
+    """The issue's attack: soft open-files limit 200, 200 unfinished requests. The server
+    raises its soft limit to the hard one, so /healthz keeps answering, and the 200 are closed."""
+    if shutil.which("prlimit") is None:
+        pytest.fail("this test needs prlimit (util-linux)")
+    port = _servers.free_port()
+    env = clean_env(PLUTO_API_URL=f"http://127.0.0.1:{port}", PLUTO_API_KEY="k",
+                    PLUTO_DB_URL=f"sqlite:///{tmp_path / 'db.sqlite'}",
+                    PLUTO_HEADER_TIMEOUT="3", PYTHONPATH=str(ROOT))
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard != resource.RLIM_INFINITY and hard <= 400:
+        pytest.fail(f"the hard open-files limit ({hard}) leaves no room above 200")
+    child = _servers.spawn("lowfd-backend", ["prlimit", "--nofile=200:" + (
+        "unlimited" if hard == resource.RLIM_INFINITY else str(hard)), PYTHON, "-m",
+        "backend"], tmp_path, env)
+    socks: list[socket.socket] = []
+    try:
+        _servers.wait_for(lambda: _servers.port_open("127.0.0.1", port), 30, "backend", child)
+        for _ in range(200):
+            s = socket.create_connection(("127.0.0.1", port), timeout=30)
+            s.sendall(b"POST /api/runs/create HTTP/1.1\r\nHost: x\r\n")
+            socks.append(s)
+        assert httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=20).json() == {"ok": True}
+        for s in socks:
+            try:
+                assert s.recv(100) == b""
+            except ConnectionResetError:
+                pass
+        assert "Too many open files" not in child.log()
+    finally:
+        for s in socks:
+            s.close()
+        child.stop()
 
 
 def test_trickled_body_gets_408(make_backend: Callable[..., Backend]) -> None:
