@@ -52,6 +52,15 @@ class CliSettings:
         return path.read_text().strip() if path.exists() else None
 
 
+def api_verify() -> Any:
+    """How httpx verifies an ``https://`` backend: the CA of ``PLUTO_API_CA``, else the
+    system's."""
+    import ssl
+
+    ca = os.environ.get("PLUTO_API_CA", "").strip()
+    return ssl.create_default_context(cafile=ca) if ca else True
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from worker import main as worker_main
 
@@ -268,7 +277,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
               ".pluto/api_key)", file=sys.stderr)
         return 1
     with httpx.Client(base_url=s.api_url, headers={"Authorization": f"Bearer {key}"},
-                      timeout=10) as client:
+                      timeout=10, verify=api_verify()) as client:
         try:
             if args.id is not None:
                 run = client.get(f"/api/runs/{args.id}").raise_for_status().json()
@@ -305,7 +314,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     s = CliSettings.from_env()
     try:
-        resp = httpx.get(f"{s.api_url}/healthz", timeout=3)
+        resp = httpx.get(f"{s.api_url}/healthz", timeout=3, verify=api_verify())
         backend = {"url": s.api_url, "ok": resp.status_code == 200,
                    "error": None if resp.status_code == 200 else f"HTTP {resp.status_code}"}
     except httpx.HTTPError as exc:

@@ -90,11 +90,16 @@ def test_rediss_end_to_end(tls_redis: tuple[str, str, _servers.Child], certs: Ce
             assert api.get(f"/api/runs/{run}").json()["ledger"]["lost"] == 0
 
         # The CLI too: `pluto status` reads Redis over TLS.
+        cli_env = {**env, "PLUTO_API_URL": backend.url, "PLUTO_API_CA": str(certs.ca),
+                   "PLUTO_API_KEY": backend.key}
         status = subprocess.run([PYTHON, "-m", "pluto._cli", "status", "--json"],
-                                env={**env, "PLUTO_API_URL": backend.url}, capture_output=True,
-                                text=True, timeout=60)
+                                env=cli_env, capture_output=True, text=True, timeout=60)
         report = json.loads(status.stdout)
         assert report["redis"]["ok"] is True, status.stdout + status.stderr
+        assert report["backend"]["ok"] is True, status.stdout + status.stderr  # over HTTPS
+        listed = subprocess.run([PYTHON, "-m", "pluto._cli", "runs", "--project", "tls"],
+                                env=cli_env, capture_output=True, text=True, timeout=60)
+        assert listed.returncode == 0 and run_id in listed.stdout, listed.stderr
         assert password not in status.stdout + status.stderr
         # Nothing secret in any log.
         logs = worker.log() + (backend.child.log() if backend.child else "") + server.log()
