@@ -145,6 +145,10 @@ def cmd_up(args: argparse.Namespace) -> int:
             redis.Redis.from_url(s.redis_url, socket_connect_timeout=1,
                                  **redis_tls(s.redis_url)).ping()
             print(f"pluto up: using the Redis at {redact(s.redis_url)}", flush=True)
+            if urlsplit(s.redis_url).password and _open_to_anyone(s.redis_url):
+                print("pluto up: WARNING: that Redis accepts connections without a password "
+                      "(PLUTO_REDIS_URL has one): set requirepass or ACL users on it",
+                      flush=True)
         except (redis.AuthenticationError, redis.ResponseError) as exc:
             raise PlutoError(f"the Redis at {redact(s.redis_url)} refused the credentials of "
                              f"PLUTO_REDIS_URL ({str(exc)[:100]}): fix the user:password in "
@@ -174,6 +178,22 @@ def cmd_up(args: argparse.Namespace) -> int:
         sup.stop()
         if sup.slots:
             print("pluto up: stopped", flush=True)
+
+
+def _open_to_anyone(url: str) -> bool:
+    """Whether the Redis at ``url`` serves a client that sends no credentials."""
+    import redis
+
+    parts = urlsplit(url)
+    bare = parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl()
+    client = redis.Redis.from_url(bare, socket_connect_timeout=1, socket_timeout=2,
+                                  **redis_tls(url))
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
 
 
 def _embedded_redis(s: CliSettings) -> _servers.Child:

@@ -156,6 +156,24 @@ def test_slowloris_at_the_open_files_limit(tmp_path: Path) -> None:
         child.stop()
 
 
+def test_connection_limit(make_backend: Callable[..., Backend]) -> None:
+    backend = make_backend(PLUTO_MAX_CONNECTIONS="5", PLUTO_HEADER_TIMEOUT="2")
+    port = int(backend.url.rsplit(":", 1)[1])
+    idle = [socket.create_connection(("127.0.0.1", port), timeout=30) for _ in range(6)]
+    try:
+        refused = httpx.get(f"{backend.url}/healthz", timeout=10)
+        assert refused.status_code == 503  # beyond PLUTO_MAX_CONNECTIONS: refused, not queued
+        for s in idle:  # the idle ones are closed at their header deadline...
+            try:
+                assert s.recv(100) == b""
+            except ConnectionResetError:
+                pass
+        assert httpx.get(f"{backend.url}/healthz", timeout=10).status_code == 200  # ...then ok
+    finally:
+        for s in idle:
+            s.close()
+
+
 def test_trickled_body_gets_408(make_backend: Callable[..., Backend]) -> None:
     backend = make_backend(PLUTO_BODY_TIMEOUT="2")
     port = int(backend.url.rsplit(":", 1)[1])

@@ -147,3 +147,28 @@ def test_new_key_file_is_private_from_the_start(tmp_path: Path) -> None:
     assert stat.S_IMODE(home.stat().st_mode) == 0o700
     assert stat.S_IMODE((home / "api_key").stat().st_mode) == 0o600
     assert (home / "api_key").read_text().strip() == key and len(key) >= 6 + 43
+
+
+def test_up_warns_when_a_running_redis_ignores_the_password(redis_url: str,
+                                                          tmp_path: Path) -> None:
+    """The URL carries a password but the Redis already running there needs none (Redis then
+    accepts any AUTH): up uses it and says so, without printing the password."""
+    port = redis_url.rsplit(":", 1)[1].split("/")[0]
+    env = _env(tmp_path, ":nope-" + uuid.uuid4().hex[:6])
+    env["PLUTO_REDIS_URL"] = env["PLUTO_REDIS_URL"].rsplit("@", 1)[0] + f"@127.0.0.1:{port}/0"
+    up = subprocess.Popen([PYTHON, "-m", "pluto._cli", "up"], env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(up.stdout or []), daemon=True)
+    reader.start()
+    try:
+        wait_until(lambda: "ready" in "".join(lines) or up.poll() is not None, 60, "up ready")
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.wait(60)
+        reader.join(5)
+        if up.stdout is not None:
+            up.stdout.close()
+    out = "".join(lines)
+    assert "accepts connections without a password" in out, out
+    assert "using the Redis at redis://:***@" in out and "nope-" not in out
