@@ -10,7 +10,7 @@ Importing this package does no I/O and pulls in neither the worker nor the backe
 
 from __future__ import annotations
 
-from . import errors
+from . import errors, integrations
 from ._init import finish, init, log
 from ._run import Run, State
 from ._settings import Settings
@@ -35,6 +35,7 @@ __all__ = [
     "errors",
     "finish",
     "init",
+    "integrations",
     "log",
     "run",
 ]

@@ -20,6 +20,7 @@ from . import _protocol as proto
 from ._keys import Keys
 from ._producer import Producer
 from ._settings import Settings
+from ._sysmetrics import stop_sampler  # issue 20 (H4)
 from ._values import SCALARS, Cleaner, PlutoWarning
 from .errors import RunFinished
 
@@ -182,6 +183,7 @@ class Run:
         producer = self._producer
         if producer is None:
             return
+        stop_sampler(self)  # its last entry is flushed below
         limit = self.settings.finish_timeout if timeout is None else max(float(timeout), 0.0)
         self._deadline = time.monotonic() + limit
         producer.flush(limit)

@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from ._launch import launch_fields  # issue 20 (H4): ranks from every launcher
+from ._sysmetrics import sysmetrics_fields  # issue 20 (H4): PLUTO_SYSTEM_METRICS*
 from .errors import ConfigError
 
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -43,28 +44,6 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         return int(raw)
     except ValueError:
         raise ConfigError(f"{name}={raw!r} is not an integer") from None
-
-
-MAX_RANK = 2**31 - 1
-
-
-def _rank(env: Mapping[str, str], name: str, default: int) -> int:
-    value = _int(env, name, default)
-    if not 0 <= value <= MAX_RANK:
-        raise ConfigError(f"{name}={value} is not a process rank (0 to {MAX_RANK}); unset it or "
-                          "let the launcher set it")
-    return value
-
-
-def _torch_rank() -> int:
-    """The rank from torch.distributed if the user already initialised it (never imports torch)."""
-    dist = sys.modules.get("torch.distributed")
-    try:
-        if dist is not None and dist.is_available() and dist.is_initialized():
-            return int(dist.get_rank())
-    except Exception:  # noqa: BLE001 - a half-initialised process group must not break init
-        pass
-    return 0
 
 
 def redact(url: str) -> str:
@@ -142,6 +121,11 @@ class Settings:
     connect_timeout: float = 3.0
     rank: int = 0
     local_rank: int = 0
+    node: int = 0  # issue 20 (H4): fields of pluto/_launch.py and pluto/_sysmetrics.py
+    attempt: int = 0
+    job_run_id: str | None = None
+    system_metrics: bool = True
+    system_metrics_interval: float = 5.0
     redis_ca: str = ""
     """``rediss://`` only: CA file to verify the server (``PLUTO_REDIS_CA``)."""
     redis_cert: str = ""
@@ -167,8 +151,7 @@ class Settings:
             buffer_size=int(env_number(env, "PLUTO_BUFFER_SIZE", 1_000_000, low=0.5)),
             finish_timeout=env_number(env, "PLUTO_FINISH_TIMEOUT", 30.0),
             term_timeout=env_number(env, "PLUTO_TERM_TIMEOUT", 10.0),
-            rank=_rank(env, "RANK", _torch_rank()),
-            local_rank=_rank(env, "LOCAL_RANK", 0),
+            **launch_fields(env), **sysmetrics_fields(env),  # issue 20 (H4)
             redis_ca=env.get("PLUTO_REDIS_CA", "").strip(),
             redis_cert=env.get("PLUTO_REDIS_CERT", "").strip(),
             redis_key=env.get("PLUTO_REDIS_KEY", "").strip(),

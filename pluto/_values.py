@@ -8,6 +8,8 @@ scalars become Python numbers, and bad keys/values are dropped with one warning 
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -20,6 +22,21 @@ SCALARS = frozenset({int, float})
 
 class PlutoWarning(UserWarning):
     """Warnings pluto emits about dropped or ignored input."""
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` (for a ``warnings.warn`` in the caller) of the first frame outside
+    pluto: a warning points at the user's ``run.log(...)`` line, however deep inside pluto
+    (nested dicts, integrations) it was raised."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 def to_number(value: Any) -> int | float | None:
@@ -99,7 +116,7 @@ class Cleaner:
             self._on_drop()
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, PlutoWarning, stacklevel=4)
+            warnings.warn(message, PlutoWarning, stacklevel=user_stacklevel())
 
 
 def _unencodable(name: str) -> str | None:

@@ -38,16 +38,21 @@ return 0
 """
 
 
+SUPERSEDED = ("failed", "terminated")
+"""States a later member of the same rank replaces: an elastic restart (torchrun
+``--max-restarts``) or a requeued job fails one rank and terminates its siblings, then attaches
+every rank again; the last attempt decides the run's status."""
+
+
 def live_states(members: list[dict[str, Any]]) -> list[str]:
-    """Member states that decide the run's status: a failed member whose rank attached again
-    later (the job restarted that rank under the same run id) is replaced by the newcomer."""
+    """Member states that decide the run's status: a failed or terminated member whose rank
+    attached again later (the job restarted that rank under the same run id) is replaced."""
     later: dict[Any, int] = {}
     for info in members:
-        if info.get("state") != "failed":
-            at = _epoch_ms(info.get("attached_at")) or 0
-            later[info.get("rank")] = max(later.get(info.get("rank"), 0), at)
+        at = _epoch_ms(info.get("attached_at")) or 0
+        later[info.get("rank")] = max(later.get(info.get("rank"), 0), at)
     return [str(info.get("state")) for info in members
-            if not (info.get("state") == "failed"
+            if not (info.get("state") in SUPERSEDED
                     and later.get(info.get("rank"), 0) > (_epoch_ms(info.get("attached_at")) or 0))]
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -285,3 +286,48 @@ def test_a_thousand_runs_in_one_process_keep_connections_and_memory_flat(
     assert late["clients"] <= early["clients"] + 2, marks
     assert late["threads"] <= early["threads"], marks
     assert late["rss"] - early["rss"] < 15, marks
+
+
+LEDGER_RANK = r"""
+import json, os, sys, pluto
+rank = int(os.environ["RANK"])
+with pluto.init(project="ledger", run_id=sys.argv[1]) as run:
+    for step in range(1, 501):
+        bad = rank == 1 and step == 250  # one entry repr() cannot write: dropped and counted
+        run.log({f"loss/rank{rank}": 10**5000 if bad else step / 8})
+print("RESULT " + json.dumps({"id": run.id, "lost": run.lost}), flush=True)
+"""
+
+
+def test_the_ledger_read_back_from_the_api_equals_what_the_ranks_logged(
+        stack: Stack, r: redis.Redis, tmp_path: Path) -> None:
+    run_id = f"ledger-{uuid.uuid4().hex[:6]}"
+    script = write_script(tmp_path, LEDGER_RANK, "ledger.py")
+    procs = [start_rank(script, stack.env(RANK=str(k)), run_id) for k in range(4)]
+    got = []
+    for p in procs:
+        code, out, err = finish_rank(p)
+        assert code == 0, err[-2000:]
+        got += json_lines(out)
+    run = got[0]["id"]
+    assert sorted(x["lost"] for x in got) == [0, 0, 0, 1]
+    done = wait_until(lambda: (x := stack.backend.run(run))["status"] == "COMPLETED"
+                      and x["ledger"]["stored"] == 1999 and x, 30, "COMPLETED with its ledger")
+    assert done["ledger"] == {"logged": 2000, "sent": 1999, "dropped": 1, "stored": 1999,
+                              "dead": 0, "missing": 0, "lost": 1}, done["ledger"]
+    by_rank = {m["rank"]: m for m in done["members"]}
+    assert {k: (m["logged"], m["sent"], m["dropped"]) for k, m in by_rank.items()} == {
+        0: (500, 500, 0), 1: (500, 499, 1), 2: (500, 500, 0), 3: (500, 500, 0)}
+    assert by_rank[1]["drops"] == {"bad_entry": 1}
+    assert {x["rank"]: (x["stored"], x["dead"], x["last_step"]) for x in done["ranks"]} == {
+        0: (500, 0, 500), 1: (499, 0, 500), 2: (500, 0, 500), 3: (500, 0, 500)}
+    stored = sum(len(stack.backend.points(run, f"loss/rank{k}")) for k in range(4))
+    assert stored == done["ledger"]["stored"] == 1999
+    env = stack.env(PLUTO_API_URL=stack.backend.url, PLUTO_API_KEY=stack.backend.key)
+    shown = subprocess.run([sys.executable, "-m", "pluto._cli", "runs", str(run)], env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and "LOST 1 entries (dropped: 1 bad_entry)" in shown.stderr, \
+        shown.stderr
+    listed = subprocess.run([sys.executable, "-m", "pluto._cli", "runs", "--project", "ledger"],
+                            env=env, capture_output=True, text=True, timeout=60)
+    assert f"{run_id}" in listed.stdout and "LOST 1" in listed.stdout, listed.stdout
