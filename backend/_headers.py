@@ -17,11 +17,10 @@ from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-PAGE_CSP = ("default-src 'self'; script-src 'self' 'unsafe-inline'; "
-            "style-src 'self' 'unsafe-inline'; img-src 'self' data:; connect-src 'self'; "
-            "object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
-"""For HTML (the dashboard, whose script and style are inline in ``static/index.html``):
-nothing from other origins, no framing, no plugins."""
+PAGE_CSP = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; "
+            "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+"""For HTML that set no policy of its own (the dashboard sets one in ``_read.py``): our own
+files only, no inline script, no framing."""
 
 API_CSP = "default-src 'none'; frame-ancestors 'none'; base-uri 'none'"
 """For everything else (JSON): a browser that renders it anyway may load and run nothing."""
