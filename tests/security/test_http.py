@@ -30,6 +30,7 @@ def _create(c: httpx.Client, project: str, external_id: str) -> httpx.Response:
                                             "externalId": external_id})
 
 
+@pytest.mark.e2e  # real backend, worker, Redis or CLI processes
 def test_security_headers_on_every_answer(backend: Backend) -> None:
     with httpx.Client(base_url=backend.url, timeout=10) as anon, backend.client() as api:
         answers = [anon.get("/"), anon.get("/healthz"), anon.get("/api/runs"),  # 401
@@ -48,6 +49,7 @@ def test_security_headers_on_every_answer(backend: Backend) -> None:
     assert api_answer.headers["content-security-policy"].startswith("default-src 'none'")
 
 
+@pytest.mark.e2e  # real backend, worker, Redis or CLI processes
 def test_runs_are_paged(backend: Backend) -> None:
     project = "page-" + uuid.uuid4().hex[:6]
     with backend.client() as c:
@@ -67,6 +69,7 @@ def test_runs_are_paged(backend: Backend) -> None:
             assert resp.status_code == 400 and "error" in resp.json(), bad
 
 
+@pytest.mark.e2e  # real backend, worker, Redis or CLI processes
 def test_create_storm_gets_429_per_key(make_backend: Callable[..., Backend]) -> None:
     backend = make_backend(PLUTO_CREATE_RATE="0.2", PLUTO_CREATE_BURST="3")
     other = new_key(db_of(backend), "write")
@@ -88,6 +91,7 @@ def test_bucket_refills() -> None:
     assert bucket.take("k", 100.5) == 0.0 and bucket.take("other", 100.5) == 0.0
 
 
+@pytest.mark.e2e  # real backend, worker, Redis or CLI processes
 def test_slowloris_connections_are_closed(make_backend: Callable[..., Backend]) -> None:
     backend = make_backend(PLUTO_HEADER_TIMEOUT="2", PLUTO_MAX_CONNECTIONS="200")
     port = int(backend.url.rsplit(":", 1)[1])
@@ -122,6 +126,7 @@ def test_slowloris_connections_are_closed(make_backend: Callable[..., Backend]) 
             s.close()
 
 
+@pytest.mark.e2e  # real backend, worker, Redis or CLI processes
 def test_slowloris_at_the_open_files_limit(tmp_path: Path) -> None:
     """The issue's attack: soft open-files limit 200, 200 unfinished requests. The server
     raises its soft limit to the hard one, so /healthz keeps answering, and the 200 are closed."""
@@ -157,6 +162,7 @@ def test_slowloris_at_the_open_files_limit(tmp_path: Path) -> None:
         child.stop()
 
 
+@pytest.mark.e2e  # real backend, worker, Redis or CLI processes
 def test_connection_limit(make_backend: Callable[..., Backend]) -> None:
     backend = make_backend(PLUTO_MAX_CONNECTIONS="5", PLUTO_HEADER_TIMEOUT="2")
     port = int(backend.url.rsplit(":", 1)[1])
@@ -175,6 +181,7 @@ def test_connection_limit(make_backend: Callable[..., Backend]) -> None:
             s.close()
 
 
+@pytest.mark.e2e  # real backend, worker, Redis or CLI processes
 def test_trickled_body_gets_408(make_backend: Callable[..., Backend]) -> None:
     backend = make_backend(PLUTO_BODY_TIMEOUT="2")
     port = int(backend.url.rsplit(":", 1)[1])
@@ -190,6 +197,7 @@ def test_trickled_body_gets_408(make_backend: Callable[..., Backend]) -> None:
     assert httpx.get(f"{backend.url}/healthz", timeout=10).status_code == 200
 
 
+@pytest.mark.e2e  # real backend, worker, Redis or CLI processes
 def test_https(make_backend: Callable[..., Backend], certs: Certs) -> None:
     backend = make_backend("https", PLUTO_TLS_CERT=str(certs.server_cert),
                            PLUTO_TLS_KEY=str(certs.server_key))

@@ -45,6 +45,7 @@ def call(backend: Backend, key: str, method: str, path: str, **kw: object) -> ht
         return c.request(method, path, **kw)  # type: ignore[arg-type]
 
 
+@pytest.mark.e2e  # real backend, worker, Redis or CLI processes
 def test_scopes_hashes_and_revocation(make_backend: Callable[..., Backend]) -> None:
     backend = make_backend()
     db = db_of(backend)
@@ -119,6 +120,7 @@ def test_scopes_hashes_and_revocation(make_backend: Callable[..., Backend]) -> N
     assert read not in backend.child.log() and write not in backend.child.log()  # type: ignore[union-attr]
 
 
+@pytest.mark.e2e  # real backend, worker, Redis or CLI processes
 def test_keys_cli_refuses_bad_input(tmp_path: Path) -> None:
     bad = keys_cli(tmp_path / "db.sqlite", "create", "--scope", "root")
     assert bad.returncode == 2 and "invalid choice" in bad.stderr

@@ -45,6 +45,7 @@ def tls_redis(tmp_path: Path, certs: Certs) -> Iterator[tuple[str, str, _servers
     child.stop()
 
 
+@pytest.mark.e2e  # real backend, worker, Redis or CLI processes
 def test_rediss_end_to_end(tls_redis: tuple[str, str, _servers.Child], certs: Certs,
                            make_backend: Callable[..., Backend], tmp_path: Path) -> None:
     url, password, server = tls_redis

@@ -49,6 +49,7 @@ def _quoted(text: str) -> str:
     return quote(text, safe="")
 
 
+@pytest.mark.e2e  # real backend, worker, Redis or CLI processes
 @pytest.mark.parametrize("user", ["", "alice"])
 def test_up_requires_the_url_password_and_keeps_files_private(tmp_path: Path, user: str) -> None:
     env = _env(tmp_path, f"{user}:{_quoted(PASSWORD)}")
@@ -120,6 +121,7 @@ def test_up_requires_the_url_password_and_keeps_files_private(tmp_path: Path, us
         assert secret not in text() and secret not in logs
 
 
+@pytest.mark.e2e  # real backend, worker, Redis or CLI processes
 def test_up_refuses_a_loose_key_file(tmp_path: Path) -> None:
     env = _env(tmp_path, ":pw")
     home = Path(env["PLUTO_HOME"])
@@ -149,6 +151,7 @@ def test_new_key_file_is_private_from_the_start(tmp_path: Path) -> None:
     assert (home / "api_key").read_text().strip() == key and len(key) >= 6 + 43
 
 
+@pytest.mark.e2e  # real backend, worker, Redis or CLI processes
 def test_up_warns_when_a_running_redis_ignores_the_password(redis_url: str,
                                                           tmp_path: Path) -> None:
     """The URL carries a password but the Redis already running there needs none (Redis then
