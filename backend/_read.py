@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from ._http import in_thread, store_of
+from ._http import in_thread, int64_of, store_of
 from ._settings import DEFAULT_PAGE_SIZE as PAGE_SIZE
 from ._settings import MAX_PAGE_SIZE
 from ._store import Store, Stored, loaded
@@ -58,21 +58,13 @@ Row = tuple[int, Stored, int]
 
 # -- parameters ------------------------------------------------------------------------------
 
-def _query_int(request: Request, name: str, low: int | None = None) -> int | None:
-    """An optional integer query parameter; 400 unless it is an int64 of at least ``low``."""
+def _query_int(request: Request, name: str, low: int = INT64_MIN) -> int | None:
+    """An optional integer query parameter; 400 unless it is a decimal int64 of at least
+    ``low`` (ASCII digits only: ``int()`` alone would take "1_000" or "١")."""
     raw = request.query_params.get(name)
     if raw is None or raw.strip() == "":
         return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise HTTPException(400, f"query parameter {name} must be an integer, got {raw[:40]!r}"
-                            ) from None
-    if not INT64_MIN <= value <= INT64_MAX:
-        raise HTTPException(400, f"query parameter {name} must fit in 64 bits, got {raw[:40]}")
-    if low is not None and value < low:
-        raise HTTPException(400, f"query parameter {name} must be at least {low}")
-    return value
+    return int64_of(raw, f"query parameter {name}", low)
 
 
 def _run_id(request: Request) -> int:

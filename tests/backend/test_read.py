@@ -111,7 +111,8 @@ def test_bad_query_params_are_400(api: httpx.Client, project: str) -> None:
     run = create(api, project, "q")["runId"]
     for params in ({"since_step": "x"}, {"max_points": "0"}, {"max_points": "1.5"},
                    {"since_step": str(2**63)}, {"step_min": str(-(2**63) - 1)},
-                   {"step_max": "1e3"}, {"max_points": str(2**64)}, {"since_step": " 1 2"}):
+                   {"step_max": "1e3"}, {"max_points": str(2**64)}, {"since_step": " 1 2"},
+                   {"since_step": "1_000"}, {"step_min": "١"}, {"step_max": "9" * 5000}):
         for path in (f"/api/runs/{run}/metrics/m", f"/api/runs/{run}/metric?name=m",
                      f"/api/runs/{run}/series?name=m"):
             resp = api.get(path, params=params)
