@@ -83,6 +83,7 @@ def cmd_keys(args: argparse.Namespace) -> int:
     from backend._settings import db_path
 
     s = CliSettings.from_env()
+    os.umask(0o077)  # a database this command creates is private from the start
     path = db_path(s.db_url)
     if path == ":memory:":
         print("pluto server keys: PLUTO_DB_URL names an in-memory database; keys must live in "
