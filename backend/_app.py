@@ -17,8 +17,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from . import _compat, _faults, _json, _read
+from ._auth import ScopedAuth
+from ._headers import BodyTimeout, CreateRate, SecurityHeaders
 from ._http import (
-    BearerAuth,
     PathIds,
     broken_row,
     error,
@@ -299,10 +300,15 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
         finally:
             app.state.store.close()
 
+    keys_db = None if settings.db_url.startswith("postgres") else db_path(settings.db_url)
     app = Starlette(routes=routes(), lifespan=lifespan,
                     middleware=[Middleware(CountRequests,
                                            metrics=lambda: getattr(app.state, "metrics", None)),
-                                Middleware(BearerAuth, keys=settings.api_keys),
+                                Middleware(SecurityHeaders),
+                                Middleware(ScopedAuth, keys=settings.api_keys, db_path=keys_db),
+                                Middleware(CreateRate, rate=settings.create_rate,
+                                           burst=settings.create_burst),
+                                Middleware(BodyTimeout, timeout=settings.body_timeout),
                                 Middleware(PathIds)],
                     exception_handlers={HTTPException: http_error, BrokenRow: broken_row})
     app.state.settings = settings

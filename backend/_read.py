@@ -33,6 +33,8 @@ from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from ._http import in_thread, int64_of, store_of
+from ._settings import DEFAULT_PAGE_SIZE as PAGE_SIZE
+from ._settings import MAX_PAGE_SIZE
 from ._store import Store, Stored, loaded
 
 STATIC = Path(__file__).parent / "static"
@@ -248,10 +250,19 @@ def _read_many(store: Store, run: int, names: Sequence[str], low: int, high: int
 
 async def list_runs(request: Request) -> Response:
     """``{"runs": [...]}`` newest first; each run also has ``lastStep`` (null without points)
-    and ``members`` (how many processes attached)."""
+    and ``members`` (how many processes attached). Paged (issue 18): ``?limit=`` (default 100,
+    at most 1000) ``&offset=``; the answer adds ``total``, ``offset``, ``limit`` and ``next``
+    (the offset of the following page, null on the last), so no answer grows without bound."""
     project = request.query_params.get("project") or None
+    limit = _query_int(request, "limit", 1) or PAGE_SIZE
+    offset = _query_int(request, "offset", 0) or 0
+    if limit > MAX_PAGE_SIZE:
+        raise HTTPException(400, f"query parameter limit must be at most {MAX_PAGE_SIZE}")
     store = store_of(request)
-    runs = await in_thread(store.list_runs, project)
+    listed = await in_thread(store.list_runs, project)
+    runs = listed[offset:offset + limit]
+    paging = {"total": len(listed), "offset": offset, "limit": limit,
+              "next": offset + limit if offset + limit < len(listed) else None}
     ids = [r["id"] for r in runs if "error" not in r]  # an unreadable row stays {id, error}
     last = await in_thread(store.last_steps, ids)
     members = await in_thread(store.member_counts, ids)
@@ -260,7 +271,7 @@ async def list_runs(request: Request) -> Response:
             continue
         r["lastStep"] = last.get(r["id"])
         r.setdefault("members", members.get(r["id"], 0))  # the store may count them already
-    return JSONResponse({"runs": runs})
+    return JSONResponse({"runs": runs, **paging})
 
 
 async def get_run(request: Request) -> Response:

@@ -114,10 +114,11 @@ def connect(s: Settings) -> redis.Redis:
     """A client for ``PLUTO_REDIS_URL`` that answered PING, or one clear ``PlutoError``."""
     where = redact(s.redis_url)
     kind: Any = redis.RedisCluster if s.cluster else redis.Redis
+    tls = s.tls()  # ConfigError naming PLUTO_REDIS_CA/CERT/KEY
     try:
         client = kind.from_url(s.redis_url, socket_connect_timeout=s.connect_timeout,
                                socket_timeout=10.0, retry=quick_retry(),
-                               **_NO_SETINFO)
+                               **_NO_SETINFO, **tls)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"PLUTO_REDIS_URL={where!r} is not a Redis URL ({exc}); use "
                           "redis://host:port/0, rediss:// for TLS, redis://user:pass@host:port") from None

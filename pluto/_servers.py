@@ -123,17 +123,71 @@ def wait_for(check: object, timeout: float, what: str, child: Child | None = Non
     raise PlutoError(f"{what}: not ready after {timeout:.0f} s" + (f"\n{child.log()[-3000:]}" if child else ""))
 
 
+@dataclass(frozen=True)
+class RedisTLS:
+    """TLS for :func:`start_redis`: the server's certificate and key, the CA that signed the
+    clients' certificates, and whether a client must present one (``--tls-auth-clients``)."""
+
+    port: int
+    cert: Path
+    key: Path
+    ca: Path
+    auth_clients: bool = True
+
+
+def _conf_quoted(text: str) -> str:
+    """``text`` as one token of a redis.conf line (every non-alphanumeric byte as ``\\xHH``),
+    so any password survives Redis's config parser."""
+    return '"' + "".join(chr(b) if chr(b).isalnum() and b < 128 else f"\\x{b:02x}"
+                         for b in text.encode()) + '"'
+
+
+def private_file(path: Path, text: str) -> None:
+    """Write ``text`` to a new file of mode 0600: created so from the start (``O_EXCL``), never
+    readable by others for a moment; an older file is replaced, not reused."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
 def start_redis(port: int, data_dir: Path, appendonly: bool = False, host: str = "127.0.0.1",
-                log_dir: Path | None = None, name: str = "redis") -> Child:
-    """A Redis (or Valkey) server on loopback; with ``appendonly`` it survives a restart."""
+                log_dir: Path | None = None, name: str = "redis", password: str | None = None,
+                user: str | None = None, tls: RedisTLS | None = None) -> Child:
+    """A Redis (or Valkey) server on loopback; with ``appendonly`` it survives a restart.
+
+    Protected mode stays on. With ``password`` it requires it: for the ``default`` user
+    (``requirepass``), or for ACL user ``user`` (all commands and keys) with ``default``
+    switched off. The password goes into a 0600 ``redis.conf`` in ``data_dir``, never on the
+    command line (``ps`` shows that to every local user). With ``tls`` it listens only on
+    ``tls.port`` with TLS (``port`` is ignored).
+    """
     data_dir.mkdir(parents=True, exist_ok=True)
-    argv = [
-        redis_binary(), "--port", str(port), "--bind", host, "--save", "",
+    argv = [redis_binary()]
+    if password is not None:
+        conf = data_dir / "redis.conf"
+        if user and user != "default":
+            lines = ["user default off",
+                     f"user {_conf_quoted(user)} on {_conf_quoted('>' + password)} ~* &* +@all"]
+        else:
+            lines = [f"requirepass {_conf_quoted(password)}"]
+        private_file(conf, "\n".join(lines) + "\n")
+        argv.append(str(conf))  # the config file must come first
+    listen = port
+    if tls is not None:
+        listen = tls.port
+        argv += ["--port", "0", "--tls-port", str(tls.port), "--tls-cert-file", str(tls.cert),
+                 "--tls-key-file", str(tls.key), "--tls-ca-cert-file", str(tls.ca),
+                 "--tls-auth-clients", "yes" if tls.auth_clients else "no"]
+    else:
+        argv += ["--port", str(port)]
+    argv += [
+        "--bind", host, "--save", "",
         "--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec",
-        "--dir", str(data_dir), "--protected-mode", "no", "--daemonize", "no",
+        "--dir", str(data_dir), "--protected-mode", "yes", "--daemonize", "no",
     ]
     child = spawn(name, argv, log_dir or data_dir)
-    wait_for(lambda: port_open(host, port), 15, f"redis on {host}:{port}", child)
+    wait_for(lambda: port_open(host, listen), 15, f"redis on {host}:{listen}", child)
     return child
 
 

@@ -59,6 +59,37 @@ def redact(url: str) -> str:
     return url
 
 
+def redis_tls(url: str, env: Mapping[str, str] | None = None, ca: str = "", cert: str = "",
+              key: str = "") -> dict[str, Any]:
+    """redis-py keyword arguments for a ``rediss://`` URL: the CA to verify the server with
+    (``PLUTO_REDIS_CA``; else the system's) and a client certificate and key
+    (``PLUTO_REDIS_CERT`` / ``PLUTO_REDIS_KEY``) for servers that require one. Explicit
+    arguments win over ``env``; a ``redis://`` URL gets none (plain connections reject them).
+
+    >>> redis_tls("rediss://h:6380/0", {"PLUTO_REDIS_CA": "/ca.pem"})
+    {'ssl_cert_reqs': 'required', 'ssl_ca_certs': '/ca.pem'}
+    """
+    env = os.environ if env is None else env
+    if not url.lower().startswith("rediss://"):
+        return {}
+    ca = ca or env.get("PLUTO_REDIS_CA", "").strip()
+    cert = cert or env.get("PLUTO_REDIS_CERT", "").strip()
+    key = key or env.get("PLUTO_REDIS_KEY", "").strip()
+    if bool(cert) != bool(key):
+        raise ConfigError("a Redis client certificate needs both PLUTO_REDIS_CERT and "
+                          "PLUTO_REDIS_KEY (PEM files)")
+    for name, path in (("PLUTO_REDIS_CA", ca), ("PLUTO_REDIS_CERT", cert),
+                       ("PLUTO_REDIS_KEY", key)):
+        if path and not os.access(path, os.R_OK):
+            raise ConfigError(f"{name}={path!r} is not a readable file")
+    kwargs: dict[str, Any] = {"ssl_cert_reqs": "required"}
+    if ca:
+        kwargs["ssl_ca_certs"] = ca
+    if cert:
+        kwargs.update(ssl_certfile=cert, ssl_keyfile=key)
+    return kwargs
+
+
 def env_flag(env: Mapping[str, str], name: str) -> bool:
     return env.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -95,6 +126,11 @@ class Settings:
     job_run_id: str | None = None
     system_metrics: bool = True
     system_metrics_interval: float = 5.0
+    redis_ca: str = ""
+    """``rediss://`` only: CA file to verify the server (``PLUTO_REDIS_CA``)."""
+    redis_cert: str = ""
+    """``rediss://`` only: client certificate and key (``PLUTO_REDIS_CERT`` / ``_KEY``)."""
+    redis_key: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -116,9 +152,16 @@ class Settings:
             finish_timeout=env_number(env, "PLUTO_FINISH_TIMEOUT", 30.0),
             term_timeout=env_number(env, "PLUTO_TERM_TIMEOUT", 10.0),
             **launch_fields(env), **sysmetrics_fields(env),  # issue 20 (H4)
+            redis_ca=env.get("PLUTO_REDIS_CA", "").strip(),
+            redis_cert=env.get("PLUTO_REDIS_CERT", "").strip(),
+            redis_key=env.get("PLUTO_REDIS_KEY", "").strip(),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    def tls(self) -> dict[str, Any]:
+        """redis-py TLS keyword arguments (none for ``redis://``); see :func:`redis_tls`."""
+        return redis_tls(self.redis_url, {}, self.redis_ca, self.redis_cert, self.redis_key)
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import ssl
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -91,6 +92,7 @@ class Backend:
             base_url=settings.api_url, headers=headers,
             timeout=httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout),
             transport=transport,
+            verify=ssl.create_default_context(cafile=settings.api_ca) if settings.api_ca else True,
         )
 
     def close(self) -> None:

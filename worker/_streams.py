@@ -49,9 +49,10 @@ def connect(settings: WorkerSettings) -> Any:
     timeout = max(10.0, settings.block_ms / 1000 + 5)
     if settings.cluster:
         return redis.RedisCluster.from_url(settings.redis_url, socket_timeout=timeout,
-                                           socket_connect_timeout=3.0)
+                                           socket_connect_timeout=3.0, **settings.tls())
     return redis.Redis.from_url(settings.redis_url, socket_timeout=timeout,
-                                socket_connect_timeout=3.0, health_check_interval=30)
+                                socket_connect_timeout=3.0, health_check_interval=30,
+                                **settings.tls())
 
 
 def is_nogroup(exc: redis.ResponseError) -> bool:
