@@ -16,6 +16,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from pluto.protocol import COLUMNS_TYPE, MSGPACK_TYPE, NDJSON_TYPE, STATUSES
+
 from . import _compat, _faults, _json, _read
 from ._auth import ScopedAuth
 from ._headers import BodyTimeout, CreateRate, SecurityHeaders
@@ -33,7 +35,6 @@ from ._http import (
     store_of,
 )
 from ._ingest import (
-    COLUMNS_TYPE,
     MSGPACK_TYPES,
     TEXT_TYPES,
     BadBody,
@@ -45,7 +46,7 @@ from ._ingest import (
 from ._metrics import BackendMetrics, CountRequests, metrics_endpoint
 from ._rows import BrokenRow
 from ._settings import ServerSettings, db_path
-from ._store import STATUSES, Store
+from ._store import Store
 
 MAX_TEXT = 1024
 """Longest project, run, tag, member, host or state name accepted (in characters)."""
@@ -256,7 +257,7 @@ def _ingest(store: Store, run: int, body: bytes, media_type: str) -> tuple[int, 
     return store.write_points(run, entries), bad
 
 
-INGEST_FORMATS = f"{COLUMNS_TYPE}, application/msgpack, application/x-ndjson"
+INGEST_FORMATS = f"{COLUMNS_TYPE}, {MSGPACK_TYPE}, {NDJSON_TYPE}"
 
 
 async def healthz(request: Request) -> Response:

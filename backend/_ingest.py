@@ -31,19 +31,18 @@ from typing import Any
 
 import msgpack
 
+from pluto.protocol import INT64_MAX, INT64_MIN, name_problem
+
 from ._json import encodable
 from ._store import Entry, Stored
 
-MAX_NAME = 256
-_INT64 = (-(2**63), 2**63 - 1)
+_INT64 = (INT64_MIN, INT64_MAX)
 _SPECIAL: dict[str, Stored] = {"NaN": None, "nan": None, "Infinity": math.inf, "inf": math.inf,
                                "-Infinity": -math.inf, "-inf": -math.inf}
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SEQ = re.compile(r"(\d{1,19})(?:-(\d{1,19}))?\Z")
 
 MSGPACK_TYPES = frozenset({"application/msgpack", "application/x-msgpack",
                            "application/vnd.msgpack"})
-COLUMNS_TYPE = "application/x-pluto-columns"
 """Ours only: a whole batch as one msgpack map of columns (see :func:`columns`). Our worker
 sends it once the backend offered it (``X-Pluto-Ingest``): it has decoded and checked every
 entry already, so the batch is checked here as a whole, in C-speed passes over the columns,
@@ -126,13 +125,9 @@ def _check_name(name: Any) -> str:
         raise _BadLine(f"metric names must be strings, got {type(name).__name__}")
     if name in _valid_names:
         return name
-    if not name:
-        raise _BadLine("empty metric name")
-    if len(name) > MAX_NAME:
-        raise _BadLine(f"metric name of {len(name)} characters (limit {MAX_NAME}): "
-                       f"{shown(name)}")
-    if _CONTROL.search(name):
-        raise _BadLine(f"metric name with control characters: {shown(name)}")
+    problem = name_problem(name, leading_underscore=True)
+    if problem:
+        raise _BadLine(f"{problem}: {shown(name)}")
     if not encodable(name):
         raise _BadLine(f"metric name {shown(name)} is not valid UTF-8 (a lone surrogate?)")
     if len(_valid_names) > 100_000:

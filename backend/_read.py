@@ -32,13 +32,14 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from pluto.protocol import INT64_MAX, INT64_MIN
+
 from ._http import in_thread, int64_of, store_of
 from ._settings import DEFAULT_PAGE_SIZE as PAGE_SIZE
 from ._settings import MAX_PAGE_SIZE
 from ._store import Store, Stored, loaded
 
 STATIC = Path(__file__).parent / "static"
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 MAX_SERIES = 1024
 """Most series one ``/series`` request may name; the dashboard asks for fewer per request."""
 READERS = 4

@@ -13,9 +13,8 @@ from urllib.parse import urlsplit
 
 from pluto._settings import env_number
 from pluto.errors import ConfigError
+from pluto.protocol import DEFAULT_API_URL, DEFAULT_DB_URL
 
-DEFAULT_API_URL = "http://127.0.0.1:8080"
-DEFAULT_DB_URL = "sqlite:///.pluto/pluto.db"
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000

@@ -32,13 +32,11 @@ from contextlib import contextmanager
 from itertools import chain, repeat
 from typing import Any
 
+from pluto.protocol import INT64_MAX, INT64_MIN
+
 from . import _json, _rows
 from ._rows import MEMBER_FIELDS, RANK_FIELDS
 from ._schema import migrate
-
-STATUSES = ("RUNNING", "COMPLETED", "FAILED", "TERMINATED")
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-
 
 Stored = int | float | str | None
 """A value as the ``points.value`` column holds it (see the module docstring)."""

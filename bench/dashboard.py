@@ -25,8 +25,8 @@ from typing import Any
 
 from _common import ROOT, median, report
 
-from pluto_server._store import Store
 from pluto import _servers
+from pluto_server._store import Store
 
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]

@@ -18,9 +18,17 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from . import _servers
-from ._keys import F_RANK, F_STEP, F_TIME, Keys
-from ._settings import DEFAULT_REDIS_URL, redact, redis_tls
+from ._settings import redact, redis_tls
 from .errors import PlutoError
+from .protocol import (
+    DEFAULT_API_URL,
+    DEFAULT_DB_URL,
+    DEFAULT_REDIS_URL,
+    F_RANK,
+    F_STEP,
+    F_TIME,
+    Keys,
+)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -29,9 +37,9 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 class CliSettings:
     redis_url: str = DEFAULT_REDIS_URL
     prefix: str = "pluto"
-    api_url: str = "http://127.0.0.1:8080"
+    api_url: str = DEFAULT_API_URL
     api_key: str | None = None
-    db_url: str = "sqlite:///.pluto/pluto.db"
+    db_url: str = DEFAULT_DB_URL
     home: Path = Path(".pluto")
 
     @classmethod
@@ -39,9 +47,9 @@ class CliSettings:
         env = os.environ
         return cls(redis_url=env.get("PLUTO_REDIS_URL") or DEFAULT_REDIS_URL,
                    prefix=env.get("PLUTO_PREFIX") or "pluto",
-                   api_url=(env.get("PLUTO_API_URL") or "http://127.0.0.1:8080").rstrip("/"),
+                   api_url=(env.get("PLUTO_API_URL") or DEFAULT_API_URL).rstrip("/"),
                    api_key=env.get("PLUTO_API_KEY") or None,
-                   db_url=env.get("PLUTO_DB_URL") or "sqlite:///.pluto/pluto.db",
+                   db_url=env.get("PLUTO_DB_URL") or DEFAULT_DB_URL,
                    home=Path(env.get("PLUTO_HOME") or ".pluto"))
 
     def key(self) -> str | None:

@@ -21,21 +21,21 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from . import _protocol as proto
+from . import protocol as proto
 from ._agree import agree_run_id  # issue 20 (H4)
-from ._launch import member_name  # issue 20 (H4)
 from ._attach import CreateRequest, elect
-from ._keys import Keys
+from ._launch import member_name  # issue 20 (H4)
 from ._preflight import check_workers  # issue 20 (H4)
 from ._producer import Producer, Target
-from ._run import Run, State
+from ._run import Run
 from ._settings import Settings, redact
 from ._sysmetrics import start_sampler  # issue 20 (H4)
 from ._values import PlutoWarning, clean_config, user_stacklevel
 from .errors import ConfigError, ConnectionFailed
+from .protocol import RUN_KEY_TTL, Keys, State
 
-RUN_KEY_TTL = 30 * 24 * 3600
-MAX_ID = 512
+MAX_ID_TEXT = 512
+"""Longest project or run id accepted (characters)."""
 _BAD_ID = re.compile(r"[\x00-\x1f\x7f]")
 
 # redis-py >= 7.1 sends CLIENT SETINFO on every connect and reads its own package metadata for
@@ -138,9 +138,9 @@ def _check_id(what: str, value: Any, env: str) -> str:
         value = str(value)
     if not isinstance(value, str):
         raise ConfigError(f"{what} must be a str, got {type(value).__name__} (argument or {env})")
-    if not value or len(value) > MAX_ID or _BAD_ID.search(value) or not _encodable(value):
+    if not value or len(value) > MAX_ID_TEXT or _BAD_ID.search(value) or not _encodable(value):
         shown = value if len(value) <= 60 else value[:60] + "..."
-        raise ConfigError(f"{what} {shown!r} ({len(value)} chars) is invalid: it must be 1-{MAX_ID} "
+        raise ConfigError(f"{what} {shown!r} ({len(value)} chars) is invalid: it must be 1-{MAX_ID_TEXT} "
                           f"characters of valid text without control characters (argument or {env})")
     return value
 

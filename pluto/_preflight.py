@@ -17,9 +17,9 @@ from typing import Any
 
 import redis
 
-from ._keys import GROUP, Keys
 from ._settings import Settings, redact
 from .errors import InitTimeout
+from .protocol import GROUP, Keys
 
 log = logging.getLogger("pluto")
 

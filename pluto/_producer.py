@@ -31,8 +31,8 @@ from typing import Any
 import redis
 
 from ._io import Wire
-from ._protocol import pack
 from ._resp import Replies, XaddPacker, count_entries, transient, whole_entries
+from .protocol import ENTRY_HEAD, pack
 
 log = logging.getLogger("pluto")
 
@@ -50,7 +50,7 @@ CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 @dataclass(frozen=True)
 class Target:
-    """Where one process's entries and liveness go (keys of ``_keys.Keys``)."""
+    """Where one process's entries and liveness go (keys of ``protocol.Keys``)."""
 
     stream: str
     heartbeats: str
@@ -241,7 +241,7 @@ class Producer(threading.Thread):
         this thread pops, so the deque always starts on an entry boundary.
         """
         queue = self.queue
-        width = 3 + len(queue[2])
+        width = ENTRY_HEAD + len(queue[2])
         count = min(len(queue), CHUNK * width)
         count -= count % width
         items = list(starmap(queue.popleft, repeat((), count)))  # a C-level loop of pops
@@ -267,11 +267,11 @@ class Producer(threading.Thread):
         lost. They are at most two chunks; the oldest entries behind them go instead.
         """
         queue = self.queue
-        if not queue or len(queue) <= self.max_buffer * (3 + len(queue[2])):
+        if not queue or len(queue) <= self.max_buffer * (ENTRY_HEAD + len(queue[2])):
             return
         keep = [queue.popleft() for _ in range(min(self._uncertain, len(queue)))]
-        while queue and len(queue) + len(keep) > self.max_buffer * (3 + len(queue[2])):
-            for _ in range(3 + len(queue[2])):
+        while queue and len(queue) + len(keep) > self.max_buffer * (ENTRY_HEAD + len(queue[2])):
+            for _ in range(ENTRY_HEAD + len(queue[2])):
                 queue.popleft()
             self.ledger.drop("overflow")
         queue.extendleft(reversed(keep))
@@ -330,7 +330,7 @@ class Producer(threading.Thread):
     def _in_memory_estimate(self) -> int:
         """``pending()`` without walking the deque (exact while the entries share a width)."""
         queue = self.queue
-        queued = len(queue) // (3 + len(queue[2])) if len(queue) > 2 else 0
+        queued = len(queue) // (ENTRY_HEAD + len(queue[2])) if len(queue) > 2 else 0
         return queued + sum(c.count for c in list(self._inflight))
 
     # -- connection ---------------------------------------------------------------------------
@@ -424,5 +424,5 @@ def _offset(items: list[Any], entries: int) -> int:
     """Index in flat ``items`` where entry number ``entries`` begins."""
     at = 0
     for _ in range(entries):
-        at += 3 + len(items[at + 2])
+        at += ENTRY_HEAD + len(items[at + 2])
     return at

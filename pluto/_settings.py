@@ -1,6 +1,8 @@
 """The SDK's settings: one frozen dataclass, read from the environment once per ``init``.
 
-Explicit arguments win over the environment; nothing else in ``pluto`` reads ``os.environ``.
+Explicit arguments win over the environment. ``Settings.from_env`` reads ``os.environ`` once
+(through ``_launch`` and ``_sysmetrics``, which it hands the mapping); the CLI has
+``CliSettings``; nothing else in ``pluto`` reads it.
 """
 
 from __future__ import annotations
@@ -15,8 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 from ._launch import launch_fields  # issue 20 (H4): ranks from every launcher
 from ._sysmetrics import sysmetrics_fields  # issue 20 (H4): PLUTO_SYSTEM_METRICS*
 from .errors import ConfigError
-
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+from .protocol import DEFAULT_REDIS_URL
 
 
 def env_number(env: Mapping[str, str], name: str, default: float, low: float = 0.0) -> float:

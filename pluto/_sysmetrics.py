@@ -21,7 +21,7 @@ import weakref
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from ._protocol import name_problem
+from .protocol import name_problem
 
 if TYPE_CHECKING:
     from ._run import Run

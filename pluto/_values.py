@@ -14,7 +14,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from ._protocol import name_problem
+from .protocol import INT64_MAX, INT64_MIN, name_problem
 
 SCALARS = frozenset({int, float})
 """Types that go through ``log`` untouched (bool is converted to 0/1)."""
@@ -148,7 +148,6 @@ def clean_config(config: Any) -> dict[str, Any] | None:
 
 
 MAX_CONFIG_DEPTH = 32
-_INT64 = (-(2**63), 2**63 - 1)
 
 
 def _config_value(value: Any, path: str, depth: int = 1) -> Any:
@@ -163,7 +162,7 @@ def _config_value(value: Any, path: str, depth: int = 1) -> Any:
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, (int, float)) and type(value) in (int, float):
-        if type(value) is int and not _INT64[0] <= value <= _INT64[1]:
+        if type(value) is int and not INT64_MIN <= value <= INT64_MAX:
             raise TypeError(f"config key {path!r} holds an integer beyond 64 bits; pass it as a "
                             "string")
         return value

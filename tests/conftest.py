@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,7 +21,7 @@ import pytest
 import redis
 
 from pluto import _servers
-from pluto._keys import Keys
+from pluto.protocol import Keys
 
 ROOT = Path(__file__).resolve().parent.parent
 # System metrics (on by default for users) would add sys/* entries to every test's runs; the

@@ -10,20 +10,17 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from pluto import _keys as K
-from pluto._keys import Keys
-from pluto._protocol import unpack
+from pluto import protocol as K
+from pluto.protocol import CREATED_TTL, INT64_MAX, RUN_KEY_TTL, Keys, State, unpack
 
 from ._backend import Backend, Interrupted, Rejected, Unavailable
 from ._streams import ensure_group, is_weather
 
 log = logging.getLogger("worker.control")
 
-RUN_KEY_TTL = 30 * 24 * 3600
-CREATED_TTL = 3600
 
 
-_INT64 = 2**63 - 1
+_INT64 = INT64_MAX
 
 
 def member_info(raw: bytes | None) -> dict[str, Any] | None:
@@ -52,7 +49,7 @@ def member_row(member: str, info: dict[str, Any], state: str | None = None) -> d
         "local_rank": num("local_rank"),
         "host": str(info.get("host") or host or member),
         "pid": num("pid", int(pid) if pid.isdigit() and int(pid) <= _INT64 else None),
-        "state": state or str(info.get("state") or "running"),
+        "state": state or str(info.get("state") or State.RUNNING.value),
     }
     for key in ("logged", "sent", "dropped"):
         if num(key) is not None:

@@ -18,8 +18,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
-from pluto._keys import Keys
-from pluto._protocol import decode_control
+from pluto.protocol import Keys, decode_control
 
 from ._acks import Acks
 from ._control import DEAD, DONE, Control, order_key

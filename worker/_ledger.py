@@ -13,13 +13,13 @@ import logging
 import time
 from typing import Any
 
-from pluto import _keys as K
-from pluto._keys import Keys
+from pluto import protocol as K
+from pluto.protocol import INT64_MAX, Keys
 
 from ._backend import Backend, Rejected
 from ._control import member_row
 
-_INT64 = 2**63 - 1
+_INT64 = INT64_MAX
 
 log = logging.getLogger("worker.ledger")
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import redis
 
-from pluto._keys import GROUP
+from pluto.protocol import GROUP
 
 from ._problems import Problems
 from ._streams import Entry, ensure_group, is_nogroup, is_weather, stream_entries

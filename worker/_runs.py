@@ -15,8 +15,7 @@ from typing import Any
 
 import redis
 
-from pluto._keys import Keys
-from pluto._protocol import _INT, pack
+from pluto.protocol import INT_TEXT, Keys, State, pack
 
 from ._backend import Backend, Interrupted, Rejected, Unavailable
 from ._control import member_info, member_row
@@ -26,7 +25,7 @@ from ._streams import drained, is_weather, trim
 
 log = logging.getLogger("worker.runs")
 
-RUNNING = "running"
+RUNNING = State.RUNNING.value
 
 # Set a member's value only if it is still the one we judged on (the SDK may finish meanwhile).
 _CAS = """
@@ -167,7 +166,7 @@ class RunWatcher:
                 self._first_seen.pop((run, member), None)
                 continue
             beat = beats.get(member.encode())
-            if beat is not None and not _INT.match(beat):
+            if beat is not None and not INT_TEXT.match(beat):
                 self.problems.report(f"beat:{run}:{member}", f"run {run}: heartbeat of "
                                      f"{member[:80]!r} is not epoch ms ({beat[:40]!r}); judged "
                                      "by its attach time instead", logging.WARNING)

@@ -13,12 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pluto._settings import DEFAULT_REDIS_URL
 from pluto._settings import env_flag as _flag
 from pluto._settings import env_number as _num
 from pluto._settings import redis_tls
-
-DEFAULT_API_URL = "http://127.0.0.1:8080"
+from pluto.protocol import DEFAULT_API_URL, DEFAULT_REDIS_URL
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Redis stream plumbing for the worker: connecting, groups, entry ids, drained checks, trimming.
 
 Everything here is a small function over a redis-py client; the key names come from
-``pluto._keys`` and are passed in.
+``pluto.protocol`` and are passed in.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any, Union
 
 import redis
 
-from pluto._keys import GROUP
+from pluto.protocol import GROUP
 
 from ._settings import WorkerSettings
 

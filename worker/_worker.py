@@ -25,8 +25,7 @@ from typing import Any
 import redis
 
 from pluto import __version__
-from pluto._keys import GROUP, Keys
-from pluto._protocol import MAX_ID
+from pluto.protocol import GROUP, MAX_ID, Keys
 
 from ._acks import Acker, Acks
 from ._backend import Backend, Interrupted
@@ -40,7 +39,15 @@ from ._reader import Batch, Reader
 from ._runs import RunWatcher
 from ._settings import WorkerSettings
 from ._streams import (
-    Entry, as_entry, connect, ensure_group, error_code, is_nogroup, is_weather, raw_reply, trim,
+    Entry,
+    as_entry,
+    connect,
+    ensure_group,
+    error_code,
+    is_nogroup,
+    is_weather,
+    raw_reply,
+    trim,
 )
 
 log = logging.getLogger("worker")

@@ -9,7 +9,7 @@ from typing import Any
 
 import redis
 
-from .. import _protocol as proto
+from .. import protocol as proto
 from .._init import init
 from .._run import Run, State
 from .._settings import Settings

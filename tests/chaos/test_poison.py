@@ -19,14 +19,20 @@ from typing import Any
 import pytest
 import redis
 
-from pluto import _keys as K
-from pluto import _protocol as P
+from pluto import protocol as K
+from pluto import protocol as P
 from tests.chaos import ranks
 from tests.chaos.conftest import FaultBackend, OwnRedis
 from tests.conftest import Backend, Stack
 from tests.helpers import wait_until
 from tests.worker.conftest import (
-    FaultProxy, attach, create, dead_letters, entry, pending, produce,
+    FaultProxy,
+    attach,
+    create,
+    dead_letters,
+    entry,
+    pending,
+    produce,
 )
 
 RANKS = 2

@@ -23,8 +23,8 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from pluto import _protocol as proto
 from pluto import _servers
+from pluto import protocol as proto
 from tests.chaos import ranks
 from tests.chaos.conftest import OwnRedis
 from tests.conftest import Stack

@@ -209,7 +209,7 @@ def test_odd_run_ids_round_trip(stack: Stack, tmp_path: Path, run_id: str) -> No
 
 def test_a_refused_create_is_reported_to_the_waiting_creator(stack: Stack, r: redis.Redis) -> None:
     """The backend refuses a create (here: tags that are not strings): init must not time out."""
-    from pluto import _protocol as proto
+    from pluto import protocol as proto
 
     token = uuid.uuid4().hex
     msg = proto.control_create("refused", "r1", "n", None, None, token)

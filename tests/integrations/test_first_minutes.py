@@ -13,7 +13,7 @@ import redis
 
 import pluto
 from pluto import Settings, _preflight
-from pluto._keys import GROUP, Keys
+from pluto.protocol import GROUP, Keys
 from tests.conftest import Stack
 from tests.helpers import finish_rank, json_lines, start_rank, wait_until, write_script
 

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import redis
 
-from pluto import _protocol as proto
+from pluto import protocol as proto
 from tests.conftest import Stack
 from tests.helpers import wait_until, write_script
 

@@ -15,8 +15,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from pluto_server._headers import CreateRate
 from pluto import _servers
+from pluto_server._headers import CreateRate
 from tests.conftest import ROOT, Backend
 from tests.helpers import PYTHON
 

@@ -17,7 +17,7 @@ import pytest
 import redis
 
 from pluto import _servers
-from pluto._keys import Keys
+from pluto.protocol import Keys
 from tests.conftest import ROOT, Backend
 from tests.helpers import PYTHON, finish_rank, json_lines, start_rank, wait_until, write_script
 

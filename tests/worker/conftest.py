@@ -1,5 +1,5 @@
 """What the worker tests share: writing control messages and stream entries the way the SDK
-does (with redis-py, through ``pluto._keys`` / ``pluto._protocol``), and reading results back."""
+does (with redis-py, through ``pluto.protocol``), and reading results back."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import redis
 
-from pluto import _keys as K
-from pluto import _protocol as P
-from pluto._keys import Keys
+from pluto import protocol as K
+from pluto import protocol as P
+from pluto.protocol import Keys
 from tests.helpers import wait_until
 
 

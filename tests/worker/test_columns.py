@@ -6,7 +6,7 @@ import httpx
 import msgpack
 import pytest
 
-from pluto._protocol import decode_entry
+from pluto.protocol import decode_entry
 from pluto_worker._backend import COLUMNS, MSGPACK, Backend
 from pluto_worker._entries import Columns, flatten
 from pluto_worker._settings import WorkerSettings

@@ -12,15 +12,23 @@ from typing import Any
 import pytest
 import redis
 
-from pluto import _keys as K
-from pluto import _protocol as P
-from pluto._keys import GROUP, Keys
+from pluto import protocol as K
+from pluto import protocol as P
+from pluto.protocol import GROUP, Keys
+from pluto_worker._acks import Acks
 from tests.conftest import Backend
 from tests.worker.conftest import (
-    FaultProxy, attach, dead_letters, entry, in_process_worker, pending, produce, request_create, run_id_of,
+    FaultProxy,
+    attach,
+    dead_letters,
+    entry,
+    in_process_worker,
+    pending,
+    produce,
+    request_create,
+    run_id_of,
     spin,
 )
-from pluto_worker._acks import Acks
 
 
 @pytest.fixture

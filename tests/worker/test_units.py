@@ -12,17 +12,17 @@ import msgpack
 import pytest
 
 import pluto_worker
-from pluto._protocol import decode_entry
+from pluto._settings import redact
 from pluto.errors import ConfigError
+from pluto.protocol import decode_entry
 from pluto_worker import WorkerSettings
 from pluto_worker._backend import Backend, Interrupted, Rejected
 from pluto_worker._entries import flatten, record
-from pluto._settings import redact
 
 
 def test_public_names_match_all() -> None:
-    public = {n for n in vars(worker) if not n.startswith("_")} - {"annotations"}
-    assert set(worker.__all__) == public
+    public = {n for n in vars(pluto_worker) if not n.startswith("_")} - {"annotations"}
+    assert set(pluto_worker.__all__) == public
 
 
 def test_settings_from_env() -> None:
