@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PLUTO_ML_VENV ?= .venv-pluto-ml
 PYTEST_ARGS ?=
 
-.PHONY: install demo test bench lint clean
+.PHONY: install frameworks demo test test-fast bench lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,13 +18,26 @@ $(PLUTO_ML_VENV)/.installed:
 	$(PLUTO_ML_VENV)/bin/python -m pip install -q pluto-ml==0.0.29
 	touch $@
 
+# torch first and pinned: pip takes the CPU build of 2.13.0 from this machine's disk; plain
+# `torch` (or lightning pulling it in) would fetch a CUDA build of several GB.
+$(VENV)/.frameworks: $(VENV)/.installed
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[server,test,integrations]'
+	touch $@
+
 install: $(VENV)/.installed
+
+frameworks: $(VENV)/.frameworks
 
 demo: $(VENV)/.installed
 	$(PY) examples/demo.py
 
-test: $(VENV)/.installed $(PLUTO_ML_VENV)/.installed
+test: $(VENV)/.installed $(VENV)/.frameworks $(PLUTO_ML_VENV)/.installed
 	PLUTO_ML_PYTHON=$(CURDIR)/$(PLUTO_ML_VENV)/bin/python $(PY) -m pytest $(PYTEST_ARGS)
+
+# unit + integration: no server or rank processes beyond one Redis (about a minute here)
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -m "unit or integration" $(PYTEST_ARGS)
 
 $(VENV)/.bench: $(VENV)/.installed
 	$(PY) -m pip install -q -e '.[server,test,bench]'

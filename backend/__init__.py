@@ -1,6 +1,6 @@
 """pluto's backend: the Pluto-compatible HTTP API, its SQLite store and a small dashboard.
 
->>> from backend import create_app, serve   # `python -m backend` / `pluto server` call serve()
+>>> from pluto_server import create_app, serve   # `python -m pluto_server` / `pluto server` call serve()
 """
 
 from ._app import create_app

@@ -1,4 +1,4 @@
-"""``python -m backend``: serve the API on the host:port of ``PLUTO_API_URL``."""
+"""``python -m pluto_server``: serve the API on the host:port of ``PLUTO_API_URL``."""
 
 import sys
 

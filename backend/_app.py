@@ -5,22 +5,23 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from . import _compat, _faults, _json
+from pluto.protocol import COLUMNS_TYPE, MSGPACK_TYPE, NDJSON_TYPE, STATUSES
+
+from . import _compat, _faults, _json, _read
+from ._auth import ScopedAuth
+from ._headers import BodyTimeout, CreateRate, SecurityHeaders
 from ._http import (
-    BearerAuth,
     PathIds,
     broken_row,
     error,
@@ -34,7 +35,6 @@ from ._http import (
     store_of,
 )
 from ._ingest import (
-    COLUMNS_TYPE,
     MSGPACK_TYPES,
     TEXT_TYPES,
     BadBody,
@@ -43,11 +43,10 @@ from ._ingest import (
     decode,
     shown,
 )
-from ._settings import ServerSettings
-from ._store import STATUSES, BrokenRow, Store, Unstorable, loaded, open_store
-
-STATIC = Path(__file__).parent / "static"
-
+from ._metrics import BackendMetrics, CountRequests, metrics_endpoint
+from ._rows import BrokenRow
+from ._settings import ServerSettings, db_path, is_postgres
+from ._store import Store, Unstorable, open_store
 
 MAX_TEXT = 1024
 """Longest project, run, tag, member, host or state name accepted (in characters)."""
@@ -114,7 +113,8 @@ async def update_status(request: Request) -> Response:
     body = await _object(request)
     status = body.get("status")
     if status not in STATUSES:
-        raise HTTPException(400, f"status must be one of {', '.join(STATUSES)}; got {status!r}")
+        raise HTTPException(400, f"status must be one of {', '.join(STATUSES)}; "
+                                 f"got {shown(status)}")
     return await _updated(request, store_of(request).set_status, body, status)
 
 
@@ -155,10 +155,11 @@ def _items(body: Any, what: str) -> list[dict[str, Any]]:
 def _optional_int(item: dict[str, Any], key: str, what: str, low: int = -(2**63)) -> None:
     """400 unless ``item[key]`` is absent, null, or a JSON integer from ``low`` to 2**63-1."""
     value = item.get(key)
-    if value is not None and (type(value) is not int or isinstance(value, bool)):
+    if value is None:
+        return
+    if type(value) is not int:  # not a bool, not decimal text: JSON bodies carry numbers
         raise HTTPException(400, f"{what}.{key} must be an integer, got {shown(value)}")
-    if value is not None:
-        int64_of(value, f"{what}.{key}", low)
+    int64_of(value, f"{what}.{key}", low)
 
 
 def _drops(value: Any, what: str) -> None:
@@ -222,15 +223,18 @@ async def ingest_metrics(request: Request) -> Response:
     media_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if media_type not in MSGPACK_TYPES and media_type not in TEXT_TYPES \
             and media_type != COLUMNS_TYPE:
-        return error(415, f"unsupported Content-Type {media_type!r}: send application/x-ndjson"
-                          " or application/msgpack")
+        return error(415, f"unsupported Content-Type {shown(media_type)}: send "
+                          "application/x-ndjson or application/msgpack")
     run = run_id_of(request.headers.get("x-run-id"), "X-Run-Id header")
     store = store_of(request)
     if not await in_thread(store.run_exists, run):
         return error(404, f"no run with id {run}")
     body = await read_body(request, request.app.state.settings.max_body)
     try:
-        stored, bad = await in_thread(_ingest, store, run, body, media_type)
+        metrics = request.app.state.metrics
+        stored, bad = await in_thread(metrics.timed_write, "ingest", _ingest, store, run, body,
+                                      media_type)
+        metrics.points.inc(stored)
     except BadBody as exc:
         return error(400, str(exc))
     offer = {"X-Pluto-Ingest": INGEST_FORMATS}  # our worker switches to columns on seeing it
@@ -253,74 +257,7 @@ def _ingest(store: Store, run: int, body: bytes, media_type: str) -> tuple[int, 
     return store.write_points(run, entries), bad
 
 
-# -- read side -------------------------------------------------------------------------------
-
-def _query_int(request: Request, name: str, low: int | None = None) -> int | None:
-    raw = request.query_params.get(name)
-    if raw is None or raw == "":
-        return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise HTTPException(400, f"query parameter {name} must be an integer, got {raw!r}"
-                            ) from None
-    if low is not None and value < low:
-        raise HTTPException(400, f"query parameter {name} must be at least {low}")
-    return value
-
-
-async def list_runs(request: Request) -> Response:
-    project = request.query_params.get("project") or None
-    return JSONResponse({"runs": await in_thread(store_of(request).list_runs, project)})
-
-
-async def get_run(request: Request) -> Response:
-    run = int(request.path_params["run_id"])
-    found = await in_thread(store_of(request).get_run, run)
-    if found is None:
-        raise HTTPException(404, f"no run with id {run}")
-    return JSONResponse(found)
-
-
-async def metric_names(request: Request) -> Response:
-    run = int(request.path_params["run_id"])
-    store = store_of(request)
-    if not await in_thread(store.run_exists, run):
-        raise HTTPException(404, f"no run with id {run}")
-    return JSONResponse({"names": await in_thread(store.metric_names, run)})
-
-
-def json_number(value: float) -> float | str:
-    if type(value) is float and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    return value
-
-
-def downsample(rows: list[Any], max_points: int | None) -> list[Any]:
-    """At most ``max_points`` rows evenly spread over ``rows``, always keeping the last."""
-    if max_points is None or len(rows) <= max_points:
-        return rows
-    if max_points == 1:
-        return rows[-1:]
-    last = len(rows) - 1
-    picks = sorted({(2 * i * last + max_points - 1) // (2 * (max_points - 1))
-                    for i in range(max_points)})  # round half up, in integers
-    return [rows[i] for i in picks]
-
-
-async def metric_points(request: Request) -> Response:
-    run = int(request.path_params["run_id"])
-    name = request.path_params["name"]
-    since, max_points = _query_int(request, "since_step"), _query_int(request, "max_points", 1)
-    store = store_of(request)
-    if not await in_thread(store.run_exists, run):
-        raise HTTPException(404, f"no run with id {run}")
-    rows = downsample(await in_thread(store.points, run, name, since, max_points == 1), max_points)
-    points = [[s, json_number(loaded(v)), t] for s, v, t in rows]
-    return JSONResponse({"name": name, "points": points})
-
-
-INGEST_FORMATS = f"{COLUMNS_TYPE}, application/msgpack, application/x-ndjson"
+INGEST_FORMATS = f"{COLUMNS_TYPE}, {MSGPACK_TYPE}, {NDJSON_TYPE}"
 
 
 async def healthz(request: Request) -> Response:
@@ -330,25 +267,18 @@ async def healthz(request: Request) -> Response:
     return JSONResponse({"ok": True}, headers={"X-Pluto-Ingest": INGEST_FORMATS})
 
 
-async def dashboard(request: Request) -> Response:
-    return FileResponse(STATIC / "index.html", media_type="text/html")
-
-
 def routes() -> list[Route]:
     return [
-        Route("/", dashboard),
         Route("/healthz", healthz),
-        Route("/api/runs", list_runs),
+        Route("/metrics", metrics_endpoint),
         Route("/api/runs/create", create_run, methods=["POST"]),
         Route("/api/runs/status/update", update_status, methods=["POST"]),
         Route("/api/runs/config/update", update_config, methods=["POST"]),
         Route("/api/runs/tags/update", update_tags, methods=["POST"]),
-        Route("/api/runs/{run_id:int}", get_run),
         Route("/api/runs/{run_id:int}/members", upsert_members, methods=["POST"]),
         Route("/api/runs/{run_id:int}/ledger", upsert_ledger, methods=["POST"]),
-        Route("/api/runs/{run_id:int}/metrics", metric_names),
-        Route("/api/runs/{run_id:int}/metrics/{name:path}", metric_points),
         Route("/ingest/metrics", ingest_metrics, methods=["POST"]),
+        *_read.routes(),
         *_compat.routes(),
     ]
 
@@ -369,14 +299,22 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        app.state.store = open_store(settings.db_url)
+        app.state.store = store = open_store(settings.db_url)
+        app.state.metrics = BackendMetrics(store.count_by_status)
         try:
             yield
         finally:
             app.state.store.close()
 
+    keys_db = None if is_postgres(settings.db_url) else db_path(settings.db_url)
     app = Starlette(routes=routes(), lifespan=lifespan,
-                    middleware=[Middleware(BearerAuth, keys=settings.api_keys),
+                    middleware=[Middleware(CountRequests,
+                                           metrics=lambda: getattr(app.state, "metrics", None)),
+                                Middleware(SecurityHeaders),
+                                Middleware(ScopedAuth, keys=settings.api_keys, db_path=keys_db),
+                                Middleware(CreateRate, rate=settings.create_rate,
+                                           burst=settings.create_burst),
+                                Middleware(BodyTimeout, timeout=settings.body_timeout),
                                 Middleware(PathIds)],
                     exception_handlers={HTTPException: http_error, BrokenRow: broken_row,
                                         Unstorable: unstorable})

@@ -132,8 +132,9 @@ def path_run_id(request: Request) -> int:
 async def read_body(request: Request, limit: int) -> bytes:
     """The body, or 413 as soon as it is known to exceed ``limit`` bytes."""
     declared = request.headers.get("content-length", "").strip()
-    if declared.isascii() and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(413, f"body of {declared} bytes exceeds PLUTO_MAX_BODY={limit}")
+    if declared.isascii() and declared.isdigit() and (
+            len(declared) > 18 or int(declared) > limit):
+        raise HTTPException(413, f"body of {declared[:20]} bytes exceeds PLUTO_MAX_BODY={limit}")
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():

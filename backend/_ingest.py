@@ -31,19 +31,18 @@ from typing import Any
 
 import msgpack
 
+from pluto.protocol import INT64_MAX, INT64_MIN, name_problem
+
 from ._json import encodable
 from ._store import Entry, Stored
 
-MAX_NAME = 256
-_INT64 = (-(2**63), 2**63 - 1)
+_INT64 = (INT64_MIN, INT64_MAX)
 _SPECIAL: dict[str, Stored] = {"NaN": None, "nan": None, "Infinity": math.inf, "inf": math.inf,
                                "-Infinity": -math.inf, "-inf": -math.inf}
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 _SEQ = re.compile(r"(\d{1,19})(?:-(\d{1,19}))?\Z")
 
 MSGPACK_TYPES = frozenset({"application/msgpack", "application/x-msgpack",
                            "application/vnd.msgpack"})
-COLUMNS_TYPE = "application/x-pluto-columns"
 """Ours only: a whole batch as one msgpack map of columns (see :func:`columns`). Our worker
 sends it once the backend offered it (``X-Pluto-Ingest``): it has decoded and checked every
 entry already, so the batch is checked here as a whole, in C-speed passes over the columns,
@@ -68,9 +67,10 @@ MAX_REASONS = 20
 class BadLines:
     """The indexes of the bad lines of one body, and the reasons of the first few.
 
-    The 422 names the first problem in ``error`` and lists every bad index (the worker dead-letters exactly those entries), the first
-    :data:`MAX_REASONS` as ``{"index": i, "error": why}``, the rest as ``{"index": i}``
-    (at most ~20 bytes each), plus ``bad_count``.
+    The 422 names the first problem in ``error`` and lists every bad index (the worker
+    dead-letters exactly those entries): the first :data:`MAX_REASONS` as
+    ``{"index": i, "error": why}``, the rest as ``{"index": i}`` (at most ~20 bytes each),
+    plus ``bad_count``.
     """
 
     def __init__(self) -> None:
@@ -121,17 +121,13 @@ _valid_names: set[str] = set()
 
 
 def _check_name(name: Any) -> str:
-    if name in _valid_names:
-        return name  # type: ignore[no-any-return]
-    if not isinstance(name, str):
+    if not isinstance(name, str):  # first: a columns body's "name" may even be unhashable
         raise _BadLine(f"metric names must be strings, got {type(name).__name__}")
-    if not name:
-        raise _BadLine("empty metric name")
-    if len(name) > MAX_NAME:
-        raise _BadLine(f"metric name of {len(name)} characters (limit {MAX_NAME}): "
-                       f"{shown(name)}")
-    if _CONTROL.search(name):
-        raise _BadLine(f"metric name with control characters: {shown(name)}")
+    if name in _valid_names:
+        return name
+    problem = name_problem(name, leading_underscore=True)
+    if problem:
+        raise _BadLine(f"{problem}: {shown(name)}")
     if not encodable(name):
         raise _BadLine(f"metric name {shown(name)} is not valid UTF-8 (a lone surrogate?)")
     if len(_valid_names) > 100_000:
@@ -201,11 +197,32 @@ def entry(obj: Any, now: int) -> Entry:
     for name, value in data.items():
         kind = type(value)
         if kind is float:
-            if value != value:  # noqa: PLR0124 -- NaN test without a call, on the hot path
+            if value != value:
                 values[name] = None
         elif kind is not int or not _INT64[0] <= value <= _INT64[1]:
             values[name] = _value(name, value)  # replacing a value while iterating is fine
     return step, time_ms, seq_ms, seq_n, values
+
+
+class _Containers:
+    """msgpack hooks that stop decoding at the first container beyond the expected ones (a
+    columns body is one map of arrays of scalars; an entry two maps), so a body of tiny
+    containers cannot amplify memory."""
+
+    def __init__(self, maps: int, lists: int) -> None:
+        self.maps, self.lists = maps, lists
+
+    def map(self, value: dict[Any, Any]) -> dict[Any, Any]:
+        self.maps -= 1
+        if self.maps < 0:
+            raise BadBody("more maps than a body of this size can hold in valid entries")
+        return value
+
+    def list(self, value: list[Any]) -> list[Any]:
+        self.lists -= 1
+        if self.lists < 0:
+            raise BadBody("a columns body is one map of arrays of scalars; it holds more arrays")
+        return value
 
 
 _ARRAY_HEADER = {0xdc: 2, 0xdd: 4}  # array 16, array 32: bytes of length after the type
@@ -223,8 +240,11 @@ def _msgpack_objects(body: bytes) -> Iterator[Any]:
         raise BadBody("a msgpack body must be an array of entries")
     # max_array_len=0: an entry holds maps and scalars only, so an array inside one is the
     # client's mistake; refusing it keeps a body of tiny containers from amplifying memory.
+    # And at most one map per 8 bytes of body: an entry of the worker's is two maps in some
+    # 60 bytes; a body of empty maps (one byte each, 64 in memory) is refused early.
+    maps = _Containers(maps=len(body) // 8 + 64, lists=0)
     unpacker = msgpack.Unpacker(raw=False, strict_map_key=False, max_array_len=0,
-                                max_buffer_size=max(len(body), 1))
+                                max_buffer_size=max(len(body), 1), object_hook=maps.map)
     unpacker.feed(memoryview(body)[start:])
     for index in range(count):
         try:
@@ -336,26 +356,6 @@ Columns = tuple[list[str], list[int], list[Any], list[int], list[int], list[int]
 
 _COLUMN_BOUNDS = {"name": None, "count": (0, _INT64[1]), "step": _INT64, "time": _INT64,
                   "seq_ms": (0, _INT64[1]), "seq_n": (0, _INT64[1])}
-
-
-class _Containers:
-    """msgpack hooks that stop decoding at the first container beyond the expected ones (a
-    columns body is one map of arrays of scalars), so tiny containers cannot amplify memory."""
-
-    def __init__(self, maps: int, lists: int) -> None:
-        self.maps, self.lists = maps, lists
-
-    def map(self, value: dict[Any, Any]) -> dict[Any, Any]:
-        self.maps -= 1
-        if self.maps < 0:
-            raise BadBody("a columns body is one map of arrays of scalars; it holds more maps")
-        return value
-
-    def list(self, value: list[Any]) -> list[Any]:
-        self.lists -= 1
-        if self.lists < 0:
-            raise BadBody("a columns body is one map of arrays of scalars; it holds more arrays")
-        return value
 
 
 def columns(body: bytes) -> Columns:

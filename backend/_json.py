@@ -51,9 +51,14 @@ def encodable(text: str) -> bool:
 
 
 def _where(path: tuple[Any, ...]) -> str:
+    """``config.a[3].b``; a key that is long or not a plain name is shown quoted, cut at 40."""
     out = ""
     for part in path:
-        out += f"[{part}]" if type(part) is int else (f".{part}" if out else str(part))
+        if type(part) is int:
+            out += f"[{part}]"
+            continue
+        text = part if part.isidentifier() and len(part) <= 40 else _shown(part)
+        out += f".{text}" if out else text
     return out or "body"
 
 

@@ -237,6 +237,11 @@ class PgStore:
         out["ledger"] = _rows.ledger(out["status"], out["members"], out["ranks"])
         return out
 
+    def count_by_status(self) -> dict[str, int]:
+        """Runs per status, for the ``pluto_backend_runs`` gauge."""
+        return {str(s): int(n) for s, n in self._rows(
+            "SELECT status, count(*) FROM runs GROUP BY status")}
+
     def list_runs(self, project: str | None) -> list[dict[str, Any]]:
         """Runs newest first with their member count and ``lost`` (see ``Store.list_runs``)."""
         where, args = ("", ()) if project is None else (" WHERE r.project = %s", (project,))
@@ -303,7 +308,8 @@ class PgStore:
         """Upsert every point of ``entries`` in one transaction; returns how many points."""
         ids = self._intern(list({n for e in entries for n in e[4]}))
         cols: list[list[Any]] = [[] for _ in range(8)]
-        name_col, step_col, values, time_col, sms_col, sn_col = (cols[i] for i in (0, 1, 2, 5, 6, 7))
+        name_col, step_col, values, time_col, sms_col, sn_col = (
+            cols[i] for i in (0, 1, 2, 5, 6, 7))
         for step, time_ms, seq_ms, seq_n, data in entries:
             k = len(data)
             name_col += [ids[n] for n in data]

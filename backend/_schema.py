@@ -96,7 +96,21 @@ def _v1_loss_ledger(db: sqlite3.Connection) -> None:
         ) WITHOUT ROWID""")
 
 
-_MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1_loss_ledger]
+def _v2_api_keys(db: sqlite3.Connection) -> None:
+    """API keys made by ``pluto server keys create`` (issue 18): only the SHA-256 of each
+    token is kept, with its scope; ``revoked_at`` set means refused (``backend/_auth.py``)."""
+    db.execute("""
+        CREATE TABLE IF NOT EXISTS api_keys (
+            id         INTEGER PRIMARY KEY AUTOINCREMENT,
+            hash       TEXT NOT NULL UNIQUE,
+            scope      TEXT NOT NULL,
+            name       TEXT NOT NULL DEFAULT '',
+            created_at INTEGER NOT NULL,
+            revoked_at INTEGER
+        )""")
+
+
+_MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1_loss_ledger, _v2_api_keys]
 VERSION = len(_MIGRATIONS)
 
 

@@ -11,11 +11,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
+from pluto._settings import env_number
 from pluto.errors import ConfigError
+from pluto.protocol import DEFAULT_API_URL, DEFAULT_DB_URL
 
-DEFAULT_API_URL = "http://127.0.0.1:8080"
-DEFAULT_DB_URL = "sqlite:///.pluto/pluto.db"
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+
+def _tls_file(env: Mapping[str, str], name: str) -> str:
+    """A certificate or key file named by ``env[name]``; one ConfigError if it is unreadable."""
+    raw = env.get(name, "").strip()
+    if raw and not os.access(Path(raw).expanduser(), os.R_OK):
+        raise ConfigError(f"{name}={raw!r} is not a readable file")
+    return str(Path(raw).expanduser()) if raw else ""
 
 
 def _keys(env: Mapping[str, str]) -> tuple[str, ...]:
@@ -94,6 +104,23 @@ class ServerSettings:
     faults_file: str = ""
     """Test hook (``PLUTO_FAULTS_FILE``): a file selecting an injected ingest fault; see
     ``backend/_faults.py``. Empty (the default) disables it; never set it in production."""
+    header_timeout: float = 10.0
+    """Seconds a connection may take to send a request's headers (``PLUTO_HEADER_TIMEOUT``);
+    then it is closed (slowloris)."""
+    body_timeout: float = 60.0
+    """Seconds a request's body may take in all (``PLUTO_BODY_TIMEOUT``); then 408."""
+    keepalive_timeout: float = 5.0
+    """Seconds an idle keep-alive connection stays open (``PLUTO_KEEPALIVE_TIMEOUT``)."""
+    max_connections: int = 1000
+    """Open connections plus requests in progress beyond which the server answers 503
+    (``PLUTO_MAX_CONNECTIONS``, uvicorn's ``limit_concurrency``)."""
+    create_rate: float = 100.0
+    """Run creations per second per API key (``PLUTO_CREATE_RATE``; 0 disables); 429 beyond."""
+    create_burst: float = 1000.0
+    """Creations a key may make at once before the rate applies (``PLUTO_CREATE_BURST``)."""
+    tls_cert: str = ""
+    """PEM certificate (chain) to serve HTTPS with (``PLUTO_TLS_CERT``), with ``tls_key``."""
+    tls_key: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServerSettings:
@@ -117,7 +144,17 @@ class ServerSettings:
             api_keys=_keys(env),
             max_body=max_body,
             faults_file=env.get("PLUTO_FAULTS_FILE", "").strip(),
+            header_timeout=env_number(env, "PLUTO_HEADER_TIMEOUT", 10.0),
+            body_timeout=env_number(env, "PLUTO_BODY_TIMEOUT", 60.0),
+            keepalive_timeout=env_number(env, "PLUTO_KEEPALIVE_TIMEOUT", 5.0),
+            max_connections=int(env_number(env, "PLUTO_MAX_CONNECTIONS", 1000, low=0.5)),
+            create_rate=env_number(env, "PLUTO_CREATE_RATE", 100.0, low=-1e-9),
+            create_burst=env_number(env, "PLUTO_CREATE_BURST", 1000.0, low=0.5),
+            tls_cert=_tls_file(env, "PLUTO_TLS_CERT"),
+            tls_key=_tls_file(env, "PLUTO_TLS_KEY"),
         )
+        if bool(settings.tls_cert) != bool(settings.tls_key):
+            raise ConfigError("HTTPS needs both PLUTO_TLS_CERT and PLUTO_TLS_KEY (PEM files)")
         settings.host_port()  # fail on a bad URL now, not when binding
         check_db_url(settings.db_url)
         return settings

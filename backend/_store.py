@@ -35,13 +35,13 @@ from contextlib import contextmanager
 from itertools import chain, repeat
 from typing import Any
 
+from pluto.protocol import INT64_MAX, INT64_MIN
+
 from . import _json, _rows
-from ._rows import MEMBER_FIELDS, RANK_FIELDS, BrokenRow
+from ._rows import MEMBER_FIELDS, RANK_FIELDS
 from ._schema import migrate
 
-STATUSES = ("RUNNING", "COMPLETED", "FAILED", "TERMINATED")
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-__all__ = ["BrokenRow", "Store", "Unstorable", "open_store"]
+__all__ = ["Store", "Unstorable", "open_store"]
 
 
 Stored = int | float | str | None
@@ -204,8 +204,8 @@ class Store:
             cur = db.execute(
                 "INSERT OR IGNORE INTO runs (project, external_id, name, status, config, tags,"
                 " created_at, updated_at) VALUES (?, ?, ?, 'RUNNING', ?, ?, ?, ?)",
-                (project, external_id, name, _rows.merged_config(0, "{}", config), _json.dumps(tags or []),
-                 now, now))
+                (project, external_id, name, _rows.merged_config(0, "{}", config),
+                 _json.dumps(tags or []), now, now))
             if cur.rowcount == 1:
                 run = int(cur.lastrowid or 0)
                 self._runs.add(run)
@@ -319,6 +319,12 @@ class Store:
         out["ledger"] = _rows.ledger(out["status"], out["members"], out["ranks"])
         return out
 
+    def count_by_status(self) -> dict[str, int]:
+        """Runs per status, for the ``pluto_backend_runs`` gauge."""
+        with self._read() as db:
+            rows = db.execute("SELECT status, count(*) FROM runs GROUP BY status").fetchall()
+        return {str(status): int(n) for status, n in rows}
+
     def list_runs(self, project: str | None) -> list[dict[str, Any]]:
         """Runs newest first, without members (``get_run`` has them) but with their count
         and ``lost``. A row that cannot be returned is an item ``{"id", "error"}``."""
@@ -431,4 +437,105 @@ class Store:
                 f" ORDER BY step {order}",
                 (run, row[0], -(2**63) if since_step is None else since_step)).fetchall()
 
+    # -- dashboard reads -----------------------------------------------------------------------
 
+    def name_ids(self, names: Sequence[str]) -> dict[str, int]:
+        """The interned id of each of ``names`` that was ever stored (unknown names left out)."""
+        names = [n for n in names if _json.encodable(n)]
+        found = {n: self._names[n] for n in names if n in self._names}
+        missing = [n for n in names if n not in found]
+        if missing:  # interned by another process on the same file; the writer's cache is
+            with self._read() as db:  # left to the writer
+                for i in range(0, len(missing), 500):
+                    chunk = missing[i:i + 500]
+                    marks = ",".join("?" * len(chunk))
+                    found.update(db.execute(f"SELECT name, id FROM names WHERE name IN ({marks})",
+                                            chunk).fetchall())
+        return found
+
+    def last_steps(self, runs: Sequence[int]) -> dict[int, int]:
+        """The newest step stored in each of ``runs`` (runs without points left out): one
+        index seek per (run, metric), never a scan of the points."""
+        out: dict[int, int] = {}
+        with self._read() as db:
+            for i in range(0, len(runs), 500):
+                chunk = list(runs[i:i + 500])
+                marks = ",".join("?" * len(chunk))
+                rows = db.execute(
+                    "SELECT m.run, max((SELECT max(p.step) FROM points p WHERE p.run = m.run"
+                    f" AND p.name = m.name)) FROM run_metrics m WHERE m.run IN ({marks})"
+                    " GROUP BY m.run", chunk).fetchall()
+                out.update((run, step) for run, step in rows if step is not None)
+        return out
+
+    def member_counts(self, runs: Sequence[int]) -> dict[int, int]:
+        """How many members (processes) each of ``runs`` has had."""
+        out: dict[int, int] = {}
+        with self._read() as db:
+            for i in range(0, len(runs), 500):
+                chunk = list(runs[i:i + 500])
+                marks = ",".join("?" * len(chunk))
+                out.update(db.execute(f"SELECT run, count(*) FROM members WHERE run IN ({marks})"
+                                      " GROUP BY run", chunk).fetchall())
+        return out
+
+    def step_span(self, run: int, name_id: int, low: int, high: int) -> tuple[int, int] | None:
+        """``(first step, last step)`` of one series within ``[low, high]`` (two index
+        seeks), or None when it has no point there."""
+        where = "FROM points WHERE run = ? AND name = ? AND step BETWEEN ? AND ? ORDER BY step"
+        args = (run, name_id, low, high)
+        with self._read() as db:  # two queries: min() and max() in one would scan the range
+            first = db.execute(f"SELECT step {where} LIMIT 1", args).fetchone()
+            if first is None:
+                return None
+            last = db.execute(f"SELECT step {where} DESC LIMIT 1", args).fetchone()
+        return int(first[0]), int(last[0])
+
+    def points_between(self, run: int, name_id: int, low: int, high: int, limit: int
+                       ) -> list[tuple[int, Stored, int]]:
+        """At most ``limit`` points of one series with ``low <= step <= high``, by step."""
+        with self._read() as db:
+            return db.execute("SELECT step, value, time FROM points WHERE run = ? AND name = ?"
+                              " AND step BETWEEN ? AND ? ORDER BY step LIMIT ?",
+                              (run, name_id, low, high, limit)).fetchall()
+
+    def more_than(self, run: int, name_id: int, low: int, high: int, n: int) -> bool:
+        """Whether the series has more than ``n`` points in ``[low, high]``: one walk of the
+        index past ``n`` entries, without moving them into Python."""
+        with self._read() as db:
+            return db.execute("SELECT 1 FROM points WHERE run = ? AND name = ? AND step BETWEEN"
+                              " ? AND ? ORDER BY step LIMIT 1 OFFSET ?",
+                              (run, name_id, low, high, n)).fetchone() is not None
+
+    def run_version(self, run: int) -> int | None:
+        """The run's ``updated_at``, which every write to the run raises: a cache key."""
+        with self._read() as db:
+            row = db.execute("SELECT updated_at FROM runs WHERE id = ?", (run,)).fetchone()
+        return None if row is None else int(row[0])
+
+    def points_m4(self, run: int, name_id: int, low: int, high: int, width: int
+                  ) -> list[tuple[int, Stored, int]]:
+        """M4 downsampling in one statement: the steps ``[low, high]`` cut into buckets of
+        ``width`` steps, and of each bucket its first, last, minimum and maximum point (a NaN,
+        stored as NULL, counts as a maximum so a bucket holding one shows it). Each bucket is
+        read with range scans of the primary key, so SQLite never sorts the series."""
+        with self._read() as db:
+            return db.execute(_M4, {"run": run, "name": name_id, "low": low, "high": high,
+                                    "width": width}).fetchall()
+
+
+_M4_BUCKET = "run = :run AND name = :name AND step >= lo AND step < lo + :width"
+_M4 = f"""
+WITH RECURSIVE buckets(lo) AS (
+    SELECT :low UNION ALL SELECT lo + :width FROM buckets WHERE lo + :width <= :high
+), picks(step) AS (
+    SELECT (SELECT min(step) FROM points WHERE {_M4_BUCKET}) FROM buckets
+    UNION SELECT (SELECT max(step) FROM points WHERE {_M4_BUCKET}) FROM buckets
+    UNION SELECT (SELECT step FROM (SELECT step, min(value) AS v FROM points
+                                    WHERE {_M4_BUCKET}) WHERE v IS NOT NULL) FROM buckets
+    UNION SELECT (SELECT step FROM (SELECT step, max(ifnull(value, 9e999)) FROM points
+                                    WHERE {_M4_BUCKET})) FROM buckets
+)
+SELECT step, value, time FROM points
+WHERE run = :run AND name = :name AND step IN (SELECT step FROM picks) ORDER BY step
+"""

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 from pluto import _servers  # noqa: E402
-from pluto._keys import Keys  # noqa: E402
+from pluto.protocol import Keys  # noqa: E402
 
 
 def args(**defaults: Any) -> argparse.Namespace:

@@ -7,11 +7,11 @@ Target (issue 3): median <= 2 us, p99 <= 10 us, peak RSS <= 60 MB, and as cheap 
 from __future__ import annotations
 
 import gc
-from array import array
 import json
 import subprocess
 import sys
 import time
+from array import array
 
 from _common import args, median, peak_rss_mb, percentile, report, servers
 

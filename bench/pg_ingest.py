@@ -18,8 +18,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._common import args
-from tests.storage.pgcluster import Cluster
+from bench._common import args  # noqa: E402
+from tests.storage.pgcluster import Cluster  # noqa: E402
 
 
 def batches(n_batches: int, entries: int, metrics: int, seq: int) -> list[tuple]:
@@ -35,7 +35,7 @@ def batches(n_batches: int, entries: int, metrics: int, seq: int) -> list[tuple]
 
 
 def measure(url: str, method: str, work: list[tuple], again: list[tuple]) -> dict[str, float]:
-    from backend._pgstore import PgStore
+    from pluto_server._pgstore import PgStore
 
     store = PgStore(url, ingest=method)
     run, _ = store.create_run("bench", method, method, None, None)
@@ -58,7 +58,7 @@ def main() -> None:
                                  "points_per_batch": a.entries * a.metrics,
                                  "batches": a.batches}
     with Cluster() as cluster:
-        for rnd in range(2):  # two rounds, alternating, keep the better of each
+        for _ in range(2):  # two rounds, alternating, keep the better of each
             for method in ("copy", "unnest"):
                 got = measure(cluster.new_database(), method, work, again)
                 for k, v in got.items():

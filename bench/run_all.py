@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["log_overhead", "throughput", "finish", "e2e", "attach"]
+SCRIPTS = ["log_overhead", "throughput", "finish", "e2e", "attach", "dashboard"]
 
 TARGETS = {
     "log_overhead": "median <= 2 us, p99 <= 10 us, RSS <= 60 MB",
@@ -25,6 +25,7 @@ TARGETS = {
     "finish": "<= 1 s, all entries in Redis",
     "e2e": ">= 300,000 points/s, lag p99 <= 1 s",
     "attach": "slowest <= 500 ms, median <= 50 ms after served",
+    "dashboard": "64 x 100k x 3 run: first chart drawn < 2 s",
 }
 
 
@@ -44,6 +45,10 @@ def key_numbers(result: dict[str, Any]) -> str:
     if name == "attach":
         return (f"slowest {result['slowest_init_ms']} ms, median {result['median_init_ms']} ms, "
                 f"median after served {result['median_after_served_ms']} ms")
+    if name == "dashboard":
+        return (f"{result['ranks']} x {result['steps']:,}: first chart "
+                f"{result['first_chart_ms']} ms, all {result['all_charts_ms']} ms, "
+                f"{result['requests']} requests")
     return ""
 
 

@@ -28,9 +28,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench._common import args, servers
-from pluto import _servers
-from tests.storage.pgcluster import Cluster, drop_database
+from bench._common import args, servers  # noqa: E402
+from pluto import _servers  # noqa: E402
+from tests.storage.pgcluster import Cluster, drop_database  # noqa: E402
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -200,8 +200,8 @@ def main() -> None:
     if a.tiny:
         a.runs, a.entries, a.metrics, a.timeout, a.repeat = 1, 200, 5, 60.0, 1
         a.workers, a.replicas = "1,2", "1,2"
-    configs = [(w, r) for r in map(int, a.replicas.split(",")) for w in map(int, a.workers.split(","))
-               if not (a.tiny and w != r)]
+    configs = [(w, r) for r in map(int, a.replicas.split(","))
+               for w in map(int, a.workers.split(",")) if not (a.tiny and w != r)]
     rounds: dict[tuple[int, int], list[dict[str, Any]]] = {c: [] for c in configs}
     with servers() as s, Cluster() as cluster:
         for _ in range(a.repeat):  # rounds over every configuration: noise hits them alike
@@ -216,7 +216,8 @@ def main() -> None:
     out = {"bench": "scale", "cores": os.cpu_count(), "runs": a.runs, "entries": a.entries,
            "metrics": a.metrics, "results": results, "best": {k: best[k] for k in (
                "workers", "replicas", "points_per_s")},
-           "busiest_process": busiest, "cpu_used_of_cores": round(sum(best["cpu_share"].values()), 2),
+           "busiest_process": busiest,
+           "cpu_used_of_cores": round(sum(best["cpu_share"].values()), 2),
            "met": all(x["stored"] == x["points"] for x in results)}
     print(json.dumps(out))
     print(f"scale: best {best['points_per_s']:,} points/s with {best['workers']} workers, "

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from pluto._keys import Keys
+from pluto.protocol import Keys
 
 ROOT = Path(__file__).resolve().parent.parent
 RANKS = 4

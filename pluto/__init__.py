@@ -10,12 +10,13 @@ Importing this package does no I/O and pulls in neither the worker nor the backe
 
 from __future__ import annotations
 
-from . import errors
+from . import errors, integrations, protocol
 from ._init import finish, init, log
-from ._run import Run, State
+from ._run import Run
 from ._settings import Settings
 from ._values import PlutoWarning
 from .errors import ConfigError, ConnectionFailed, InitTimeout, PlutoError, RunFinished
+from .protocol import State
 
 __version__ = "0.1.0"
 
@@ -35,6 +36,8 @@ __all__ = [
     "errors",
     "finish",
     "init",
+    "integrations",
     "log",
+    "protocol",
     "run",
 ]

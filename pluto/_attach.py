@@ -17,9 +17,9 @@ from typing import Any
 
 import redis
 
-from . import _protocol as proto
-from ._keys import CREATE_REFUSED, PENDING_PREFIX, Keys
+from . import protocol as proto
 from .errors import InitTimeout, PlutoError
+from .protocol import CREATE_REFUSED, PENDING_PREFIX, Keys
 
 # Extend the lease only while the key still holds *our* token (a compare-and-expire).
 _REFRESH = """

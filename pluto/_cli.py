@@ -15,12 +15,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from . import _servers
-from ._keys import F_RANK, F_STEP, F_TIME, Keys
-from ._settings import DEFAULT_REDIS_URL, redact
+from ._settings import redact, redis_tls
 from .errors import PlutoError
+from .protocol import (
+    DEFAULT_API_URL,
+    DEFAULT_DB_URL,
+    DEFAULT_REDIS_URL,
+    F_RANK,
+    F_STEP,
+    F_TIME,
+    Keys,
+)
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -29,9 +37,9 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 class CliSettings:
     redis_url: str = DEFAULT_REDIS_URL
     prefix: str = "pluto"
-    api_url: str = "http://127.0.0.1:8080"
+    api_url: str = DEFAULT_API_URL
     api_key: str | None = None
-    db_url: str = "sqlite:///.pluto/pluto.db"
+    db_url: str = DEFAULT_DB_URL
     home: Path = Path(".pluto")
 
     @classmethod
@@ -39,9 +47,9 @@ class CliSettings:
         env = os.environ
         return cls(redis_url=env.get("PLUTO_REDIS_URL") or DEFAULT_REDIS_URL,
                    prefix=env.get("PLUTO_PREFIX") or "pluto",
-                   api_url=(env.get("PLUTO_API_URL") or "http://127.0.0.1:8080").rstrip("/"),
+                   api_url=(env.get("PLUTO_API_URL") or DEFAULT_API_URL).rstrip("/"),
                    api_key=env.get("PLUTO_API_KEY") or None,
-                   db_url=env.get("PLUTO_DB_URL") or "sqlite:///.pluto/pluto.db",
+                   db_url=env.get("PLUTO_DB_URL") or DEFAULT_DB_URL,
                    home=Path(env.get("PLUTO_HOME") or ".pluto"))
 
     def key(self) -> str | None:
@@ -52,17 +60,89 @@ class CliSettings:
         return path.read_text().strip() if path.exists() else None
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
-    from worker import main as worker_main
+def api_verify() -> Any:
+    """How httpx verifies an ``https://`` backend: the CA of ``PLUTO_API_CA``, else the
+    system's."""
+    import ssl
 
+    ca = os.environ.get("PLUTO_API_CA", "").strip()
+    return ssl.create_default_context(cafile=ca) if ca else True
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    try:
+        from pluto_worker import main as worker_main
+    except ImportError as exc:
+        return _missing("worker", "worker", exc)
     return int(worker_main() or 0)
 
 
 def cmd_server(args: argparse.Namespace) -> int:
-    from backend import serve
-
+    if getattr(args, "server_command", None) == "keys":
+        return cmd_keys(args)
+    try:
+        from pluto_server import serve
+    except ImportError as exc:
+        return _missing("server", "server", exc)
     serve()
     return 0
+
+
+def _need(module: str, command: str, extra: str) -> Any:
+    """``module`` imported, or None after the one-line hint naming the extra to install."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError as exc:
+        _missing(command, extra, exc)
+        return None
+
+
+def _missing(command: str, extra: str, exc: ImportError) -> int:
+    """An extra that is not installed is one line naming the pip command, not a traceback."""
+    module = (exc.name or 'a module').split('.')[0]
+    print(f"pluto {command}: needs {module} from the {extra!r} extra: "
+          f"pip install 'pluto-stream[{extra}]'", file=sys.stderr)
+    return 2
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """``pluto server keys create|list|revoke`` on the database of ``PLUTO_DB_URL``; works
+    while the server runs (SQLite WAL), and a revocation counts from its next request."""
+    from pluto_server._auth import KeyStore
+    from pluto_server._settings import db_path
+
+    s = CliSettings.from_env()
+    os.umask(0o077)  # a database this command creates is private from the start
+    path = db_path(s.db_url)
+    if path == ":memory:":
+        print("pluto server keys: PLUTO_DB_URL names an in-memory database; keys must live in "
+              "the server's database file", file=sys.stderr)
+        return 2
+    store = KeyStore(path)
+    try:
+        if args.keys_action == "create":
+            key_id, token = store.create(args.scope, args.name or "")
+            print(f"created API key {key_id} (scope {args.scope}{', ' + args.name if args.name else ''})"
+                  f" in {path}; it is shown only this once, so store it now:", file=sys.stderr)
+            print(token, flush=True)
+            return 0
+        if args.keys_action == "revoke":
+            if not store.revoke(args.id):
+                print(f"pluto server keys: no key with id {args.id} (see `pluto server keys "
+                      "list`)", file=sys.stderr)
+                return 1
+            print(f"revoked API key {args.id}; requests with it get 401 from now on")
+            return 0
+        for info in store.list():
+            state = ("revoked " + time.strftime("%Y-%m-%d %H:%M", time.gmtime(info.revoked_at))
+                     if info.revoked_at else "active")
+            made = time.strftime("%Y-%m-%d %H:%M", time.gmtime(info.created_at))
+            print(f"{info.id:>5}  {info.scope:<6} {state:<24} created {made} UTC  {info.name}")
+        return 0
+    finally:
+        store.close()
 
 
 def cmd_up(args: argparse.Namespace) -> int:
@@ -73,9 +153,20 @@ def cmd_up(args: argparse.Namespace) -> int:
     another child died."""
     import redis
 
+    for module in ("starlette", "uvicorn", "httpx"):
+        if _need(module, "up", "server") is None:
+            return 2
+
     s = CliSettings.from_env()
-    s.home.mkdir(parents=True, exist_ok=True)
-    key = s.api_key or _local_key(s.home)
+    # Everything up creates, and every file its children create (the SQLite database, Redis's
+    # append-only files, the logs), is private from the start: no chmod-after-write window.
+    os.umask(0o077)
+    try:
+        _private_home(s.home)
+        key = s.api_key or _local_key(s.home)
+    except PlutoError as exc:
+        print(f"pluto up: {exc}", file=sys.stderr, flush=True)
+        return 1
     logs = s.home / "logs"
     sup = _servers.Supervisor(lambda line: print(f"pluto up: {line}", flush=True))
     stop = {"now": False}
@@ -87,8 +178,17 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         try:
-            redis.Redis.from_url(s.redis_url, socket_connect_timeout=1).ping()
+            redis.Redis.from_url(s.redis_url, socket_connect_timeout=1,
+                                 **redis_tls(s.redis_url)).ping()
             print(f"pluto up: using the Redis at {redact(s.redis_url)}", flush=True)
+            if urlsplit(s.redis_url).password and _open_to_anyone(s.redis_url):
+                print("pluto up: WARNING: that Redis accepts connections without a password "
+                      "(PLUTO_REDIS_URL has one): set requirepass or ACL users on it",
+                      flush=True)
+        except (redis.AuthenticationError, redis.ResponseError) as exc:
+            raise PlutoError(f"the Redis at {redact(s.redis_url)} refused the credentials of "
+                             f"PLUTO_REDIS_URL ({str(exc)[:100]}): fix the user:password in "
+                             "it, or stop that Redis so that up starts its own") from None
         except (redis.RedisError, OSError):
             sup.add("redis", lambda: _embedded_redis(s))
         api = urlsplit(s.api_url)
@@ -116,6 +216,22 @@ def cmd_up(args: argparse.Namespace) -> int:
             print("pluto up: stopped", flush=True)
 
 
+def _open_to_anyone(url: str) -> bool:
+    """Whether the Redis at ``url`` serves a client that sends no credentials."""
+    import redis
+
+    parts = urlsplit(url)
+    bare = parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl()
+    client = redis.Redis.from_url(bare, socket_connect_timeout=1, socket_timeout=2,
+                                  **redis_tls(url))
+    try:
+        return bool(client.ping())
+    except (redis.RedisError, OSError):
+        return False
+    finally:
+        client.close()
+
+
 def _embedded_redis(s: CliSettings) -> _servers.Child:
     url = urlsplit(s.redis_url)
     host, port = url.hostname or "127.0.0.1", url.port or 6379
@@ -123,20 +239,56 @@ def _embedded_redis(s: CliSettings) -> _servers.Child:
         raise PlutoError(f"no Redis answers at {redact(s.redis_url)}, and pluto up only starts an "
                          "embedded one on loopback: start that Redis, or point PLUTO_REDIS_URL at "
                          "redis://127.0.0.1:<port>/0")
+    if url.scheme != "redis":
+        raise PlutoError(f"no Redis answers at {redact(s.redis_url)}, and pluto up starts an "
+                         "embedded one only for a redis:// URL: start your TLS Redis first")
+    password = unquote(url.password) if url.password is not None else None
+    user = unquote(url.username) if url.username else None
     child = _servers.start_redis(port, s.home / "redis", appendonly=True, host=host,
-                                 log_dir=s.home / "logs")
+                                 log_dir=s.home / "logs", password=password, user=user)
+    need = (f", requiring the password of PLUTO_REDIS_URL (user {user or 'default'})"
+            if password is not None else " without a password (put one in PLUTO_REDIS_URL: "
+            "redis://:password@host:port/0)")
     print(f"pluto up: started an embedded Redis ({Path(_servers.redis_binary()).name}) on "
-          f"{host}:{port}, append-only files in {s.home / 'redis'}", flush=True)
+          f"{host}:{port}{need}, protected mode on, append-only files in {s.home / 'redis'}",
+          flush=True)
     return child
 
 
+LOOSE = 0o077
+"""Group and other permission bits: none may be set on anything in ``.pluto``."""
+
+
+def _private_home(home: Path) -> None:
+    """``home`` as a 0700 directory whose files only the owner can read. A key file readable
+    by others is refused (it may have leaked: the fix is to tighten and rotate it); other
+    loose files (written by an older version) are tightened."""
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = home / "api_key"
+    if key.exists() and key.stat().st_mode & LOOSE:
+        raise PlutoError(f"{key} is readable by others (mode {key.stat().st_mode & 0o777:04o}): "
+                         f"run `chmod 600 {key}` (and, if others may have read it, delete it so "
+                         "that up makes a new key)")
+    if home.stat().st_mode & LOOSE:
+        home.chmod(0o700)
+    tightened = 0
+    for path in [home, *home.rglob("*")]:
+        mode = path.lstat().st_mode
+        if not path.is_symlink() and mode & LOOSE:
+            path.chmod(mode & 0o700)
+            tightened += 1
+    if tightened:
+        print(f"pluto up: made {tightened} files in {home} private (mode 0600/0700)", flush=True)
+
+
 def _local_key(home: Path) -> str:
+    """The key in ``home/api_key``, else a new one (32 random bytes) written there, 0600 from
+    the moment the file exists."""
     path = home / "api_key"
     if path.exists() and path.read_text().strip():
         return path.read_text().strip()
-    key = "pluto_" + secrets.token_urlsafe(24)
-    path.write_text(key + "\n")
-    path.chmod(0o600)
+    key = "pluto_" + secrets.token_urlsafe(32)
+    _servers.private_file(path, key + "\n")
     return key
 
 
@@ -146,7 +298,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
     s = CliSettings.from_env()
     keys = Keys(s.prefix)
-    client = redis.Redis.from_url(s.redis_url, decode_responses=True)
+    client = redis.Redis.from_url(s.redis_url, decode_responses=True,
+                                  **redis_tls(s.redis_url))
     run = args.run if args.run.isdigit() else client.get(keys.run(args.project, args.run))
     if run is None or not str(run).isdigit():
         print(f"pluto tail: no run {args.run!r} in project {args.project!r} at "
@@ -171,8 +324,9 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
 def cmd_runs(args: argparse.Namespace) -> int:
     """List runs (or show one with its metrics) from the backend's read API."""
-    import httpx
-
+    httpx = _need("httpx", "runs", "worker")
+    if httpx is None:
+        return 2
     s = CliSettings.from_env()
     key = s.key()
     if not key:
@@ -180,7 +334,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
               ".pluto/api_key)", file=sys.stderr)
         return 1
     with httpx.Client(base_url=s.api_url, headers={"Authorization": f"Bearer {key}"},
-                      timeout=10) as client:
+                      timeout=10, verify=api_verify()) as client:
         try:
             if args.id is not None:
                 run = client.get(f"/api/runs/{args.id}").raise_for_status().json()
@@ -189,8 +343,13 @@ def cmd_runs(args: argparse.Namespace) -> int:
                 print(json.dumps(run, indent=2))
                 print(_ledger_line(run), file=sys.stderr)
                 return 0
-            params = {"project": args.project} if args.project else {}
-            runs = client.get("/api/runs", params=params).raise_for_status().json()["runs"]
+            params: dict[str, Any] = {"project": args.project} if args.project else {}
+            runs, offset = [], 0
+            while offset is not None:  # the backend pages its list (``next``); older: one list
+                page = client.get("/api/runs", params={**params, "offset": offset,
+                                                       "limit": 1000}).raise_for_status().json()
+                runs += page["runs"]
+                offset = page.get("next")
         except httpx.HTTPError as exc:
             print(f"pluto runs: {s.api_url}: {exc} (is `pluto server` running? PLUTO_API_URL)",
                   file=sys.stderr)
@@ -205,19 +364,22 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Health of Redis, the backend, the workers and every active run; non-zero if unhealthy."""
-    import httpx
     import redis
 
     from . import _ops
 
+    httpx = _need("httpx", "status", "worker")
+    if httpx is None:
+        return 2
     s = CliSettings.from_env()
     try:
-        resp = httpx.get(f"{s.api_url}/healthz", timeout=3)
+        resp = httpx.get(f"{s.api_url}/healthz", timeout=3, verify=api_verify())
         backend = {"url": s.api_url, "ok": resp.status_code == 200,
                    "error": None if resp.status_code == 200 else f"HTTP {resp.status_code}"}
     except httpx.HTTPError as exc:
         backend = {"url": s.api_url, "ok": False, "error": str(exc)}
-    client = redis.Redis.from_url(s.redis_url, socket_connect_timeout=3, socket_timeout=5)
+    client = redis.Redis.from_url(s.redis_url, socket_connect_timeout=3, socket_timeout=5,
+                                  **redis_tls(s.redis_url))
     report = _ops.status(client, Keys(s.prefix), backend, args.max_pending_age)
     client.close()
     report.redis["url"] = redact(s.redis_url)
@@ -255,7 +417,8 @@ def cmd_dead(args: argparse.Namespace) -> int:
     from . import _ops
 
     s = CliSettings.from_env()
-    client = redis.Redis.from_url(s.redis_url, socket_connect_timeout=3, socket_timeout=10)
+    client = redis.Redis.from_url(s.redis_url, socket_connect_timeout=3, socket_timeout=10,
+                                  **redis_tls(s.redis_url))
     keys = Keys(s.prefix)
     try:
         if args.action == "replay":
@@ -307,8 +470,20 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("worker", help="consume run streams from PLUTO_REDIS_URL into PLUTO_API_URL "
                    "(needs PLUTO_API_KEY); SIGTERM stops it after the batch in hand")
-    sub.add_parser("server", help="the backend HTTP API and dashboard on PLUTO_API_URL, storing "
-                   "in PLUTO_DB_URL, accepting the keys in PLUTO_API_KEY")
+    server = sub.add_parser("server", help="the backend HTTP API and dashboard on PLUTO_API_URL, "
+                            "storing in PLUTO_DB_URL, accepting the keys in PLUTO_API_KEY and "
+                            "those of `pluto server keys`")
+    server_sub = server.add_subparsers(dest="server_command")
+    keys = server_sub.add_parser("keys", help="API keys stored (as hashes) in PLUTO_DB_URL")
+    keys_sub = keys.add_subparsers(dest="keys_action", required=True)
+    create = keys_sub.add_parser("create", help="make a key and print it (on the last line) once")
+    create.add_argument("--scope", choices=["read", "write", "admin"], required=True,
+                        help="read: GET routes; write: a worker's key (ingest, writes, reads); "
+                        "admin: everything")
+    create.add_argument("--name", default="", help="a label for `keys list`")
+    keys_sub.add_parser("list", help="id, scope, state and name of every key (never the key)")
+    revoke = keys_sub.add_parser("revoke", help="refuse a key from its next request on")
+    revoke.add_argument("id", type=int)
     sub.add_parser("up", help="everything one machine needs: Redis (reused or embedded), the "
                    "backend and one worker; Ctrl-C stops all of it")
     tail = sub.add_parser("tail", help="print a run's metrics entries as they arrive")

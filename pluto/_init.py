@@ -12,7 +12,6 @@ import socket
 import sys
 import threading
 import time
-import uuid
 import warnings
 from collections.abc import Mapping
 from types import FrameType
@@ -22,17 +21,21 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
-from . import _protocol as proto
+from . import protocol as proto
+from ._agree import agree_run_id  # issue 20 (H4)
 from ._attach import CreateRequest, elect
-from ._keys import Keys
+from ._launch import member_name  # issue 20 (H4)
+from ._preflight import check_workers  # issue 20 (H4)
 from ._producer import Producer, Target
-from ._run import Run, State
+from ._run import Run
 from ._settings import Settings, redact
-from ._values import PlutoWarning, clean_config
+from ._sysmetrics import start_sampler  # issue 20 (H4)
+from ._values import PlutoWarning, clean_config, user_stacklevel
 from .errors import ConfigError, ConnectionFailed
+from .protocol import RUN_KEY_TTL, Keys, State
 
-RUN_KEY_TTL = 30 * 24 * 3600
-MAX_ID = 512
+MAX_ID_TEXT = 512
+"""Longest project or run id accepted (characters)."""
 _BAD_ID = re.compile(r"[\x00-\x1f\x7f]")
 
 # redis-py >= 7.1 sends CLIENT SETINFO on every connect and reads its own package metadata for
@@ -58,7 +61,8 @@ def init(project: str | None = None, name: str | None = None, config: Any = None
     s = settings if isinstance(settings, Settings) else Settings.from_env(**dict(settings or {}))
     project = _check_id("project", project if project is not None else s.project, "PLUTO_PROJECT")
     given = run_id if run_id is not None else s.run_id
-    run_id = _check_id("run_id", given, "PLUTO_RUN_ID") if given is not None else uuid.uuid4().hex
+    run_id = agree_run_id(_check_id("run_id", given, "PLUTO_RUN_ID") if given is not None else None,
+                          project, s)  # issue 20 (H4): rank 0's id wins (pluto/_agree.py)
     if name is not None and not isinstance(name, str):
         raise TypeError(f"name must be a str, got {type(name).__name__}")
     if name is not None and not _encodable(name):
@@ -67,17 +71,22 @@ def init(project: str | None = None, name: str | None = None, config: Any = None
     cfg = clean_config(config)
     tag_list = _check_tags(tags)
     keys = Keys(s.prefix)
-    member = f"{socket.gethostname()}:{os.getpid()}"
+    member = member_name()  # issue 20 (H4): a second init in this process is a second member
     if s.mode == "disabled":
         return Run(id=0, run_id=run_id, resumed=False, name=name, project=project, config=cfg,
                    rank=s.rank, member=member, settings=s, client=None, keys=keys, producer=None)
     client = connect(s)
+    check_workers(client, keys, keys.run(project, run_id), s)  # issue 20 (H4): pluto/_preflight.py
     won = elect(client, keys, CreateRequest(project, run_id, name, cfg, tag_list), s.lease,
                 s.init_timeout, redact(s.redis_url))
-    if won.resumed and name is not None:
-        warnings.warn(f"pluto: run {run_id!r} already exists (id {won.id}); this process attached "
-                      f"to it and ignored name={name!r} (the creator's name stands)",
-                      PlutoWarning, stacklevel=2)
+    given_name = name
+    if won.resumed:  # the run's real name, as its creator gave it (kept by the worker)
+        stored: Any = client.hget(keys.info(won.id), "name")
+        name = stored.decode(errors="replace") if stored else name
+    if won.resumed and given_name is not None and given_name != name:
+        warnings.warn(f"pluto: run {run_id!r} already exists (id {won.id}, name {name!r}); this "
+                      f"process attached to it and ignored name={given_name!r} (the creator's "
+                      "name stands)", PlutoWarning, stacklevel=user_stacklevel())
     register = functools.partial(_register_member, client, keys, s, won.id, member, project,
                                  run_id, cfg if won.resumed else None)
     stream = keys.metrics(won.id)
@@ -89,6 +98,7 @@ def init(project: str | None = None, name: str | None = None, config: Any = None
     run = Run(id=won.id, run_id=run_id, resumed=won.resumed, name=name, project=project, config=cfg,
               rank=s.rank, member=member, settings=s, client=client, keys=keys, producer=producer)
     producer.start()
+    start_sampler(run)  # issue 20 (H4): per-rank system metrics (pluto/_sysmetrics.py)
     _track(run)
     return run
 
@@ -104,10 +114,11 @@ def connect(s: Settings) -> redis.Redis:
     """A client for ``PLUTO_REDIS_URL`` that answered PING, or one clear ``PlutoError``."""
     where = redact(s.redis_url)
     kind: Any = redis.RedisCluster if s.cluster else redis.Redis
+    tls = s.tls()  # ConfigError naming PLUTO_REDIS_CA/CERT/KEY
     try:
         client = kind.from_url(s.redis_url, socket_connect_timeout=s.connect_timeout,
                                socket_timeout=10.0, retry=quick_retry(),
-                               **_NO_SETINFO)
+                               **_NO_SETINFO, **tls)
     except (ValueError, TypeError) as exc:
         raise ConfigError(f"PLUTO_REDIS_URL={where!r} is not a Redis URL ({exc}); use "
                           "redis://host:port/0, rediss:// for TLS, redis://user:pass@host:port") from None
@@ -127,9 +138,9 @@ def _check_id(what: str, value: Any, env: str) -> str:
         value = str(value)
     if not isinstance(value, str):
         raise ConfigError(f"{what} must be a str, got {type(value).__name__} (argument or {env})")
-    if not value or len(value) > MAX_ID or _BAD_ID.search(value) or not _encodable(value):
+    if not value or len(value) > MAX_ID_TEXT or _BAD_ID.search(value) or not _encodable(value):
         shown = value if len(value) <= 60 else value[:60] + "..."
-        raise ConfigError(f"{what} {shown!r} ({len(value)} chars) is invalid: it must be 1-{MAX_ID} "
+        raise ConfigError(f"{what} {shown!r} ({len(value)} chars) is invalid: it must be 1-{MAX_ID_TEXT} "
                           f"characters of valid text without control characters (argument or {env})")
     return value
 
@@ -159,9 +170,10 @@ def _register_member(client: redis.Redis, keys: Keys, s: Settings, run: int, mem
                      project: str, run_id: str, config: dict[str, Any] | None) -> dict[str, Any]:
     """Record this process in the run (members hash + attach op); a late config is merged in.
     Returns the member's value, which the producer's heartbeats keep up to date."""
-    host, _, pid = member.rpartition(":")
+    host, pid = socket.gethostname(), os.getpid()  # the member name may carry "/<n>"
     info: dict[str, Any] = {"rank": s.rank, "local_rank": s.local_rank, "host": host,
-                            "pid": int(pid), "attached_at": int(time.time() * 1000),
+                            "pid": pid, "node": s.node, "attempt": s.attempt,
+                            "attached_at": int(time.time() * 1000),
                             "state": State.RUNNING.value}
     with client.pipeline(transaction=False) as pipe:
         pipe.hset(keys.members(run), member, proto.pack(info))

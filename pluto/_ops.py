@@ -15,8 +15,7 @@ from typing import Any
 
 import redis
 
-from ._keys import F_DEAD_ID, F_DEAD_REASON, F_RANK, GROUP, Keys
-from ._protocol import unpack
+from .protocol import F_DEAD_ID, F_DEAD_REASON, F_RANK, GROUP, Keys, unpack
 
 WORKER_ALIVE_S = 15.0
 """A worker whose heartbeat is older than this counts as gone (it beats every second)."""

@@ -31,8 +31,8 @@ from typing import Any
 import redis
 
 from ._io import Wire
-from ._protocol import pack
 from ._resp import Replies, XaddPacker, count_entries, transient, whole_entries
+from .protocol import ENTRY_HEAD, pack
 
 log = logging.getLogger("pluto")
 
@@ -50,7 +50,7 @@ CONNECTION_ERRORS = (redis.ConnectionError, redis.TimeoutError, OSError)
 
 @dataclass(frozen=True)
 class Target:
-    """Where one process's entries and liveness go (keys of ``_keys.Keys``)."""
+    """Where one process's entries and liveness go (keys of ``protocol.Keys``)."""
 
     stream: str
     heartbeats: str
@@ -66,6 +66,8 @@ class Chunk:
     count: int
     payload: bytes = b""
     end: int = 0
+    written: bool = False
+    """Some of it may have reached Redis (its write began), so it may be stored already."""
     """Reply count of the connection at which every entry of this chunk has been answered."""
 
 
@@ -134,6 +136,8 @@ class Producer(threading.Thread):
         self._deadline = 0.0
         self._reported: dict[str, tuple[int, float]] = {}
         self._busy_replies = 0
+        self._uncertain = 0
+        """Flat items at the head of the queue that were in flight when the connection failed."""
 
     @property
     def dropped(self) -> int:
@@ -206,6 +210,7 @@ class Producer(threading.Thread):
             return False
         finally:
             self._busy = False
+        self._uncertain = 0
         if self._down_since is not None:
             log.warning("pluto: Redis answers again after %.1f s; buffered entries sent",
                         time.monotonic() - self._down_since)
@@ -236,7 +241,7 @@ class Producer(threading.Thread):
         this thread pops, so the deque always starts on an entry boundary.
         """
         queue = self.queue
-        width = 3 + len(queue[2])
+        width = ENTRY_HEAD + len(queue[2])
         count = min(len(queue), CHUNK * width)
         count -= count % width
         items = list(starmap(queue.popleft, repeat((), count)))  # a C-level loop of pops
@@ -255,20 +260,28 @@ class Producer(threading.Thread):
         return Chunk(packed.items, packed.count, packed.payload)
 
     def _drop_overflow(self) -> None:
-        """Keep at most ``max_buffer`` entries (of the current width): drop the oldest, count them."""
+        """Keep at most ``max_buffer`` entries (of the current width): drop the oldest, count them.
+
+        Entries that were in flight when the connection failed are kept: Redis may have taken
+        them before it went away, so dropping (and counting) them could count a stored entry as
+        lost. They are at most two chunks; the oldest entries behind them go instead.
+        """
         queue = self.queue
-        if not queue:
+        if not queue or len(queue) <= self.max_buffer * (ENTRY_HEAD + len(queue[2])):
             return
-        limit = self.max_buffer * (3 + len(queue[2]))
-        while len(queue) > limit:
-            for _ in range(3 + len(queue[2])):
+        keep = [queue.popleft() for _ in range(min(self._uncertain, len(queue)))]
+        while queue and len(queue) + len(keep) > self.max_buffer * (ENTRY_HEAD + len(queue[2])):
+            for _ in range(ENTRY_HEAD + len(queue[2])):
                 queue.popleft()
             self.ledger.drop("overflow")
+        queue.extendleft(reversed(keep))
 
     def _write(self, chunk: Chunk) -> None:
         """Send the chunk's XADDs; note the reply count that marks them all answered."""
         payload, chunk.payload = chunk.payload, b""
-        self._connected().send(payload)
+        wire = self._connected()
+        chunk.written = True
+        wire.send(payload)
         self._written += chunk.count
         chunk.end = self._written
 
@@ -306,6 +319,7 @@ class Producer(threading.Thread):
     def _requeue(self, inflight: deque[Chunk]) -> None:
         for chunk in reversed(inflight):
             self.queue.extendleft(reversed(chunk.items))
+        self._uncertain = sum(len(chunk.items) for chunk in inflight if chunk.written)
         inflight.clear()
         self._disconnect()
 
@@ -316,7 +330,7 @@ class Producer(threading.Thread):
     def _in_memory_estimate(self) -> int:
         """``pending()`` without walking the deque (exact while the entries share a width)."""
         queue = self.queue
-        queued = len(queue) // (3 + len(queue[2])) if len(queue) > 2 else 0
+        queued = len(queue) // (ENTRY_HEAD + len(queue[2])) if len(queue) > 2 else 0
         return queued + sum(c.count for c in list(self._inflight))
 
     # -- connection ---------------------------------------------------------------------------
@@ -410,5 +424,5 @@ def _offset(items: list[Any], entries: int) -> int:
     """Index in flat ``items`` where entry number ``entries`` begins."""
     at = 0
     for _ in range(entries):
-        at += 3 + len(items[at + 2])
+        at += ENTRY_HEAD + len(items[at + 2])
     return at

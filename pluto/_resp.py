@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._keys import F_RANK, F_STEP, F_TIME
+from .protocol import ENTRY_HEAD, F_RANK, F_STEP, F_TIME
 
 _MS = 1000.0
 
@@ -23,7 +23,7 @@ def bulk(data: bytes) -> bytes:
 
 def _uniform(items: list[Any], start: int, names: tuple[str, ...]) -> int:
     """How many whole entries from ``start`` on all log exactly ``names`` (C-level check first)."""
-    width = 3 + len(names)
+    width = ENTRY_HEAD + len(names)
     count = (len(items) - start) // width
     if items[start + 2::width].count(names) == count:
         return count
@@ -46,21 +46,21 @@ def _texts(column: list[Any]) -> list[str]:
 def whole_entries(items: list[Any]) -> int:
     """Length of the longest prefix of ``items`` made of whole entries."""
     at = 0
-    while at + 3 <= len(items):
+    while at + ENTRY_HEAD <= len(items):
         names = items[at + 2]
         same = _uniform(items, at, names)
         if same == 0:
-            if at + 3 + len(names) > len(items):
+            if at + ENTRY_HEAD + len(names) > len(items):
                 break
             same = 1
-        at += same * (3 + len(names))
+        at += same * (ENTRY_HEAD + len(names))
     return at
 
 
 def count_entries(items: list[Any]) -> int:
     count, at = 0, 0
     while at < len(items):
-        at += 3 + len(items[at + 2])
+        at += ENTRY_HEAD + len(items[at + 2])
         count += 1
     return count
 
@@ -123,12 +123,12 @@ class XaddPacker:
         while at < len(items):
             names = items[at + 2]
             count = max(_uniform(items, at, names), 1)
-            end = at + count * (3 + len(names))
+            end = at + count * (ENTRY_HEAD + len(names))
             group = items[at:end]
             try:
                 out.add(self._encode(names, group, count), group, count)
             except (ValueError, OverflowError, TypeError, UnicodeError):
-                width = 3 + len(names)
+                width = ENTRY_HEAD + len(names)
                 for i in range(0, len(group), width):
                     one = group[i:i + width]
                     try:
@@ -142,7 +142,7 @@ class XaddPacker:
         return "".join(self._pieces(names, items, count)).encode()
 
     def _pieces(self, names: tuple[str, ...], items: list[Any], count: int) -> list[str]:
-        width, per = 3 + len(names), 7 + 3 * len(names)
+        width, per = ENTRY_HEAD + len(names), 7 + 3 * len(names)
         start, name_pieces = self._constants(names)
         length = _LENGTH.__getitem__
         parts: list[Any] = [None] * (per * count)

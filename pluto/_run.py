@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import logging
 import operator
 import threading
@@ -16,24 +15,16 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from . import _protocol as proto
-from ._keys import Keys
+from . import protocol as proto
 from ._producer import Producer
 from ._settings import Settings
+from ._sysmetrics import stop_sampler  # issue 20 (H4)
 from ._values import SCALARS, Cleaner, PlutoWarning
 from .errors import RunFinished
+from .protocol import Keys, State
 
 log = logging.getLogger("pluto")
 _is_scalar = SCALARS.__contains__
-
-
-class State(str, enum.Enum):
-    """Lifecycle of one process's membership in a run (also its ``state`` in the members hash)."""
-
-    RUNNING = "running"
-    FINISHED = "finished"
-    FAILED = "failed"
-    TERMINATED = "terminated"
 
 
 class Run:
@@ -182,6 +173,7 @@ class Run:
         producer = self._producer
         if producer is None:
             return
+        stop_sampler(self)  # its last entry is flushed below
         limit = self.settings.finish_timeout if timeout is None else max(float(timeout), 0.0)
         self._deadline = time.monotonic() + limit
         producer.flush(limit)

@@ -92,6 +92,15 @@ class Child:
         return ""
 
 
+def module_argv(module: str) -> list[str]:
+    """``python -m <module>`` without the working directory on ``sys.path`` (``-m`` would put
+    it first): a service started from a repository with its own ``pluto_worker`` or
+    ``pluto_server`` folder, or one that shadows a dependency, still runs the installed code."""
+    code = ("import runpy, sys; sys.path[:] = [p for p in sys.path[1:] if p not in ('', '.')]; "
+            f"runpy.run_module({module!r}, run_name='__main__', alter_sys=True)")
+    return [sys.executable, "-c", code]
+
+
 def spawn(name: str, argv: list[str], log_dir: Path, env: Mapping[str, str] | None = None) -> Child:
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
@@ -114,17 +123,71 @@ def wait_for(check: object, timeout: float, what: str, child: Child | None = Non
     raise PlutoError(f"{what}: not ready after {timeout:.0f} s" + (f"\n{child.log()[-3000:]}" if child else ""))
 
 
+@dataclass(frozen=True)
+class RedisTLS:
+    """TLS for :func:`start_redis`: the server's certificate and key, the CA that signed the
+    clients' certificates, and whether a client must present one (``--tls-auth-clients``)."""
+
+    port: int
+    cert: Path
+    key: Path
+    ca: Path
+    auth_clients: bool = True
+
+
+def _conf_quoted(text: str) -> str:
+    """``text`` as one token of a redis.conf line (every non-alphanumeric byte as ``\\xHH``),
+    so any password survives Redis's config parser."""
+    return '"' + "".join(chr(b) if chr(b).isalnum() and b < 128 else f"\\x{b:02x}"
+                         for b in text.encode()) + '"'
+
+
+def private_file(path: Path, text: str) -> None:
+    """Write ``text`` to a new file of mode 0600: created so from the start (``O_EXCL``), never
+    readable by others for a moment; an older file is replaced, not reused."""
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+
+
 def start_redis(port: int, data_dir: Path, appendonly: bool = False, host: str = "127.0.0.1",
-                log_dir: Path | None = None, name: str = "redis") -> Child:
-    """A Redis (or Valkey) server on loopback; with ``appendonly`` it survives a restart."""
+                log_dir: Path | None = None, name: str = "redis", password: str | None = None,
+                user: str | None = None, tls: RedisTLS | None = None) -> Child:
+    """A Redis (or Valkey) server on loopback; with ``appendonly`` it survives a restart.
+
+    Protected mode stays on. With ``password`` it requires it: for the ``default`` user
+    (``requirepass``), or for ACL user ``user`` (all commands and keys) with ``default``
+    switched off. The password goes into a 0600 ``redis.conf`` in ``data_dir``, never on the
+    command line (``ps`` shows that to every local user). With ``tls`` it listens only on
+    ``tls.port`` with TLS (``port`` is ignored).
+    """
     data_dir.mkdir(parents=True, exist_ok=True)
-    argv = [
-        redis_binary(), "--port", str(port), "--bind", host, "--save", "",
+    argv = [redis_binary()]
+    if password is not None:
+        conf = data_dir / "redis.conf"
+        if user and user != "default":
+            lines = ["user default off",
+                     f"user {_conf_quoted(user)} on {_conf_quoted('>' + password)} ~* &* +@all"]
+        else:
+            lines = [f"requirepass {_conf_quoted(password)}"]
+        private_file(conf, "\n".join(lines) + "\n")
+        argv.append(str(conf))  # the config file must come first
+    listen = port
+    if tls is not None:
+        listen = tls.port
+        argv += ["--port", "0", "--tls-port", str(tls.port), "--tls-cert-file", str(tls.cert),
+                 "--tls-key-file", str(tls.key), "--tls-ca-cert-file", str(tls.ca),
+                 "--tls-auth-clients", "yes" if tls.auth_clients else "no"]
+    else:
+        argv += ["--port", str(port)]
+    argv += [
+        "--bind", host, "--save", "",
         "--appendonly", "yes" if appendonly else "no", "--appendfsync", "everysec",
-        "--dir", str(data_dir), "--protected-mode", "no", "--daemonize", "no",
+        "--dir", str(data_dir), "--protected-mode", "yes", "--daemonize", "no",
     ]
     child = spawn(name, argv, log_dir or data_dir)
-    wait_for(lambda: port_open(host, port), 15, f"redis on {host}:{port}", child)
+    wait_for(lambda: port_open(host, listen), 15, f"redis on {host}:{listen}", child)
     return child
 
 
@@ -135,7 +198,7 @@ def start_backend(api_url: str, db_url: str, api_key: str, log_dir: Path,
     parts = urlsplit(api_url)
     full_env = dict(os.environ if env is None else env)
     full_env.update(PLUTO_API_URL=api_url, PLUTO_DB_URL=db_url, PLUTO_API_KEY=api_key)
-    child = spawn(name, [sys.executable, "-m", "backend"], log_dir, full_env)
+    child = spawn(name, module_argv("pluto_server"), log_dir, full_env)
     host = parts.hostname or "127.0.0.1"
     port = parts.port or (443 if parts.scheme == "https" else 80)
     wait_for(lambda: port_open(host, port), 30, f"backend at {api_url}", child)
@@ -147,7 +210,7 @@ def start_worker(redis_url: str, prefix: str, api_url: str, api_key: str, log_di
     full_env = dict(os.environ if env is None else env)
     full_env.update(PLUTO_REDIS_URL=redis_url, PLUTO_PREFIX=prefix, PLUTO_API_URL=api_url,
                     PLUTO_API_KEY=api_key)
-    return spawn(name, [sys.executable, "-m", "worker"], log_dir, full_env)
+    return spawn(name, module_argv("pluto_worker"), log_dir, full_env)
 
 
 @dataclass

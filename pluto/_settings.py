@@ -1,21 +1,23 @@
 """The SDK's settings: one frozen dataclass, read from the environment once per ``init``.
 
-Explicit arguments win over the environment; nothing else in ``pluto`` reads ``os.environ``.
+Explicit arguments win over the environment. ``Settings.from_env`` reads ``os.environ`` once
+(through ``_launch`` and ``_sysmetrics``, which it hands the mapping); the CLI has
+``CliSettings``; nothing else in ``pluto`` reads it.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from ._launch import launch_fields  # issue 20 (H4): ranks from every launcher
+from ._sysmetrics import sysmetrics_fields  # issue 20 (H4): PLUTO_SYSTEM_METRICS*
 from .errors import ConfigError
-
-DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+from .protocol import DEFAULT_REDIS_URL
 
 
 def env_number(env: Mapping[str, str], name: str, default: float, low: float = 0.0) -> float:
@@ -45,28 +47,6 @@ def _int(env: Mapping[str, str], name: str, default: int) -> int:
         raise ConfigError(f"{name}={raw!r} is not an integer") from None
 
 
-MAX_RANK = 2**31 - 1
-
-
-def _rank(env: Mapping[str, str], name: str, default: int) -> int:
-    value = _int(env, name, default)
-    if not 0 <= value <= MAX_RANK:
-        raise ConfigError(f"{name}={value} is not a process rank (0 to {MAX_RANK}); unset it or "
-                          "let the launcher set it")
-    return value
-
-
-def _torch_rank() -> int:
-    """The rank from torch.distributed if the user already initialised it (never imports torch)."""
-    dist = sys.modules.get("torch.distributed")
-    try:
-        if dist is not None and dist.is_available() and dist.is_initialized():
-            return int(dist.get_rank())
-    except Exception:  # noqa: BLE001 - a half-initialised process group must not break init
-        pass
-    return 0
-
-
 def redact(url: str) -> str:
     """The URL without its password, for messages and logs."""
     try:
@@ -78,6 +58,37 @@ def redact(url: str) -> str:
     except ValueError:
         pass
     return url
+
+
+def redis_tls(url: str, env: Mapping[str, str] | None = None, ca: str = "", cert: str = "",
+              key: str = "") -> dict[str, Any]:
+    """redis-py keyword arguments for a ``rediss://`` URL: the CA to verify the server with
+    (``PLUTO_REDIS_CA``; else the system's) and a client certificate and key
+    (``PLUTO_REDIS_CERT`` / ``PLUTO_REDIS_KEY``) for servers that require one. Explicit
+    arguments win over ``env``; a ``redis://`` URL gets none (plain connections reject them).
+
+    >>> redis_tls("rediss://h:6380/0", {"PLUTO_REDIS_CA": "/ca.pem"})
+    {'ssl_cert_reqs': 'required', 'ssl_ca_certs': '/ca.pem'}
+    """
+    env = os.environ if env is None else env
+    if not url.lower().startswith("rediss://"):
+        return {}
+    ca = ca or env.get("PLUTO_REDIS_CA", "").strip()
+    cert = cert or env.get("PLUTO_REDIS_CERT", "").strip()
+    key = key or env.get("PLUTO_REDIS_KEY", "").strip()
+    if bool(cert) != bool(key):
+        raise ConfigError("a Redis client certificate needs both PLUTO_REDIS_CERT and "
+                          "PLUTO_REDIS_KEY (PEM files)")
+    for name, path in (("PLUTO_REDIS_CA", ca), ("PLUTO_REDIS_CERT", cert),
+                       ("PLUTO_REDIS_KEY", key)):
+        if path and not os.access(path, os.R_OK):
+            raise ConfigError(f"{name}={path!r} is not a readable file")
+    kwargs: dict[str, Any] = {"ssl_cert_reqs": "required"}
+    if ca:
+        kwargs["ssl_ca_certs"] = ca
+    if cert:
+        kwargs.update(ssl_certfile=cert, ssl_keyfile=key)
+    return kwargs
 
 
 def env_flag(env: Mapping[str, str], name: str) -> bool:
@@ -111,6 +122,16 @@ class Settings:
     connect_timeout: float = 3.0
     rank: int = 0
     local_rank: int = 0
+    node: int = 0  # issue 20 (H4): fields of pluto/_launch.py and pluto/_sysmetrics.py
+    attempt: int = 0
+    job_run_id: str | None = None
+    system_metrics: bool = True
+    system_metrics_interval: float = 5.0
+    redis_ca: str = ""
+    """``rediss://`` only: CA file to verify the server (``PLUTO_REDIS_CA``)."""
+    redis_cert: str = ""
+    """``rediss://`` only: client certificate and key (``PLUTO_REDIS_CERT`` / ``_KEY``)."""
+    redis_key: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -131,11 +152,17 @@ class Settings:
             buffer_size=int(env_number(env, "PLUTO_BUFFER_SIZE", 1_000_000, low=0.5)),
             finish_timeout=env_number(env, "PLUTO_FINISH_TIMEOUT", 30.0),
             term_timeout=env_number(env, "PLUTO_TERM_TIMEOUT", 10.0),
-            rank=_rank(env, "RANK", _torch_rank()),
-            local_rank=_rank(env, "LOCAL_RANK", 0),
+            **launch_fields(env), **sysmetrics_fields(env),  # issue 20 (H4)
+            redis_ca=env.get("PLUTO_REDIS_CA", "").strip(),
+            redis_cert=env.get("PLUTO_REDIS_CERT", "").strip(),
+            redis_key=env.get("PLUTO_REDIS_KEY", "").strip(),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    def tls(self) -> dict[str, Any]:
+        """redis-py TLS keyword arguments (none for ``redis://``); see :func:`redis_tls`."""
+        return redis_tls(self.redis_url, {}, self.redis_ca, self.redis_cert, self.redis_key)
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)

@@ -8,11 +8,13 @@ scalars become Python numbers, and bad keys/values are dropped with one warning 
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any
 
-from ._protocol import name_problem
+from .protocol import INT64_MAX, INT64_MIN, name_problem
 
 SCALARS = frozenset({int, float})
 """Types that go through ``log`` untouched (bool is converted to 0/1)."""
@@ -20,6 +22,21 @@ SCALARS = frozenset({int, float})
 
 class PlutoWarning(UserWarning):
     """Warnings pluto emits about dropped or ignored input."""
+
+
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)) + os.sep
+
+
+def user_stacklevel() -> int:
+    """The ``stacklevel`` (for a ``warnings.warn`` in the caller) of the first frame outside
+    pluto: a warning points at the user's ``run.log(...)`` line, however deep inside pluto
+    (nested dicts, integrations) it was raised."""
+    frame = sys._getframe(1)
+    level = 1
+    while frame.f_back is not None and frame.f_code.co_filename.startswith(_PACKAGE):
+        frame = frame.f_back
+        level += 1
+    return level
 
 
 def to_number(value: Any) -> int | float | None:
@@ -99,7 +116,7 @@ class Cleaner:
             self._on_drop()
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, PlutoWarning, stacklevel=4)
+            warnings.warn(message, PlutoWarning, stacklevel=user_stacklevel())
 
 
 def _unencodable(name: str) -> str | None:
@@ -131,7 +148,6 @@ def clean_config(config: Any) -> dict[str, Any] | None:
 
 
 MAX_CONFIG_DEPTH = 32
-_INT64 = (-(2**63), 2**63 - 1)
 
 
 def _config_value(value: Any, path: str, depth: int = 1) -> Any:
@@ -146,7 +162,7 @@ def _config_value(value: Any, path: str, depth: int = 1) -> Any:
     if value is None or isinstance(value, bool):
         return value
     if isinstance(value, (int, float)) and type(value) in (int, float):
-        if type(value) is int and not _INT64[0] <= value <= _INT64[1]:
+        if type(value) is int and not INT64_MIN <= value <= INT64_MAX:
             raise TypeError(f"config key {path!r} holds an integer beyond 64 bits; pass it as a "
                             "string")
         return value

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -20,9 +21,40 @@ import pytest
 import redis
 
 from pluto import _servers
-from pluto._keys import Keys
+from pluto.protocol import Keys
 
 ROOT = Path(__file__).resolve().parent.parent
+# System metrics (on by default for users) would add sys/* entries to every test's runs; the
+# tests that want them turn them on (tests/integrations/test_sysmetrics.py).
+os.environ.setdefault("PLUTO_SYSTEM_METRICS", "0")
+
+PROCESS_FIXTURES = frozenset({
+    "backend", "private_backend", "stack", "bare_stack", "chaos_stack", "own_redis",
+    "fault_backend", "pg_url", "pluto_ml_python"})
+"""Fixtures that start real server or rank processes: a test using one is ``e2e``."""
+REDIS_FIXTURES = frozenset({"redis_url", "r", "prefix", "keys"})
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The test tiers, from what a test uses (so no test file has to say it):
+    ``unit`` no servers; ``integration`` real Redis and in-process app/worker; ``e2e`` real
+    backend, worker or rank processes; ``chaos`` everything under tests/chaos.
+    ``make test-fast`` runs ``unit or integration``."""
+    tiers = ("unit", "integration", "e2e", "chaos")
+    for item in items:
+        if any(item.get_closest_marker(t) for t in tiers):
+            continue  # the test said so itself
+        used = set(getattr(item, "fixturenames", ()))
+        path = Path(str(item.fspath))
+        if "chaos" in path.parts:
+            tier = "chaos"
+        elif "e2e" in path.parts or "ui" in path.parts or used & PROCESS_FIXTURES or item.get_closest_marker("slow"):
+            tier = "e2e"
+        elif used & REDIS_FIXTURES:
+            tier = "integration"
+        else:
+            tier = "unit"
+        item.add_marker(getattr(pytest.mark, tier))
 
 
 @pytest.fixture(scope="session")
@@ -127,7 +159,7 @@ class Stack:
     def env(self, **extra: str) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("PLUTO_", "MLOP_"))}
         env.update(PLUTO_REDIS_URL=self.redis_url, PLUTO_PREFIX=self.prefix,
-                   PLUTO_INIT_TIMEOUT="30", PYTHONPATH=str(ROOT))
+                   PLUTO_INIT_TIMEOUT="30", PLUTO_SYSTEM_METRICS="0", PYTHONPATH=str(ROOT))
         env.update(extra)
         return env
 
@@ -137,7 +169,24 @@ class Stack:
                                       self.backend.key, self.log_dir, env,
                                       name=f"worker{len(self.workers)}")
         self.workers.append(child)
+        self._await_served(child)
         return child
+
+    def _await_served(self, child: _servers.Child, timeout: float = 60.0) -> None:
+        """Until the worker created its consumer group: ``init`` fails fast on a Redis that no
+        worker ever served (pluto/_preflight.py), and a busy machine can take seconds to start
+        one. Returns early if the worker exited (tests that expect that judge it themselves)."""
+        from pluto._preflight import _ever_served
+
+        deadline = time.monotonic() + timeout
+        with redis.Redis.from_url(self.redis_url, socket_timeout=5) as r:
+            try:
+                while child.alive() and not _ever_served(r, self.keys):
+                    if time.monotonic() >= deadline:
+                        return
+                    time.sleep(0.05)
+            except (redis.RedisError, OSError):  # Redis down on purpose (chaos): don't wait
+                return
 
     def stop_workers(self) -> None:
         for w in self.workers:

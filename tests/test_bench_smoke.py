@@ -18,6 +18,8 @@ EXPECTED = {
     "e2e": {"producers", "points_per_s", "lag_p50_ms", "lag_p99_ms", "throughput", "lag", "met"},
     "attach": {"procs", "slowest_init_ms", "median_init_ms", "median_after_served_ms",
                "one_run_one_creator", "met"},
+    "dashboard": {"ranks", "steps", "points", "first_chart_ms", "all_charts_ms", "requests",
+                  "met"},
 }
 
 

@@ -2,9 +2,9 @@
 backend exactly once in effect (DESIGN.md §5). Run any number of replicas beside one Redis.
 
     $ PLUTO_REDIS_URL=redis://redis:6379/0 PLUTO_API_URL=http://backend:8080 \\
-      PLUTO_API_KEY=... python -m worker
+      PLUTO_API_KEY=... python -m pluto_worker
 
->>> from worker import Worker, WorkerSettings
+>>> from pluto_worker import Worker, WorkerSettings
 >>> Worker(WorkerSettings.from_env()).run()  # doctest: +SKIP
 """
 

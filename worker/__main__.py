@@ -1,4 +1,4 @@
-"""``python -m worker``: run one worker until SIGTERM."""
+"""``python -m pluto_worker``: run one worker until SIGTERM."""
 
 import sys
 

@@ -16,9 +16,8 @@ from typing import Any
 
 import redis
 
-from pluto import _keys as K
-from pluto._keys import GROUP, Keys
-from pluto._protocol import _INT
+from pluto import protocol as K
+from pluto.protocol import GROUP, INT_TEXT, Keys
 
 from ._problems import Problems
 from ._streams import is_weather
@@ -60,7 +59,7 @@ def head(flat: list[bytes] | None) -> tuple[str, int | None, int | None]:
 
     def num(name: str) -> int | None:
         raw = found.get(name.encode())
-        return int(raw) if raw is not None and _INT.match(raw) else None
+        return int(raw) if raw is not None and INT_TEXT.match(raw) else None
 
     rank = num(K.F_RANK)
     return ("?" if rank is None else str(rank)), num(K.F_STEP), num(K.F_TIME)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import ssl
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -27,7 +28,7 @@ from typing import Any
 import httpx
 import msgpack
 
-from pluto._protocol import json_value
+from pluto.protocol import COLUMNS_TYPE, json_value
 
 from ._entries import Columns, record
 from ._settings import WorkerSettings
@@ -37,7 +38,7 @@ log = logging.getLogger("worker.backend")
 
 RETRY_STATUS = frozenset({401, 403, 408, 425, 429})
 MSGPACK = "application/msgpack"
-COLUMNS = "application/x-pluto-columns"
+COLUMNS = COLUMNS_TYPE
 """Ours only: a batch as one msgpack map of columns (``backend._ingest.columns``); sent once an
 ingest answer's ``X-Pluto-Ingest`` header lists it, so other servers never see it."""
 
@@ -91,6 +92,7 @@ class Backend:
             base_url=settings.api_url, headers=headers,
             timeout=httpx.Timeout(settings.read_timeout, connect=settings.connect_timeout),
             transport=transport,
+            verify=ssl.create_default_context(cafile=settings.api_ca) if settings.api_ca else True,
         )
 
     def close(self) -> None:

@@ -8,28 +8,19 @@ config, and the Redis writes here only ever set the same values again.
 from __future__ import annotations
 
 import logging
-import random
-import time
-from dataclasses import dataclass
 from typing import Any
 
-from pluto import _keys as K
-from pluto._keys import Keys
-from pluto._protocol import decode_control, unpack
+from pluto import protocol as K
+from pluto.protocol import CREATED_TTL, INT64_MAX, RUN_KEY_TTL, Keys, State, unpack
 
-from ._acks import Acks
 from ._backend import Backend, Interrupted, Rejected, Unavailable
-from ._entries import fields_dict
-from ._problems import Problems
-from ._streams import Entry, ensure_group, is_weather
+from ._streams import ensure_group, is_weather
 
 log = logging.getLogger("worker.control")
 
-RUN_KEY_TTL = 30 * 24 * 3600
-CREATED_TTL = 3600
 
 
-_INT64 = 2**63 - 1
+_INT64 = INT64_MAX
 
 
 def member_info(raw: bytes | None) -> dict[str, Any] | None:
@@ -58,7 +49,7 @@ def member_row(member: str, info: dict[str, Any], state: str | None = None) -> d
         "local_rank": num("local_rank"),
         "host": str(info.get("host") or host or member),
         "pid": num("pid", int(pid) if pid.isdigit() and int(pid) <= _INT64 else None),
-        "state": state or str(info.get("state") or "running"),
+        "state": state or str(info.get("state") or State.RUNNING.value),
     }
     for key in ("logged", "sent", "dropped"):
         if num(key) is not None:
@@ -70,97 +61,43 @@ def member_row(member: str, info: dict[str, Any], state: str | None = None) -> d
     return row
 
 
-def _order(msg: dict[str, Any]) -> tuple[Any, ...]:
+DONE, DEAD, RETRY = "done", "dead", "retry"
+
+
+def order_key(msg: dict[str, Any]) -> tuple[Any, ...]:
     """Entries with one key are applied in stream order (an attach before its finish)."""
     if msg["op"] == K.OP_CREATE:
         return (K.OP_CREATE, msg["project"], msg["run_id"])
     return ("run", msg["id"])
 
 
-@dataclass
-class Deferred:
-    entries: list[Entry]
-    due: float
-    reason: str
-
-
 class Control:
-    """Applies control entries to the backend and to Redis, each inside its own error
-    boundary: a malformed entry or one the backend refuses for good goes to the control
-    dead-letter stream (``Keys.control_dead``) with its reason and is acknowledged; one whose
-    backend call fails transiently stays pending and is retried with back-off (later entries
-    of the same run wait behind it, the others go on)."""
+    """Applies one decoded control message to the backend and to Redis (:meth:`call`, on a
+    helper thread of :class:`worker._dispatch.Dispatcher`, which keeps the stream order)."""
 
-    def __init__(self, r: Any, keys: Keys, backend: Backend, projects: dict[int, str | None],
-                 problems: Problems, retry_max: float = 5.0) -> None:
+    def __init__(self, r: Any, keys: Keys, backend: Backend,
+                 projects: dict[int, str | None]) -> None:
         self.r = r
         self.keys = keys
         self.backend = backend
         self.projects = projects  # run id -> project name, shared with the metrics path
-        self.problems = problems
-        self.retry_max = retry_max
-        self.deferred: dict[tuple[Any, ...], Deferred] = {}
-        self._delays: dict[tuple[Any, ...], float] = {}
 
-    @property
-    def held(self) -> set[bytes]:
-        """Ids of the entries waiting for a retry (pending, so a re-read returns them too)."""
-        return {e[0] for d in self.deferred.values() for e in d.entries}
-
-    def apply(self, entries: list[Entry], acks: Acks) -> None:
-        """Retry the deferred entries that are due, then apply ``entries`` in order."""
-        now = time.monotonic()
-        for key in [k for k, d in self.deferred.items() if d.due <= now]:
-            for entry in self.deferred.pop(key).entries:
-                self._apply_one(entry, acks)
-        held = self.held
-        for entry in entries:
-            if entry[0] not in held:
-                self._apply_one(entry, acks)
-
-    def _apply_one(self, entry: Entry, acks: Acks) -> None:
-        entry_id, flat = entry
-        if flat is None:  # deleted while pending
-            acks.add(self.keys.control, entry_id)
-            return
-        try:
-            msg = decode_control(fields_dict(flat))
-        except ValueError as exc:
-            return self._bury(entry, str(exc), acks)
-        key = _order(msg)
-        if key in self.deferred:
-            self.deferred[key].entries.append(entry)
-            return
+    def call(self, msg: dict[str, Any]) -> tuple[str, str, BaseException | None]:
+        """``(outcome, reason, exception)``: ``done``; ``dead`` (refused for good, or a bug:
+        dead-letter it); ``retry`` (the backend or Redis is unavailable: try again later)."""
         handler = {K.OP_CREATE: self.create, K.OP_ATTACH: self.attach,
                    K.OP_FINISH: self.finish, K.OP_CONFIG: self.config}[msg["op"]]
         try:
             handler(msg)
         except Rejected as exc:
-            return self._bury(entry, f"rejected: {exc}", acks)
-        except Unavailable as exc:
-            return self._defer(key, entry, str(exc))
-        except Exception as exc:
-            if is_weather(exc) or isinstance(exc, Interrupted):
-                raise
-            return self._bury(entry, f"worker error: {type(exc).__name__}: {exc}", acks, exc)
-        self._delays.pop(key, None)
-        acks.add(self.keys.control, entry_id)
-
-    def _bury(self, entry: Entry, reason: str, acks: Acks,
-              exc: BaseException | None = None) -> None:
-        entry_id, flat = entry
-        self.problems.report("control", f"control entry {entry_id.decode()} dead-lettered to "
-                             f"{self.keys.control_dead}: {reason[:500]}", exc=exc)
-        acks.bury(self.keys.control_dead, self.keys.control, entry_id, flat or [],
-                  reason[:2000], count=False)
-
-    def _defer(self, key: tuple[Any, ...], entry: Entry, reason: str) -> None:
-        delay = min(self._delays.get(key, 0.25) * 2, self.retry_max)
-        self._delays[key] = delay
-        pause = delay * random.uniform(0.75, 1.0)
-        self.deferred[key] = Deferred([entry], time.monotonic() + pause, reason)
-        self.problems.report(f"control-retry:{key}", f"control {key[0]} {key[1:]}: {reason}; "
-                             f"left pending, retry in {pause:.1f} s", logging.WARNING)
+            return DEAD, f"rejected: {exc}", None
+        except (Unavailable, Interrupted) as exc:
+            return RETRY, str(exc), None
+        except Exception as exc:  # noqa: BLE001 - one entry must never stop the others
+            if is_weather(exc):
+                return RETRY, f"redis unavailable: {type(exc).__name__}: {exc}", None
+            return DEAD, f"worker error: {type(exc).__name__}: {exc}", exc
+        return DONE, "", None
 
     def create(self, msg: dict[str, Any]) -> None:
         project, run_id, token = msg["project"], msg["run_id"], msg["token"]
@@ -176,6 +113,13 @@ class Control:
         # already be readable by every worker (in the runs set, with its group).
         self.r.set(self.keys.created(token), "1" if resumed else "0", ex=CREATED_TTL)
         self.activate(run)
+        if not resumed:  # what attaching processes show as run.name (the creator's name stands)
+            info = self.keys.info(run)
+            with self.r.pipeline(transaction=False) as pipe:
+                pipe.hset(info, mapping={"name": msg.get("name") or run_id, "project": project,
+                                         "run_id": run_id})
+                pipe.expire(info, RUN_KEY_TTL)
+                pipe.execute()
         self.r.set(self.keys.run(project, run_id), str(run), ex=RUN_KEY_TTL)
         self.announce(project, run_id, str(run))
         log.info("run %s/%s -> id %d (%s)", project, run_id, run, "resumed" if resumed else "new")

@@ -1,6 +1,6 @@
 """Turning metrics stream entries into the backend's ingest records, fast.
 
-:func:`pluto._protocol.decode_entry` is the definition of a valid entry. Calling it for every
+:func:`pluto.protocol.decode_entry` is the definition of a valid entry. Calling it for every
 entry costs a validation of every metric name on every entry, which dominates a drain; so the
 hot path here remembers names it has seen validated and parses values with the same grammar
 (``-?[0-9]+`` -> int; what ``repr`` writes for a float -> float; nothing else). Whenever the fast path meets anything it has not seen —
@@ -17,8 +17,8 @@ from typing import Any
 
 import msgpack
 
-from pluto import _keys as K
-from pluto._protocol import _FLOAT, _INT, decode_entry, name_problem
+from pluto import protocol as K
+from pluto.protocol import FLOAT_TEXT, INT64_MAX, INT64_MIN, INT_TEXT, decode_entry, name_problem
 
 _RANK = K.F_RANK.encode()
 _STEP = K.F_STEP.encode()
@@ -29,8 +29,8 @@ _SKIP = ""
 _MAX_CACHE = 100_000
 
 _names: dict[bytes, str] = {}
-_is_int = _INT.match
-_is_float = _FLOAT.match
+_is_int = INT_TEXT.match
+_is_float = FLOAT_TEXT.match
 
 
 def fields_dict(flat: list[bytes]) -> dict[bytes, bytes]:
@@ -90,11 +90,11 @@ def record(entry_id: bytes, flat: list[bytes]) -> dict[str, Any]:
     return {"time": time_ms, "step": step, "data": data, "seq": entry_id.decode()}
 
 
-_INT64 = (-(2**63), 2**63 - 1)
+_INT64 = (INT64_MIN, INT64_MAX)
 _INTS = re.compile(rb"-?[0-9]+(?:\n-?[0-9]+)*")
 _NUM = rb"(?:-?(?:[0-9]+(?:\.[0-9]+)?(?:e[-+]?[0-9]+)?|inf)|nan)"
 _NUMS = re.compile(_NUM + rb"(?:\n" + _NUM + rb")*")
-"""A column of values in the grammar of ``pluto._protocol.parse_value``, one per line."""
+"""A column of values in the grammar of ``pluto.protocol.parse_value``, one per line."""
 _AN_INT = re.compile(rb"\n-?[0-9]+\n")
 _HEAD = (_RANK, _STEP, _TIME)
 _MANY = 16

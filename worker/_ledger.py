@@ -13,11 +13,13 @@ import logging
 import time
 from typing import Any
 
-from pluto import _keys as K
-from pluto._keys import Keys
+from pluto import protocol as K
+from pluto.protocol import INT64_MAX, Keys
 
-from ._backend import Backend
+from ._backend import Backend, Rejected
 from ._control import member_row
+
+_INT64 = INT64_MAX
 
 log = logging.getLogger("worker.ledger")
 
@@ -28,13 +30,17 @@ def ledger_rows(raw: dict[bytes, bytes]) -> list[dict[str, Any]]:
     names = {K.LEDGER_STORED: "stored", K.LEDGER_DEAD: "dead", K.LEDGER_STEP: "last_step",
              K.LEDGER_TIME: "last_time"}
     for field, value in raw.items():
-        kind, _, rank = field.decode(errors="replace").partition(":")
+        kind, _, text = field.decode(errors="replace").partition(":")
         if kind not in names or not value.lstrip(b"-").isdigit():
             continue
-        row = by_rank.setdefault(rank, {"rank": int(rank) if rank.lstrip("-").isdigit() else None,
-                                        "stored": 0, "dead": 0, "last_step": None,
-                                        "last_time": None})
-        row[names[kind]] = int(value)
+        rank = int(text) if text.lstrip("-").isdigit() else None
+        rank = rank if rank is not None and -_INT64 <= rank <= _INT64 else None  # unreadable
+        row = by_rank.setdefault(str(rank), {"rank": rank, "stored": 0, "dead": 0,
+                                             "last_step": None, "last_time": None})
+        if names[kind] in ("stored", "dead"):
+            row[names[kind]] += int(value)
+        elif rank is not None:
+            row[names[kind]] = int(value)
     return sorted(by_rank.values(), key=lambda r: (r["rank"] is None, r["rank"] or 0))
 
 
@@ -50,25 +56,33 @@ class LedgerSync:
         self._ledger: dict[int, list[dict[str, Any]]] = {}
 
     def sync(self, run: int, members: dict[str, dict[str, Any]], final: bool = False) -> None:
-        """Send what changed; raises the backend's errors (the caller backs off)."""
+        """Send what changed (everything when ``final``). A refusal (4xx) is logged and not sent again; a transient
+        failure raises (the caller backs off, and does not set a final status before it)."""
         now = time.monotonic()
         if not final and now < self._due.get(run, 0.0):
             return
         self._due[run] = now + self.interval
         rows = [member_row(m, info) for m, info in members.items()]
-        changed = [row for row in rows if self._members.get((run, row["member"])) != row]
+        changed = [row for row in rows
+                   if final or self._members.get((run, row["member"])) != row]
         if changed:
-            self.backend.upsert_members(run, changed)
+            try:
+                self.backend.upsert_members(run, changed)
+            except Rejected as exc:
+                log.error("run %d: the backend refused members rows: %s", run, exc)
             for row in changed:
                 self._members[(run, row["member"])] = row
         if self.route:
             ledger = ledger_rows(self.r.hgetall(self.keys.ledger(run)))
-            if ledger and ledger != self._ledger.get(run):
-                if self.backend.upsert_ledger(run, ledger):
-                    self._ledger[run] = ledger
-                else:
-                    self.route = False
-                    log.info("the backend has no ledger route (404/405); not sending ledgers")
+            if ledger and (final or ledger != self._ledger.get(run)):
+                try:
+                    if not self.backend.upsert_ledger(run, ledger):
+                        self.route = False
+                        log.info("the backend has no ledger route (404/405); not sending "
+                                 "ledgers")
+                except Rejected as exc:
+                    log.error("run %d: the backend refused the ledger: %s", run, exc)
+                self._ledger[run] = ledger
 
     def forget(self, run: int) -> None:
         self._due.pop(run, None)

@@ -28,6 +28,9 @@ def main(argv: list[str] | None = None) -> int:
     if not settings.api_key:
         log.warning("PLUTO_API_KEY is not set; the backend will likely answer 401")
     worker = Worker(settings)
+    if settings.metrics_port:
+        worker.metrics.serve(settings.metrics_port)
+        log.info("Prometheus metrics on port %d (/metrics)", settings.metrics_port)
     _install_signals(worker)
     return worker.run()
 

@@ -4,7 +4,8 @@
 ``batch_bytes`` (raw entry bytes), dead-lettering each entry that is not what the SDK writes.
 :func:`deliver` runs on a poster thread, one post per run at a time: it looks the run's
 project up if needed, then posts each part. An answer of 413 splits a part in halves until it
-fits (only a single entry too large on its own is dead-lettered, with the reason); an
+fits (halves of about equal bytes; only a single entry too large on its own is
+dead-lettered, with the reason); an
 unexpected error splits the same way, so one entry that trips the worker never takes its
 neighbours with it. A transient failure (:class:`Unavailable`) stops the post: what was not
 confirmed stays pending, and the loop parks the run.
@@ -153,12 +154,25 @@ def _send(backend: Backend, post: Post, part: Part) -> None:
     return None
 
 
+def halves(entries: list[Entry]) -> tuple[list[Entry], list[Entry]]:
+    """Two non-empty halves of about equal bytes: an entry far larger than its neighbours
+    ends up alone within a split or two, instead of being halved down to by count."""
+    total, used = sum(size(e[1]) for e in entries), 0
+    for i, entry in enumerate(entries):
+        n = size(entry[1])
+        used += n
+        if 2 * used >= total:  # entry i crosses the middle: with the first half, unless it
+            cut = i if 2 * n > total else i + 1  # outweighs all the rest (then on its own)
+            cut = min(max(cut, 1), len(entries) - 1)
+            return entries[:cut], entries[cut:]
+    return entries[:1], entries[1:]  # not reached: the loop always reaches half
+
+
 def _split(backend: Backend, post: Post, part: Part) -> None:
     """Post ``part`` as two halves (each re-decoded the way the whole was)."""
     post.splits += 1
-    half = len(part.entries) // 2
     columns = part.columns is not None
-    for entries in (part.entries[:half], part.entries[half:]):
+    for entries in halves(part.entries):
         sub = make_part(entries, columns, lambda e, why: post.bad.append((e, why)))
         if sub.entries:
             _send(backend, post, sub)

@@ -24,8 +24,14 @@ class Problems:
         self._next: dict[str, float] = {}
         self._quiet: Counter[str] = Counter()
 
+    MAX_KINDS = 10_000
+    """Kinds remembered at most (they include run ids and member names): then forgotten."""
+
     def report(self, kind: str, message: str, level: int = logging.ERROR,
                exc: BaseException | None = None) -> None:
+        if len(self._next) > self.MAX_KINDS:
+            self._next.clear()
+            self._quiet.clear()
         self.counts[kind] += 1
         now = time.monotonic()
         if now < self._next.get(kind, 0.0):

@@ -15,8 +15,7 @@ from typing import Any
 
 import redis
 
-from pluto._keys import Keys
-from pluto._protocol import _INT, pack
+from pluto.protocol import INT_TEXT, Keys, State, pack
 
 from ._backend import Backend, Interrupted, Rejected, Unavailable
 from ._control import member_info, member_row
@@ -26,7 +25,7 @@ from ._streams import drained, is_weather, trim
 
 log = logging.getLogger("worker.runs")
 
-RUNNING = "running"
+RUNNING = State.RUNNING.value
 
 # Set a member's value only if it is still the one we judged on (the SDK may finish meanwhile).
 _CAS = """
@@ -38,16 +37,21 @@ return 0
 """
 
 
+SUPERSEDED = ("failed", "terminated")
+"""States a later member of the same rank replaces: an elastic restart (torchrun
+``--max-restarts``) or a requeued job fails one rank and terminates its siblings, then attaches
+every rank again; the last attempt decides the run's status."""
+
+
 def live_states(members: list[dict[str, Any]]) -> list[str]:
-    """Member states that decide the run's status: a failed member whose rank attached again
-    later (the job restarted that rank under the same run id) is replaced by the newcomer."""
+    """Member states that decide the run's status: a failed or terminated member whose rank
+    attached again later (the job restarted that rank under the same run id) is replaced."""
     later: dict[Any, int] = {}
     for info in members:
-        if info.get("state") != "failed":
-            at = _epoch_ms(info.get("attached_at")) or 0
-            later[info.get("rank")] = max(later.get(info.get("rank"), 0), at)
+        at = _epoch_ms(info.get("attached_at")) or 0
+        later[info.get("rank")] = max(later.get(info.get("rank"), 0), at)
     return [str(info.get("state")) for info in members
-            if not (info.get("state") == "failed"
+            if not (info.get("state") in SUPERSEDED
                     and later.get(info.get("rank"), 0) > (_epoch_ms(info.get("attached_at")) or 0))]
 
 
@@ -162,7 +166,7 @@ class RunWatcher:
                 self._first_seen.pop((run, member), None)
                 continue
             beat = beats.get(member.encode())
-            if beat is not None and not _INT.match(beat):
+            if beat is not None and not INT_TEXT.match(beat):
                 self.problems.report(f"beat:{run}:{member}", f"run {run}: heartbeat of "
                                      f"{member[:80]!r} is not epoch ms ({beat[:40]!r}); judged "
                                      "by its attach time instead", logging.WARNING)

@@ -13,11 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pluto._settings import DEFAULT_REDIS_URL
 from pluto._settings import env_flag as _flag
 from pluto._settings import env_number as _num
-
-DEFAULT_API_URL = "http://127.0.0.1:8080"
+from pluto._settings import redis_tls
+from pluto.protocol import DEFAULT_API_URL, DEFAULT_REDIS_URL
 
 
 @dataclass(frozen=True)
@@ -62,6 +61,17 @@ class WorkerSettings:
     retry_max: float = 5.0
     """Longest pause between two attempts against the backend or Redis."""
     log_level: str = "INFO"
+    metrics_port: int = 0
+    """``PLUTO_METRICS_PORT``: serve Prometheus metrics there (``/metrics``); 0 = off."""
+    metrics_interval: float = 5.0
+    """Seconds between two samples of the stream-group gauges (a few commands per run)."""
+    redis_ca: str = ""
+    """``rediss://`` only: CA, client certificate and key files (``PLUTO_REDIS_CA``,
+    ``PLUTO_REDIS_CERT``, ``PLUTO_REDIS_KEY``)."""
+    redis_cert: str = ""
+    redis_key: str = ""
+    api_ca: str = ""
+    """CA file to verify an ``https://`` backend with (``PLUTO_API_CA``; else the system's)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:
@@ -85,9 +95,18 @@ class WorkerSettings:
             connect_timeout=_num(env, "PLUTO_HTTP_CONNECT_TIMEOUT", 3.0),
             read_timeout=_num(env, "PLUTO_HTTP_READ_TIMEOUT", 10.0),
             log_level=(env.get("PLUTO_LOG_LEVEL") or "INFO").strip().upper(),
+            metrics_port=int(_num(env, "PLUTO_METRICS_PORT", 0, low=-0.5)),
+            redis_ca=env.get("PLUTO_REDIS_CA", "").strip(),
+            redis_cert=env.get("PLUTO_REDIS_CERT", "").strip(),
+            redis_key=env.get("PLUTO_REDIS_KEY", "").strip(),
+            api_ca=env.get("PLUTO_API_CA", "").strip(),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
+
+    def tls(self) -> dict[str, Any]:
+        """redis-py TLS keyword arguments (none for ``redis://``)."""
+        return redis_tls(self.redis_url, {}, self.redis_ca, self.redis_cert, self.redis_key)
 
     def replace(self, **changes: Any) -> WorkerSettings:
         return dataclasses.replace(self, **changes)

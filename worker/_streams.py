@@ -1,7 +1,7 @@
 """Redis stream plumbing for the worker: connecting, groups, entry ids, drained checks, trimming.
 
 Everything here is a small function over a redis-py client; the key names come from
-``pluto._keys`` and are passed in.
+``pluto.protocol`` and are passed in.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from typing import Any, Union
 
 import redis
 
-from pluto._keys import GROUP
+from pluto.protocol import GROUP
 
 from ._settings import WorkerSettings
 
@@ -49,9 +49,10 @@ def connect(settings: WorkerSettings) -> Any:
     timeout = max(10.0, settings.block_ms / 1000 + 5)
     if settings.cluster:
         return redis.RedisCluster.from_url(settings.redis_url, socket_timeout=timeout,
-                                           socket_connect_timeout=3.0)
+                                           socket_connect_timeout=3.0, **settings.tls())
     return redis.Redis.from_url(settings.redis_url, socket_timeout=timeout,
-                                socket_connect_timeout=3.0, health_check_interval=30)
+                                socket_connect_timeout=3.0, health_check_interval=30,
+                                **settings.tls())
 
 
 def is_nogroup(exc: redis.ResponseError) -> bool:

@@ -19,30 +19,39 @@ import logging
 import random
 import threading
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
 import redis
 
-from pluto._keys import GROUP, Keys
-from pluto._protocol import MAX_ID
+from pluto import __version__
+from pluto.protocol import GROUP, MAX_ID, Keys
 
 from ._acks import Acker, Acks
 from ._backend import Backend, Interrupted
 from ._control import Control
+from ._dispatch import Dispatcher
 from ._flow import Flow
+from ._metrics import Metrics
 from ._persist import NO_PROJECT, Post, decode, deliver
 from ._problems import Problems
+from ._reader import Batch, Reader
 from ._runs import RunWatcher
 from ._settings import WorkerSettings
 from ._streams import (
-    Entry, as_entry, connect, ensure_group, error_code, is_nogroup, is_weather, raw_reply,
-    stream_entries, trim,
+    Entry,
+    as_entry,
+    connect,
+    ensure_group,
+    error_code,
+    is_nogroup,
+    is_weather,
+    raw_reply,
+    trim,
 )
 
 log = logging.getLogger("worker")
 
-Batch = dict[str, list[Entry]]
 WAIT_S = 0.05
 """Longest wait for a post in flight before the loop reads Redis again."""
 
@@ -64,19 +73,27 @@ class Worker:
         self.problems = Problems()
         self.backend = Backend(s, self._stop, on_wait=self._beat_quietly,
                                attempts=s.http_attempts)
+        # Calls made on the loop itself (control, status, members) get one attempt: a failing
+        # one is retried later with back-off instead of holding the loop for the others.
+        self.calls = Backend(s, self._stop, attempts=1)
         self.projects: dict[int, str | None] = {}
-        self.control = Control(self.r, self.keys, self.backend, self.projects, self.problems,
-                               s.retry_max)
-        self.watcher = RunWatcher(self.r, self.keys, self.backend, s.heartbeat_timeout,
+        self.control = Dispatcher(Control(self.r, self.keys, self.calls, self.projects),
+                                  self.keys, self.problems, s.retry_max)
+        self.watcher = RunWatcher(self.r, self.keys, self.calls, s.heartbeat_timeout,
                                   s.retention, self.problems)
         self.acker = Acker(self.r, self.keys, s.retention, self.problems)
+        self.reader = Reader(self.r, self.name, s.cluster, self.problems)
         self.flow = Flow(s.retry_max)
         self.runs: list[int] = []
         self.stored = 0  # metric points the backend confirmed, for the periodic log line
         self._ready = False
         self._control_from = "0"  # this consumer's pending control entries first
         self._poster = ThreadPoolExecutor(s.posters, thread_name_prefix="poster")
+        self._checker = ThreadPoolExecutor(1, thread_name_prefix="checks")
+        self._check: Future[None] | None = None
         self._due: dict[str, float] = {}
+        self.metrics = Metrics(self.name, __version__)
+        self._submitted: dict[int, float] = {}
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -109,6 +126,9 @@ class Worker:
             self._submit()
         finally:
             self.acker(acks)
+            for dead_stream, *_ in acks.dead:
+                self.metrics.dead.labels(
+                    "control" if dead_stream == self.keys.control_dead else "metrics").inc()
         self._maintain()
         return acks.count()
 
@@ -116,12 +136,14 @@ class Worker:
         """Post what is queued and settle every post in flight (tests; warm shutdown)."""
         settled = 0
         deadline = None if timeout is None else time.monotonic() + timeout
-        while self.flow.flight or self.flow.queued:
+        while self.flow.flight or self.flow.queued or self.control.running:
             self._submit()
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            wait(list(self.flow.flight.values()), timeout=left, return_when=FIRST_COMPLETED)
+            wait(list(self.flow.flight.values()) + self.control.futures(), timeout=left,
+                 return_when=FIRST_COMPLETED)
             acks = Acks()
             try:
+                self.control.apply([], acks)
                 self._settle(acks)
             finally:
                 self.acker(acks)
@@ -170,6 +192,8 @@ class Worker:
             if entries:
                 log.info("claimed %d stale entries of %s", len(entries), stream)
                 batch[stream] = [as_entry(e) for e in entries]
+                self.metrics.claimed.inc(len(entries))
+                self.metrics.on_read(self._kind(stream), len(entries))
             if cursor not in (b"0-0", "0-0"):
                 self._due["claim"] = 0.0  # more to claim: next iteration continues
         return batch
@@ -180,14 +204,19 @@ class Worker:
         new, old = self.flow.reads(self.runs)
         count = max(100, self.settings.batch // max(1, len(self.runs)))
         block = self.settings.block_ms if block_ms is None else block_ms
-        if self.flow.flight:  # answers are coming: wait for one, not for Redis
-            wait(list(self.flow.flight.values()), timeout=min(block / 1000, WAIT_S),
-                 return_when=FIRST_COMPLETED)
+        coming = list(self.flow.flight.values()) + self.control.futures()
+        if coming:  # answers are coming: wait for one, not for Redis
+            wait(coming, timeout=min(block / 1000, WAIT_S), return_when=FIRST_COMPLETED)
             block = 0
         starts = {self.keys.control: self._control_from}
         starts.update({self.keys.metrics(run): ">" for run in new})
         starts.update({self.keys.metrics(run): "0" for run in old})
-        batch = self._xreadgroup(starts, count, block or None)
+        batch = self.reader.read(starts, count, block or None)
+        for stream, entries in batch.items():
+            self.metrics.on_read(self._kind(stream), len(entries))
+            if starts.get(stream) == "0" or (stream == self.keys.control
+                                               and self._control_from != ">"):
+                self.metrics.redelivered.inc(len(entries))  # own pending ones, read again
         if self._control_from != ">":
             got = batch.get(self.keys.control, [])
             self._control_from = got[-1][0].decode() if got else ">"
@@ -228,6 +257,7 @@ class Worker:
         """Start the queued post of each run that has nothing in flight."""
         for run in [r for r in self.flow.queued if r not in self.flow.flight]:
             post = self.flow.queued.pop(run)
+            self._submitted[run] = time.monotonic()
             self.flow.flight[run] = self._poster.submit(deliver, self.backend, post,
                                                         self.projects)
 
@@ -249,7 +279,12 @@ class Worker:
             acks.stored(stream, entry_id, flat or [])
         for (entry_id, flat), reason in post.bad:
             acks.bury(dead, stream, entry_id, flat or [], reason)
-        self.stored += sum((len(flat or []) - 6) // 2 for _, flat in post.stored)
+        points = sum((len(flat or []) - 6) // 2 for _, flat in post.stored)
+        self.stored += points
+        if post.stored:
+            took = time.monotonic() - self._submitted.pop(run, time.monotonic())
+            self.metrics.on_persisted(len(post.stored), points, took,
+                                      [entry_id for entry_id, _ in post.stored])
         if post.bad:
             self.problems.report(f"bad:{run}", f"run {run}: {len(post.bad)} entries "
                                  f"dead-lettered to {dead}: {post.bad[0][1][:300]}",
@@ -257,7 +292,11 @@ class Worker:
         if post.splits:
             log.info("run %d: the backend refused a body as too large (413); split %d times",
                      run, post.splits)
+        if post.bad:
+            self.metrics.on_failed("rejected")
         if post.failed:
+            self.metrics.on_failed("failed")
+            self.metrics.parked.inc()
             pause = self.flow.park(run, post.failed)
             log.warning("run %d: %s; %d entries left pending, parked, retry in %.1f s",
                         run, post.failed, post.entries(), pause)
@@ -271,17 +310,34 @@ class Worker:
             self._guard("heartbeat", lambda: self.r.hset(self.keys.workers, self.name,
                                                          int(time.time() * 1000)))
         if self._due_now("check", s.check_interval):
-            self._guard("check", lambda: self.watcher.check(self.runs))
+            self._start_check()
             self.flow.forget(set(self.runs))
         if self._due_now("trim", s.trim_interval):
             for stream in self._streams():
                 self._guard(f"trim:{stream}", lambda: trim(self.r, stream, s.retention))
+        if self.metrics.enabled and self._due_now("sample", s.metrics_interval):
+            self._guard("metrics", lambda: self.metrics.sample(
+                self.r, self.keys.control, self._streams()[1:], GROUP))
         if self._due_now("report", 30.0):
             if self.stored:
                 log.info("stored %d metric points in the last %.0f s", self.stored, 30.0)
             self.stored = 0
 
     # -- helpers -------------------------------------------------------------------------
+
+    def _start_check(self) -> None:
+        """Member and completion checks run on their own thread (they call the backend, which
+        may hang): a new one starts once the last has finished; its failure is reported."""
+        last = self._check
+        if last is not None and not last.done():
+            return
+        if last is not None and last.exception() is not None:
+            exc = last.exception()
+            kind = "redis" if is_weather(exc) else type(exc).__name__
+            self.problems.report(f"check:{kind}", f"run checks failed: {type(exc).__name__}: "
+                                 f"{exc}", logging.WARNING if is_weather(exc) else logging.ERROR,
+                                 None if is_weather(exc) else exc)
+        self._check = self._checker.submit(self.watcher.check, list(self.runs))
 
     def _due_now(self, what: str, interval: float) -> bool:
         now = time.monotonic()
@@ -316,6 +372,9 @@ class Worker:
         self._control_from = "0"
         self._stop.wait(pause)
 
+    def _kind(self, stream: str) -> str:
+        return "control" if stream == self.keys.control else "metrics"
+
     def _streams(self) -> list[str]:
         return [self.keys.control] + [self.keys.metrics(run) for run in self.runs]
 
@@ -324,46 +383,6 @@ class Worker:
         ids = self._guard("runs set", lambda: self.r.smembers(self.keys.runs))
         if ids is not None:
             self.runs = sorted(int(x) for x in ids if x.isdigit() and 0 < int(x) <= MAX_ID)
-
-    def _xreadgroup(self, starts: dict[str, str], count: int, block: int | None) -> Batch:
-        starts = {k: v for k, v in starts.items() if k not in self._bad_streams()}
-        try:
-            if self.settings.cluster:  # one slot per run: no multi-stream reads on a cluster
-                reply = []
-                for stream, start in starts.items():
-                    reply += self.r.xreadgroup(GROUP, self.name, {stream: start},
-                                               count=count) or []
-                if not reply and block:
-                    time.sleep(block / 1000)
-            else:
-                reply = self.r.xreadgroup(GROUP, self.name, starts, count=count,
-                                          block=block) or []
-        except redis.ResponseError as exc:
-            if is_weather(exc):
-                raise
-            self._repair(list(starts), exc)
-            return {}
-        return stream_entries(reply)
-
-    def _repair(self, streams: list[str], exc: redis.ResponseError) -> None:
-        """A read failed: a group is missing (re-create it) or a key is not a stream."""
-        if is_nogroup(exc):
-            log.warning("consumer group missing (Redis restarted without persistence?); "
-                        "re-creating it from the start of each stream")
-        pipe = self.r.pipeline(transaction=False)
-        for stream in streams:
-            pipe.type(stream)
-        for stream, kind in zip(streams, pipe.execute()):
-            if kind in (b"stream", "stream", b"none", "none"):
-                self._guard(f"group:{stream}", lambda s=stream: ensure_group(self.r, s))
-            else:
-                self._due[f"bad:{stream}"] = time.monotonic() + 30.0
-                self.problems.report(f"type:{stream}", f"{stream} is a {kind!r}, not a stream; "
-                                     "skipped (checked again every 30 s)")
-
-    def _bad_streams(self) -> set[str]:
-        now = time.monotonic()
-        return {k[4:] for k, due in self._due.items() if k.startswith("bad:") and due > now}
 
     def _beat_quietly(self) -> None:
         """Heartbeat while the backend is being retried, so ``pluto status`` sees us alive."""
@@ -380,6 +399,8 @@ class Worker:
         except (Interrupted, redis.RedisError) as exc:
             log.warning("posts in flight left pending: %s", exc)
         self._poster.shutdown(wait=True)
+        self._checker.shutdown(wait=True)
+        self.control.close()
         try:
             for stream in self._streams():
                 for consumer in self.r.xinfo_consumers(stream, GROUP):
@@ -391,4 +412,5 @@ class Worker:
         except redis.RedisError as exc:
             log.warning("could not deregister from redis on exit: %s", exc)
         self.backend.close()
+        self.calls.close()
         log.info("worker %s stopped", self.name)

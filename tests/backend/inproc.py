@@ -16,8 +16,8 @@ with warnings.catch_warnings():  # Starlette 1.x would rather drive its TestClie
     warnings.simplefilter("ignore", StarletteDeprecationWarning)
     from starlette.testclient import TestClient
 
-from backend._app import create_app
-from backend._settings import ServerSettings
+from pluto_server._app import create_app
+from pluto_server._settings import ServerSettings
 
 KEY = "inproc-key"
 

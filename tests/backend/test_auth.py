@@ -7,7 +7,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from backend._settings import ServerSettings
+from pluto_server._settings import ServerSettings
 from tests.conftest import Backend
 
 from .conftest import create, ndjson

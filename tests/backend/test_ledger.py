@@ -14,8 +14,8 @@ from typing import Any
 import httpx
 import pytest
 
-from backend._schema import VERSION
-from backend._store import Store
+from pluto_server._schema import VERSION
+from pluto_server._store import Store
 from tests.conftest import Backend
 
 from . import inproc

@@ -1,10 +1,16 @@
-"""The read API: since_step, max_points, and bad query parameters."""
+"""The read API: since_step, step bounds, M4 max_points, many series at once, bad parameters."""
 
 from __future__ import annotations
 
-import itertools
+import math
+import random
+import time
 
 import httpx
+
+from pluto_server._read import downsample, read_series
+from pluto_server._store import Store
+from tests.conftest import Backend
 
 from .conftest import create, ingest, ndjson, points
 
@@ -17,18 +23,142 @@ def test_since_step_and_max_points(api: httpx.Client, project: str) -> None:
     assert full == [[s, s * 0.5, 10 * s] for s in range(100)]
     assert points(api, run, "a/b/c", since_step=95) == full[95:]
     assert points(api, run, "a/b/c", since_step=1000) == []
-    sampled = points(api, run, "a/b/c", max_points=10)
-    assert len(sampled) == 10 and sampled[0] == full[0] and sampled[-1] == full[-1]
-    steps = [p[0] for p in sampled]
-    assert steps == sorted(set(steps)) and max(b - a for a, b in itertools.pairwise(steps)) <= 12
+    assert points(api, run, "a/b/c", step_min=10, step_max=19) == full[10:20]
+    assert points(api, run, "a/b/c", since_step=15, step_min=10, step_max=19) == full[15:20]
+    assert points(api, run, "a/b/c", step_min=30, step_max=20) == []
+    sampled = points(api, run, "a/b/c", max_points=10)  # 2 buckets of a straight line
+    assert sampled == [full[0], full[49], full[50], full[99]]
     assert points(api, run, "a/b/c", max_points=1) == [full[-1]]
-    assert points(api, run, "a/b/c", since_step=90, max_points=3) == [full[90], full[95], full[99]]
+    assert points(api, run, "a/b/c", max_points=2) == [full[0], full[-1]]
+    assert points(api, run, "a/b/c", since_step=90, max_points=3) == [full[90], full[99]]
     assert points(api, run, "a/b/c", max_points=500) == full
     assert points(api, run, "never/logged") == []
 
 
+def test_m4_keeps_both_spikes_of_5000_steps(api: httpx.Client, project: str) -> None:
+    run = create(api, project, "spikes")["runId"]
+    rng = random.Random(7)
+    values = {s: rng.uniform(0, 1) for s in range(5000)}
+    values[1234], values[4321] = -5.0, 9.0
+    body = ndjson([{"time": s, "step": s, "data": {"loss": v}} for s, v in values.items()])
+    assert ingest(api, run, body).status_code == 200
+    sampled = points(api, run, "loss", max_points=200)
+    assert 100 <= len(sampled) <= 200
+    assert [1234, -5.0, 1234] in sampled and [4321, 9.0, 4321] in sampled
+    assert sampled[0][0] == 0 and sampled[-1][0] == 4999
+    assert all(values[s] == v for s, v, _ in sampled)  # real points, not averages
+    assert sampled == downsample([[s, v, s] for s, v in values.items()], 200)  # SQL == Python
+    zoomed = points(api, run, "loss", step_min=1000, step_max=1399, max_points=1000)
+    assert [p[0] for p in zoomed] == list(range(1000, 1400))  # full resolution in the zoom
+
+
+def test_m4_reread_after_a_write_sees_it(api: httpx.Client, project: str) -> None:
+    """Downsampled reads of a quiet run are cached; a later write must show all the same."""
+    run = create(api, project, "cache")["runId"]
+    body = ndjson([{"time": s, "step": s, "data": {"c": 1.0}} for s in range(2000)])
+    assert ingest(api, run, body).status_code == 200
+    time.sleep(1.1)  # quiet for a second: the M4 result may be cached now
+    for _ in range(2):
+        assert [777, 5.0, 777] not in points(api, run, "c", max_points=100)
+    assert ingest(api, run, ndjson([{"time": 777, "step": 777, "data": {"c": 5.0}}])
+                  ).status_code == 200
+    assert [777, 5.0, 777] in points(api, run, "c", max_points=100)
+
+
+def test_m4_shows_nan_and_inf(api: httpx.Client, project: str) -> None:
+    run = create(api, project, "nan")["runId"]
+    data = [{"time": s, "step": s, "data": {"x": 1.0}} for s in range(1000)]
+    data[300]["data"]["x"], data[700]["data"]["x"] = "NaN", "-Infinity"
+    assert ingest(api, run, ndjson(data)).status_code == 200
+    sampled = points(api, run, "x", max_points=40)
+    assert [300, "NaN", 300] in sampled and [700, "-Infinity", 700] in sampled
+    rows = [[s, math.nan if s == 300 else (-math.inf if s == 700 else 1.0), s]
+            for s in range(1000)]
+    assert [p[0] for p in sampled] == [p[0] for p in downsample(rows, 40)]
+
+
+def test_series_answers_many_names_at_once(api: httpx.Client, project: str) -> None:
+    run = create(api, project, "many")["runId"]
+    names = [f"train/loss/rank{r}" for r in range(8)] + ["a/./b", "a/../b", "x,y"]
+    body = ndjson([{"time": s, "step": s, "data": {n: s + i for i, n in enumerate(names)}}
+                   for s in range(50)])
+    assert ingest(api, run, body).status_code == 200
+    resp = api.get(f"/api/runs/{run}/series", params={"prefix": "train/loss/rank"})
+    got = resp.json()["series"]
+    assert [s["name"] for s in got] == sorted(names[:8])
+    assert got[0]["points"][:2] == [[0, 0, 0], [1, 1, 1]]
+    two = api.get(f"/api/runs/{run}/series", params=[("prefix", "a/"), ("prefix", "x,")])
+    assert [s["name"] for s in two.json()["series"]] == ["a/../b", "a/./b", "x,y"]
+    resp = api.get(f"/api/runs/{run}/series", params=[("name", "a/../b"), ("name", "x,y"),
+                                                     ("names", "a/./b,nope"),
+                                                     ("since_step", "48")])
+    assert resp.json()["series"] == [
+        {"name": "a/../b", "points": [[48, 57, 48], [49, 58, 49]]},
+        {"name": "x,y", "points": [[48, 58, 48], [49, 59, 49]]},
+        {"name": "a/./b", "points": [[48, 56, 48], [49, 57, 49]]},
+        {"name": "nope", "points": []}]
+    one = api.get(f"/api/runs/{run}/metric", params={"name": "a/../b", "step_max": "1"}).json()
+    assert one == {"name": "a/../b", "points": [[0, 9, 0], [1, 10, 1]]}
+    runs = api.get("/api/runs", params={"project": project}).json()["runs"]
+    assert runs[0]["lastStep"] == 49 and api.get(f"/api/runs/{run}").json()["lastStep"] == 49
+    assert runs[0]["members"] == 0
+    assert api.post(f"/api/runs/{run}/members", json=[{"member": "h:1", "rank": 0},
+                                                      {"member": "h:2", "rank": 1}]).status_code == 200
+    assert api.get("/api/runs", params={"project": project}).json()["runs"][0]["members"] == 2
+
+
 def test_bad_query_params_are_400(api: httpx.Client, project: str) -> None:
     run = create(api, project, "q")["runId"]
-    for params in ({"since_step": "x"}, {"max_points": "0"}, {"max_points": "1.5"}):
-        resp = api.get(f"/api/runs/{run}/metrics/m", params=params)
-        assert resp.status_code == 400 and "error" in resp.json(), params
+    for params in ({"since_step": "x"}, {"max_points": "0"}, {"max_points": "1.5"},
+                   {"since_step": str(2**63)}, {"step_min": str(-(2**63) - 1)},
+                   {"step_max": "1e3"}, {"max_points": str(2**64)}, {"since_step": " 1 2"},
+                   {"since_step": "1_000"}, {"step_min": "١"}, {"step_max": "9" * 5000}):
+        for path in (f"/api/runs/{run}/metrics/m", f"/api/runs/{run}/metric?name=m",
+                     f"/api/runs/{run}/series?name=m"):
+            resp = api.get(path, params=params)
+            assert resp.status_code == 400 and "error" in resp.json(), (path, params)
+    assert api.get(f"/api/runs/{run}/metric").status_code == 400  # no name
+    assert api.get(f"/api/runs/{run}/series").status_code == 400  # no series named
+    many = [("name", f"n{i}") for i in range(1025)]
+    assert api.get(f"/api/runs/{run}/series", params=many).status_code == 400
+    for path in ("", "/metrics", "/metrics/m", "/metric?name=m", "/series?name=m"):
+        for bad in (str(2**63), "9" * 40, "999999"):
+            resp = api.get(f"/api/runs/{bad}{path}")
+            assert resp.status_code == 404 and "error" in resp.json(), (bad, path)
+    # the largest int64 steps are fine
+    assert points(api, run, "m", step_min=-(2**63), step_max=2**63 - 1, max_points=10) == []
+
+
+def test_dashboard_files_carry_a_csp(backend: Backend) -> None:
+    with httpx.Client(base_url=backend.url) as client:
+        page = client.get("/")
+        assert page.status_code == 200 and "<script" in page.text
+        csp = page.headers["content-security-policy"]
+        assert "script-src 'self'" in csp and "unsafe-inline" not in csp.split("script-src")[1]
+        js = client.get("/static/js/main.js")
+        assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
+        for bad in ("/static/../_app.py", "/static/%2e%2e/_app.py", "/static/nope.js",
+                    "/static/../../pyproject.toml", "/static/a%00.js", "/static/" + "x" * 5000,
+                    "/static/js", "/static/vendor/README.txt/x.js"):
+            assert client.get(bad).status_code == 404, bad
+
+
+def test_m4_in_sql_matches_the_rule_on_random_series() -> None:
+    """In-process: Store.points_m4 (SQL) against downsample (the rule, in Python)."""
+    store = Store(":memory:")
+    rng = random.Random(11)
+    run, _ = store.create_run("p", "m4", "", None, None)
+    special = [None, math.inf, -math.inf, 0.0, -0.0]
+    for case in range(40):
+        name = f"s{case}"
+        steps = sorted(rng.sample(range(-500, 5000), rng.randint(1, 900)))
+        rows = [(s, rng.choice(special) if rng.random() < 0.05 else rng.gauss(0, 1), s)
+                for s in steps]
+        store.write_points(run, [(s, t, None, None, {name: v}) for s, v, t in rows])
+        for max_points in (1, 2, 3, 4, 7, 40, 200, 1000):
+            got = read_series(store, run, name, -(2**63), 2**63 - 1, max_points)
+            want = downsample([[s, math.nan if v is None else v, t] for s, v, t in rows],
+                              max_points)
+            assert [p[0] for p in got] == [p[0] for p in want], (case, max_points)
+            assert len(got) <= max_points
+    store.close()

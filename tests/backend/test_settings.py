@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from backend._settings import DEFAULT_MAX_BODY, ServerSettings, db_path
 from pluto.errors import ConfigError
+from pluto_server._settings import DEFAULT_MAX_BODY, ServerSettings, db_path
 
 
 def test_defaults() -> None:

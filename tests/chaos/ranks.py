@@ -26,7 +26,8 @@ stop, marker = opts.get("stop_file"), opts.get("marker")
 with warnings.catch_warnings(record=True) as caught:
     run = pluto.init(project=opts.get("project", "chaos"), run_id=opts["run_id"])
     q = run._producer.queue
-    width = 4 if hasattr(run._producer, "pending") else 1  # a flat deque: step, time, names, v
+    from pluto.protocol import entry_width
+    width = entry_width(("m",))  # the flat deque: step, time, names, one value
     step, worst, total, max_q = opts.get("first_step", 1) - 1, 0.0, 0.0, 0
     logged = 0
     while True:

@@ -14,7 +14,7 @@ from urllib.parse import quote, urlsplit
 
 import redis
 
-from pluto import _keys as K
+from pluto import protocol as K
 from tests.chaos import ranks
 from tests.chaos.conftest import FaultBackend
 from tests.conftest import Stack

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import redis
 
-from pluto._keys import GROUP
+from pluto.protocol import GROUP
 from tests.chaos import ranks
 from tests.chaos.conftest import OwnRedis
 from tests.conftest import Stack

@@ -16,12 +16,12 @@ from typing import Any
 
 import redis
 
-from pluto._keys import GROUP
+from pluto.protocol import GROUP
+from pluto_worker._streams import drained, parse_id
 from tests.chaos import ranks
 from tests.chaos.conftest import FaultBackend
 from tests.conftest import Stack
 from tests.helpers import wait_until
-from worker._streams import drained, parse_id
 
 RETENTION, BATCH, RANKS = 200, 300, 2
 

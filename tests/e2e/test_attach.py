@@ -69,7 +69,7 @@ with warnings.catch_warnings(record=True) as caught:
     run = pluto.init(**kwargs)
 run.finish()
 print("RESULT " + json.dumps({"id": run.id, "run_id": run.run_id, "resumed": run.resumed,
-      "warnings": [str(w.message) for w in caught]}), flush=True)
+      "name": run.name, "warnings": [str(w.message) for w in caught]}), flush=True)
 """
 
 
@@ -139,6 +139,9 @@ def test_resume_ignores_name_with_one_warning(stack: Stack, tmp_path: Path) -> N
     assert not creator["warnings"]
     assert len(joiner["warnings"]) == 1 and "ignored name='other'" in joiner["warnings"][0]
     assert stack.backend.run(int(creator["id"]))["name"] == "original"
+    assert joiner["name"] == creator["name"] == "original"  # the run's real name, not its own
+    [quiet] = _attach(stack, tmp_path, project="names", run_id=run_id)  # no name: no warning
+    assert quiet["name"] == "original" and not quiet["warnings"]
 
 
 CONFIG_RANK = """
@@ -206,7 +209,7 @@ def test_odd_run_ids_round_trip(stack: Stack, tmp_path: Path, run_id: str) -> No
 
 def test_a_refused_create_is_reported_to_the_waiting_creator(stack: Stack, r: redis.Redis) -> None:
     """The backend refuses a create (here: tags that are not strings): init must not time out."""
-    from pluto import _protocol as proto
+    from pluto import protocol as proto
 
     token = uuid.uuid4().hex
     msg = proto.control_create("refused", "r1", "n", None, None, token)

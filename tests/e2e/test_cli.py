@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 from pluto import _servers
-from pluto._keys import Keys
+from pluto.protocol import Keys
 from tests.conftest import ROOT
 from tests.helpers import PYTHON, finish_rank, json_lines, start_rank, wait_until
 

@@ -9,7 +9,9 @@ import subprocess
 import sys
 import uuid
 from pathlib import Path
+from typing import Any
 
+import pytest
 import redis
 
 from pluto import _servers
@@ -21,7 +23,8 @@ import json, sys, pluto
 width = int(sys.argv[2])
 with pluto.init(project="ops", run_id=sys.argv[1]) as run:
     for step in range(1, 11):
-        run.log({f"m{i:03d}": step + i for i in range(width)} if step == 5 else {"m000": step})
+        run.log({f"metric/with/a/long/name/{i:03d}": step + i for i in range(width)} if step == 5
+                else {"metric/with/a/long/name/000": step})
 print("RESULT " + json.dumps({"id": run.id}), flush=True)
 """
 
@@ -67,20 +70,25 @@ def test_status_names_an_unreachable_backend(bare_stack: Stack) -> None:
     assert out.returncode == 1 and "backend unreachable" in out.stdout, out.stdout
 
 
+def _points(stack: Stack, run: int, i: int) -> list[list[Any]]:
+    return stack.backend.points(run, f"metric/with/a/long/name/{i:03d}")
+
+
 def _backend(tmp: Path, key: str, url: str, max_body: int) -> _servers.Child:
     env = dict(os.environ, PLUTO_MAX_BODY=str(max_body), PYTHONPATH=str(ROOT))
     return _servers.start_backend(url, f"sqlite:///{tmp / 'ops.db'}", key, tmp, env,
                                   name=f"backend-{max_body}")
 
 
+@pytest.mark.e2e
 def test_a_dead_letter_replayed_after_its_cause_is_fixed_is_stored_once(
         redis_url: str, prefix: str, tmp_path: Path) -> None:
     url, key = f"http://127.0.0.1:{_servers.free_port()}", "test-" + secrets.token_hex(8)
-    child = _backend(tmp_path, key, url, 3000)  # an entry of 400 metrics is larger than this
+    child = _backend(tmp_path, key, url, 6000)  # one entry of 600 metrics is larger than this
     stack = Stack(redis_url, prefix, Backend(url, key, child), tmp_path / "logs")
     try:
         stack.start_worker()
-        _, run = _log(stack, tmp_path, width=400)
+        _, run = _log(stack, tmp_path, width=600)
         r = redis.Redis.from_url(redis_url)
         wait_until(lambda: r.xlen(stack.keys.dead(run)) >= 1, 30, "a dead letter")
         listed = _cli(stack, "dead", "list", str(run))
@@ -90,14 +98,14 @@ def test_a_dead_letter_replayed_after_its_cause_is_fixed_is_stored_once(
         replayed = _cli(stack, "dead", "replay", str(run))
         assert replayed.returncode == 0 and "replayed" in replayed.stdout, replayed
         want = [[5, 5 + 7]]
-        wait_until(lambda: [p[:2] for p in stack.backend.points(run, "m007")] == want, 30,
+        wait_until(lambda: [p[:2] for p in _points(stack, run, 7)] == want, 30,
                    "the replayed entry stored")
         wait_until(lambda: stack.backend.run(run)["status"] == "COMPLETED", 30, "COMPLETED")
-        assert [p[0] for p in stack.backend.points(run, "m000")] == list(range(1, 11))
+        assert [p[0] for p in _points(stack, run, 0)] == list(range(1, 11))
         assert r.xlen(stack.keys.dead(run)) == 0
         again = _cli(stack, "dead", "replay", str(run))
         assert "replayed 0" in again.stdout
-        assert stack.backend.points(run, "m007")[0][:2] == [5, 12]  # once, not twice
+        assert _points(stack, run, 7)[0][:2] == [5, 12]  # once, not twice
     finally:
         stack.stop_workers()
         child.stop()

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 import pluto
-from pluto import _keys
+from pluto import protocol
 from pluto._settings import Settings
 from tests.conftest import ROOT
 
@@ -96,9 +96,9 @@ def test_init_returns_at_once_and_the_producer_records_the_member_first(
         r: redis.Redis, redis_url: str, prefix: str) -> None:
     """Registration (members, heartbeat, attach op) is the producer's first job, before any
     entry: it is in Redis once finish() returns, attach before finish on the control stream."""
-    from pluto import _protocol as proto
+    from pluto import protocol as proto
 
-    keys = _keys.Keys(prefix)
+    keys = protocol.Keys(prefix)
     r.set(keys.run("p", "known"), "41")  # as a worker leaves it: no worker needed to attach
     settings = Settings.from_env({"PLUTO_REDIS_URL": redis_url, "PLUTO_PREFIX": prefix,
                                   "RANK": "3"})
@@ -117,7 +117,7 @@ def test_init_returns_at_once_and_the_producer_records_the_member_first(
 
 
 def test_key_quoting_keeps_odd_ids_apart() -> None:
-    keys = _keys.Keys("p")
+    keys = protocol.Keys("p")
     odd = ["a:b", "a{b}", "a b", "100%", "a%3Ab", "ünï"]
     assert len({keys.run("proj", x) for x in odd}) == len(odd)
     assert keys.run("my proj", "a:b") == "p:run:my%20proj:a%3Ab"
@@ -141,7 +141,7 @@ def test_a_unix_socket_url_carries_everything(tmp_path: object) -> None:
         url = f"unix://{sock}?db=0"
         r = redis.Redis.from_url(url)
         _servers.wait_for(lambda: r.ping(), 15, "redis answering", child)
-        keys = _keys.Keys("unix")
+        keys = protocol.Keys("unix")
         r.set(keys.run("p", "u"), "7")
         run = pluto.init(project="p", run_id="u",
                          settings=Settings.from_env({"PLUTO_REDIS_URL": url, "PLUTO_PREFIX": "unix"}))

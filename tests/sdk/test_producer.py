@@ -9,10 +9,9 @@ import pytest
 import redis
 
 from pluto import _io, _producer
-from pluto._keys import Keys
 from pluto._producer import Producer, Target
-from pluto._protocol import decode_entry
 from pluto._resp import count_entries, whole_entries
+from pluto.protocol import Keys, decode_entry
 
 NAMES = [("a",), ("loss", "acc", "lr"), ("wéird name %s %d\"", "x/y"), ("n",)]
 

@@ -26,7 +26,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 @pytest.fixture
 def store(store_url: str) -> Iterator[Any]:
-    from backend._store import open_store
+    from pluto_server._store import open_store
 
     s = open_store(store_url)
     yield s

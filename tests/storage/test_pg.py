@@ -16,10 +16,12 @@ import httpx
 import psycopg
 import pytest
 
-from backend._pgstore import PgStore
-from backend._schema import PG_MIGRATIONS, pg_migrate
 from pluto import _servers
+from pluto_server._pgstore import PgStore
+from pluto_server._schema import PG_MIGRATIONS, pg_migrate
 from tests.conftest import Backend
+
+pytestmark = pytest.mark.e2e  # a PostgreSQL server process, some tests backend processes
 
 
 def _together(n: int, job: Callable[[int], Any]) -> list[Any]:
@@ -153,8 +155,8 @@ def test_nul_in_text_is_a_400_not_a_500(backend: Backend) -> None:
 
 
 def test_the_backend_refuses_a_db_url_it_cannot_use(tmp_path: Path) -> None:
-    from backend._settings import ServerSettings
     from pluto.errors import ConfigError
+    from pluto_server._settings import ServerSettings
 
     for bad in ("mysql://x/y", "postgresql://u@h:99999/db", "postgresql://u@h:5432"):
         with pytest.raises(ConfigError, match="PLUTO_DB_URL"):

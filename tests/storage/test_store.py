@@ -8,7 +8,9 @@ from typing import Any
 
 import pytest
 
-from backend._store import Store
+from pluto_server._store import Store
+
+pytestmark = pytest.mark.e2e  # a PostgreSQL server process (tests/conftest.py: pg_url is e2e)
 
 
 def _public(cls: type) -> dict[str, inspect.Signature]:
@@ -17,7 +19,7 @@ def _public(cls: type) -> dict[str, inspect.Signature]:
 
 
 def test_both_stores_have_the_same_interface() -> None:
-    from backend._pgstore import PgStore
+    from pluto_server._pgstore import PgStore
 
     sqlite, pg = _public(Store), _public(PgStore)
     assert sqlite.keys() <= pg.keys(), sorted(sqlite.keys() - pg.keys())
@@ -122,7 +124,7 @@ def test_points_since_and_last_only(store: Any) -> None:
 
 
 def test_reopening_keeps_everything(store_url: str, store: Any) -> None:
-    from backend._store import open_store
+    from pluto_server._store import open_store
 
     run, _ = store.create_run("p", "re", "n", {"k": 1}, None)
     store.write_points(run, [(1, 1, 1, 0, {"m": 1.5})])

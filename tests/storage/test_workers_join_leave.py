@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from pluto._keys import GROUP
+from pluto.protocol import GROUP
 from tests.conftest import Backend, Stack
 from tests.helpers import finish_rank, json_lines, start_rank, wait_until, write_script
 

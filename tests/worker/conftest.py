@@ -1,5 +1,5 @@
 """What the worker tests share: writing control messages and stream entries the way the SDK
-does (with redis-py, through ``pluto._keys`` / ``pluto._protocol``), and reading results back."""
+does (with redis-py, through ``pluto.protocol``), and reading results back."""
 
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ from typing import Any
 import pytest
 import redis
 
-from pluto import _keys as K
-from pluto import _protocol as P
-from pluto._keys import Keys
+from pluto import protocol as K
+from pluto import protocol as P
+from pluto.protocol import Keys
 from tests.helpers import wait_until
 
 
@@ -96,7 +96,7 @@ def in_process_worker(redis_url: str, prefix: str, backend: Any, name: str = "w-
                       **settings: Any) -> Any:
     """A :class:`worker.Worker` in this process (the fast tier): the test drives its real loop
     with ``run_once`` against the real Redis and backend."""
-    from worker import Worker, WorkerSettings
+    from pluto_worker import Worker, WorkerSettings
 
     s = WorkerSettings.from_env({}, redis_url=redis_url, prefix=prefix, api_url=backend.url,
                                 api_key=backend.key, name=name, block_ms=10,
@@ -130,6 +130,9 @@ class FaultProxy:
 
         self.fail: list[str | tuple[str, int]] = []
         self.hits: list[str] = []
+        self.seen: list[tuple[str, bytes]] = []  # every request: (what, body)
+        self.hang: list[tuple[str, float]] = []  # (regex, seconds): sleep, then forward
+        self.done: list[tuple[str, float]] = []  # (what, monotonic time it was answered)
         proxy = self
         client = httpx.Client(base_url=upstream, timeout=30)
 
@@ -140,6 +143,11 @@ class FaultProxy:
             def _serve(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
                 what = f"{self.command} {self.path} run={self.headers.get('x-run-id', '')}"
+                proxy.seen.append((what, body))
+                for pattern, seconds in proxy.hang:
+                    if re.search(pattern, what):
+                        proxy.hits.append(what)
+                        time.sleep(seconds)
                 for rule in proxy.fail:
                     pattern, status = rule if isinstance(rule, tuple) else (rule, 500)
                     if re.search(pattern, what):
@@ -162,6 +170,7 @@ class FaultProxy:
                 self.send_header("content-length", str(len(resp.content)))
                 self.end_headers()
                 self.wfile.write(resp.content)
+                proxy.done.append((what, time.monotonic()))
 
             do_GET = do_POST = _serve
 

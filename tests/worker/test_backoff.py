@@ -17,7 +17,7 @@ from pathlib import Path
 import redis
 
 from pluto import _servers
-from pluto._keys import Keys
+from pluto.protocol import Keys
 from tests.conftest import Backend, Stack
 from tests.helpers import finish_rank, json_lines, start_rank, wait_until, write_script
 from tests.worker.conftest import FaultProxy, create, dead_letters, entry, pending, produce

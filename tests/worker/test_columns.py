@@ -6,10 +6,10 @@ import httpx
 import msgpack
 import pytest
 
-from pluto._protocol import decode_entry
-from worker._backend import COLUMNS, MSGPACK, Backend
-from worker._entries import Columns, flatten
-from worker._settings import WorkerSettings
+from pluto.protocol import decode_entry
+from pluto_worker._backend import COLUMNS, MSGPACK, Backend
+from pluto_worker._entries import Columns, flatten
+from pluto_worker._settings import WorkerSettings
 
 HEAD = {b"_rank": b"0", b"_step": b"3", b"_time": b"9"}
 
@@ -43,6 +43,50 @@ def test_a_malformed_entry_adds_nothing() -> None:
         with pytest.raises(ValueError):
             cols.add(b"1-1", flatten(bad))
     assert (cols.value, cols.count) == ([2], [1])
+
+
+OUTSIDE_THE_GRAMMAR = [b"1_000", b" 7 ", b"+5", b"0x10", b"Infinity", b"NaN", b"1e5 ", b"1.",
+                      b".5", b"1E5", b"-nan", b"", b"\xd9\xa3", b"inf ", b"1e", b"--1"]
+REPR_WRITES = [b"0.1", b"-0.0", b"1e-05", b"5e-324", b"1.7976931348623157e+308", b"inf", b"-inf",
+               b"nan", b"123", b"-7", b"1e+16"]
+
+
+@pytest.mark.parametrize("text", OUTSIDE_THE_GRAMMAR)
+@pytest.mark.parametrize("where", ["value", "_step", "_time", "_rank"])
+def test_every_path_refuses_what_the_grammar_refuses(text: bytes, where: str) -> None:
+    """DESIGN §4's grammar, not float()'s: decode_entry, record, Columns.add and add_many
+    agree, with decode_entry's message."""
+    good = {**HEAD, b"a": b"2"}
+    bad = {**good, (b"a" if where == "value" else where.encode()): text}
+    from pluto_worker._entries import record
+
+    record(b"1-0", flatten(good))  # the name is known: the fast paths are taken
+    with pytest.raises(ValueError) as slow:
+        decode_entry(bad)
+    with pytest.raises(ValueError) as fast:
+        record(b"1-1", flatten(bad))
+    cols = Columns()
+    with pytest.raises(ValueError) as col:
+        cols.add(b"1-1", flatten(bad))
+    assert str(fast.value) == str(col.value) == str(slow.value)
+    batch = [(b"%d-0" % i, flatten(good)) for i in range(1, 40)] + [(b"40-0", flatten(bad))]
+    many = Columns()
+    taken, left = many.add_many(batch)  # type: ignore[arg-type]
+    assert (b"40-0", flatten(bad)) not in taken and many.points() == len(taken)
+
+
+@pytest.mark.parametrize("text", REPR_WRITES)
+def test_every_path_takes_what_repr_writes(text: bytes) -> None:
+    fields = {**HEAD, b"a": text}
+    _, _, _, data = decode_entry(fields)
+    cols = Columns()
+    cols.add(b"1-0", flatten(fields))
+    assert repr(cols.value[0]) == repr(data["a"]) == repr(
+        float(text) if not text.lstrip(b"-").isdigit() else int(text))
+    batch = [(b"%d-0" % i, flatten(fields)) for i in range(1, 40)]
+    many = Columns()
+    assert len(many.add_many(batch)[0]) == 39  # type: ignore[arg-type]
+    assert {repr(v) for v in many.value} == {repr(data["a"])}
 
 
 def test_columns_only_after_the_offer_and_records_for_huge_ints() -> None:
@@ -90,13 +134,18 @@ def _batch(seed: int) -> list[tuple[bytes, list[bytes] | None]]:
             flat += [name, value(kind, i)]
         batch.append((f"{1764000 + i}-{i % 3}".encode(), flat))
     odd = rng.randrange(len(batch))
-    twist = rng.choice(["none", "none", "deleted", "unknown name", "bad value", "field order"])
+    twist = rng.choice(["none", "none", "deleted", "unknown name", "bad value", "field order",
+                        "lenient value", "lenient step"])
     if twist == "deleted":
         batch[odd] = (batch[odd][0], None)
     elif twist == "unknown name":
         batch[odd][1][-2] = b"never-seen-%d" % seed  # type: ignore[index]
     elif twist == "bad value":
         batch[odd][1][-1] = b"abc"  # type: ignore[index]
+    elif twist == "lenient value":  # float() takes these; the grammar does not
+        batch[odd][1][-1] = rng.choice([b"1_000", b" 7 ", b"+5", b"Infinity", b"NaN"])  # type: ignore[index]
+    elif twist == "lenient step":
+        batch[odd][1][3] = rng.choice([b" 3", b"+3", b"1_0"])  # type: ignore[index]
     elif twist == "field order":
         flat = batch[odd][1]
         assert flat is not None

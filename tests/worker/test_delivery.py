@@ -15,7 +15,7 @@ import pytest
 import redis
 
 from pluto import _servers
-from pluto._keys import GROUP, Keys
+from pluto.protocol import GROUP, Keys
 from tests.conftest import Backend, Stack
 from tests.helpers import wait_until
 from tests.worker.conftest import create, entry, pending, produce

@@ -12,15 +12,23 @@ from typing import Any
 import pytest
 import redis
 
-from pluto import _keys as K
-from pluto import _protocol as P
-from pluto._keys import GROUP, Keys
+from pluto import protocol as K
+from pluto import protocol as P
+from pluto.protocol import GROUP, Keys
+from pluto_worker._acks import Acks
 from tests.conftest import Backend
 from tests.worker.conftest import (
-    FaultProxy, attach, dead_letters, entry, in_process_worker, pending, produce, request_create, run_id_of,
+    FaultProxy,
+    attach,
+    dead_letters,
+    entry,
+    in_process_worker,
+    pending,
+    produce,
+    request_create,
+    run_id_of,
     spin,
 )
-from worker._acks import Acks
 
 
 @pytest.fixture
@@ -70,7 +78,9 @@ def test_poison_values_are_reported_and_worked_around(worker: Any, r: redis.Redi
                               for kv in junk[0].items() for x in kv]
     assert r.xpending(keys.control, GROUP)["pending"] == 0
     assert worker.problems.counts["control"] == len(junk)
-    assert any(k.startswith(f"member:{bad}:") for k in worker.problems.counts)
+    spin(worker, lambda: sum(k.startswith(f"member:{bad}:") for k in worker.problems.counts)
+         == 2, what="both junk members reported")
+    spin(worker, lambda: f"beat:{bad}:h:1" in worker.problems.counts, what="junk heartbeat")
 
     r.delete(keys.runs)
     r.set(keys.runs, "x")  # WRONGTYPE for SMEMBERS: the runs already known keep being served
@@ -166,6 +176,103 @@ def test_a_run_the_backend_cannot_read_is_parked(redis_url: str, prefix: str, r:
         proxy.fail = []
         spin(w, _stored(backend, sick, "a", 50), what="the parked run after recovery")
         spin(w, lambda: pending(r, keys.metrics(sick)) == 0, what="acknowledged")
+    finally:
+        w.close()
+        proxy.close()
+
+
+def test_a_control_call_that_fails_waits_in_order_while_others_go(
+        redis_url: str, prefix: str, r: redis.Redis, keys: Keys, project: str,
+        backend: Backend) -> None:
+    proxy = FaultProxy(backend.url)
+    w = in_process_worker(redis_url, prefix, Backend(proxy.url, backend.key), retry_max=0.5)
+    try:
+        sick = _create(w, r, keys, project, "members-500")
+        proxy.fail = [rf"^POST /api/runs/{sick}/members "]
+        attach(r, keys, sick, "h:1")
+        spin(w, lambda: proxy.hits, what="the attach tried")
+        info = P.unpack(r.hget(keys.members(sick), "h:1"))
+        r.hset(keys.members(sick), "h:1", P.pack({**info, "state": "finished"}))
+        r.xadd(keys.control, P.control_finish(sick, "h:1", "finished"))
+        other = _create(w, r, keys, f"{project}-other", "served")
+        assert other != sick  # served while the attach of the other run waits
+        assert r.xpending(keys.control, GROUP)["pending"] == 2  # attach + finish, in order
+        assert len(w.control.held) == 2 and r.xlen(keys.control_dead) == 0
+        proxy.fail = []
+        spin(w, lambda: r.xpending(keys.control, GROUP)["pending"] == 0, what="applied")
+        spin(w, lambda: [(m["member"], m["state"]) for m in backend.run(sick)["members"]]
+             == [("h:1", "finished")], what="attach, then finish")
+    finally:
+        w.close()
+        proxy.close()
+
+
+def test_ledger_and_member_ledgers_are_sent_and_final_before_the_status(
+        redis_url: str, prefix: str, r: redis.Redis, keys: Keys, project: str,
+        backend: Backend) -> None:
+    """What the worker POSTs (seen by the proxy; this backend's ledger route is stood in for
+    by the proxy answering 200), and that the final ledger goes before the final status."""
+    import json
+
+    proxy = FaultProxy(backend.url)
+    proxy.fail = [(r"^POST /api/runs/\d+/ledger ", 200)]
+    w = in_process_worker(redis_url, prefix, Backend(proxy.url, backend.key))
+    try:
+        run = _create(w, r, keys, project, "ledger-sent")
+        attach(r, keys, run, "h:1")
+        produce(r, keys, run, (entry(s, {"a": s}, time_ms=5000 + s) for s in range(1, 31)))
+        produce(r, keys, run, [{**entry(31, {}), "a": "junk"}])
+        spin(w, _stored(backend, run, "a", 30), what="stored")
+        info = P.unpack(r.hget(keys.members(run), "h:1"))
+        r.hset(keys.members(run), "h:1", P.pack({**info, "state": "finished", "logged": 33,
+                                                 "sent": 31, "dropped": 2,
+                                                 "drops": {"overflow": 2}}))
+        spin(w, lambda: backend.run(run)["status"] == "COMPLETED", what="COMPLETED")
+        posts = [(what.split()[1], json.loads(body)) for what, body in proxy.seen
+                 if what.startswith("POST /api/runs/") and body]
+        ledgers = [body for path, body in posts if path.endswith("/ledger")]
+        assert ledgers[-1] == [{"rank": 0, "stored": 30, "dead": 1, "last_step": 30,
+                                "last_time": 5030}]
+        members = [row for path, body in posts if path.endswith("/members") for row in body]
+        assert {k: members[-1][k] for k in ("member", "state", "logged", "sent", "dropped",
+                                            "drops")} == {
+            "member": "h:1", "state": "finished", "logged": 33, "sent": 31, "dropped": 2,
+            "drops": {"overflow": 2}}
+        order = [path for path, body in posts if path.endswith(("/ledger", "/status/update"))]
+        final = max(i for i, path in enumerate(order) if path.endswith("/status/update"))
+        assert order[final - 1].endswith("/ledger")  # the final ledger, then the status
+        last_members = max(i for i, (path, _) in enumerate(posts) if path.endswith("/members"))
+        assert last_members < [i for i, (path, _) in enumerate(posts)
+                               if path.endswith("/status/update")][-1]
+    finally:
+        w.close()
+        proxy.close()
+
+
+def test_a_hanging_control_call_holds_up_only_its_own_run(
+        redis_url: str, prefix: str, r: redis.Redis, keys: Keys, project: str,
+        backend: Backend) -> None:
+    """The backend hangs past the read timeout on one run's members call: that attach waits
+    (and is retried); a create of another project and the other runs' metrics go on."""
+    proxy = FaultProxy(backend.url)
+    w = in_process_worker(redis_url, prefix, Backend(proxy.url, backend.key), retry_max=0.5,
+                          read_timeout=20.0)
+    try:
+        slow = _create(w, r, keys, project, "slow-members")
+        busy = _create(w, r, keys, project, "busy")
+        proxy.hang = [(rf"^POST /api/runs/{slow}/members ", 4.0)]
+        attach(r, keys, slow, "h:1")
+        spin(w, lambda: ("run", slow) in w.control.running, what="the hanging call made")
+        other = _create(w, r, keys, f"{project}-other", "while-hanging")
+        produce(r, keys, busy, (entry(s, {"a": s}) for s in range(1, 101)))
+        spin(w, _stored(backend, busy, "a", 100), what="another run's metrics stored")
+        assert other not in (slow, busy)
+        assert ("run", slow) in w.control.queues  # still in hand: hanging, or waiting a retry
+        assert r.xpending(keys.control, GROUP)["pending"] == 1  # the attach, still in hand
+        proxy.hang = []
+        spin(w, lambda: r.xpending(keys.control, GROUP)["pending"] == 0, what="attach retried")
+        spin(w, lambda: [m["member"] for m in backend.run(slow)["members"]] == ["h:1"],
+             what="the attach applied")
     finally:
         w.close()
         proxy.close()

@@ -6,12 +6,19 @@ import json
 
 import redis
 
-from pluto import _protocol as P
-from pluto._keys import Keys
+from pluto import protocol as P
+from pluto.protocol import Keys
 from tests.conftest import Stack
 from tests.helpers import wait_until
 from tests.worker.conftest import (
-    attach, beat, create, entry, finish, produce, request_create, run_id_of,
+    attach,
+    beat,
+    create,
+    entry,
+    finish,
+    produce,
+    request_create,
+    run_id_of,
 )
 
 

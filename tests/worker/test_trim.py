@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import redis
 
-from pluto._keys import GROUP, Keys
+from pluto.protocol import GROUP, Keys
+from pluto_worker._streams import ensure_group, parse_id, trim
 from tests.conftest import Stack
 from tests.helpers import wait_until
 from tests.worker.conftest import create, entry, pending, produce
-from worker._streams import ensure_group, parse_id, trim
 
 
 def ids(r: redis.Redis, stream: str) -> list[bytes]:

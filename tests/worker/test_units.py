@@ -11,18 +11,18 @@ import httpx
 import msgpack
 import pytest
 
-import worker
-from pluto._protocol import decode_entry
-from pluto.errors import ConfigError
-from worker import WorkerSettings
-from worker._backend import Backend, Interrupted, Rejected
-from worker._entries import flatten, record
+import pluto_worker
 from pluto._settings import redact
+from pluto.errors import ConfigError
+from pluto.protocol import decode_entry
+from pluto_worker import WorkerSettings
+from pluto_worker._backend import Backend, Interrupted, Rejected
+from pluto_worker._entries import flatten, record
 
 
 def test_public_names_match_all() -> None:
-    public = {n for n in vars(worker) if not n.startswith("_")} - {"annotations"}
-    assert set(worker.__all__) == public
+    public = {n for n in vars(pluto_worker) if not n.startswith("_")} - {"annotations"}
+    assert set(pluto_worker.__all__) == public
 
 
 def test_settings_from_env() -> None:
@@ -121,3 +121,70 @@ def test_retries_stop_when_the_worker_stops() -> None:
     b = Backend(settings, stop, transport=httpx.MockTransport(handler))
     with pytest.raises(Interrupted):
         b.update_status(1, "RUNNING")
+
+
+def test_transient_failures_end_in_unavailable_after_the_attempts() -> None:
+    from pluto_worker._backend import Unavailable
+
+    seen: list[int] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(1)
+        return httpx.Response(503, text="busy")
+
+    settings = WorkerSettings.from_env({}, api_url="http://backend", retry_max=0.01)
+    b = Backend(settings, transport=httpx.MockTransport(handler), attempts=3)
+    with pytest.raises(Unavailable, match="HTTP 503") as exc:
+        b.update_status(1, "RUNNING")
+    assert len(seen) == 3 and "after 3 attempts" in str(exc.value)
+
+
+@pytest.mark.parametrize("reply, weather", [
+    ("OOM command not allowed when used memory > 'maxmemory'.", True),
+    ("BUSY Redis is busy running a script.", True),
+    ("READONLY You can't write against a read only replica.", True),
+    ("LOADING Redis is loading the dataset in memory", True),
+    ("TRYAGAIN Multiple keys request during rehashing of slot", True),
+    ("MASTERDOWN Link with MASTER is down", True),
+    ("WRONGTYPE Operation against a key holding the wrong kind of value", False),
+    ("ERR unknown command", False),
+])
+def test_redis_error_replies_are_classified_by_their_code(reply: str, weather: bool) -> None:
+    """Through redis-py's own parser: the mapped classes lose the code from their message."""
+    from redis._parsers.base import BaseParser
+
+    from pluto_worker._streams import is_weather
+
+    assert is_weather(BaseParser.parse_error(reply)) is weather
+
+
+def test_isolation_settings_from_env() -> None:
+    s = WorkerSettings.from_env({"PLUTO_WORKER_BATCH_BYTES": "300000",
+                                 "PLUTO_WORKER_POSTERS": "2", "PLUTO_WORKER_HTTP_ATTEMPTS": "5"})
+    assert (s.batch_bytes, s.posters, s.http_attempts) == (300000, 2, 5)
+    d = WorkerSettings.from_env({})
+    assert (d.batch_bytes, d.posters, d.http_attempts) == (8 << 20, 4, 3)
+    with pytest.raises(ConfigError, match="PLUTO_WORKER_BATCH_BYTES"):
+        WorkerSettings.from_env({"PLUTO_WORKER_BATCH_BYTES": "12"})  # below 1 KiB
+
+
+def test_a_read_is_posted_in_parts_of_at_most_batch_bytes() -> None:
+    from pluto_worker._persist import Post, decode, size
+
+    flat = flatten({b"_rank": b"0", b"_step": b"1", b"_time": b"1", b"a": b"0." + b"5" * 300})
+    entries = [(b"%d-0" % i, flat) for i in range(1, 101)]
+    post = Post(1, "s")
+    decode(post, entries, columns=False, batch_bytes=10 * size(flat), bury=lambda e, why: None)
+    assert [len(p.entries) for p in post.parts] == [10] * 10
+    assert [len(p.records) for p in post.parts] == [10] * 10
+
+
+@pytest.mark.parametrize("sizes, first", [
+    ([1] * 10, 5), ([1, 1, 1, 1000, 1, 1], 3), ([1000, 1, 1], 1), ([1, 1, 1000], 2), ([5, 5], 1),
+])
+def test_a_413_split_halves_by_bytes(sizes: list[int], first: int) -> None:
+    from pluto_worker._persist import halves
+
+    entries = [(b"%d-0" % i, [b"x" * n]) for i, n in enumerate(sizes)]
+    a, b = halves(entries)  # type: ignore[arg-type]
+    assert (len(a), a + b) == (first, entries)
