@@ -135,6 +135,9 @@ def one(s: Any, cluster: Cluster, workers: int, replicas: int, a: Any) -> dict[s
             if time.monotonic() > deadline:
                 raise RuntimeError("producers did not attach: " + ws[0].log()[-2000:])
             attached += r.blpop([ready], timeout=1) is not None
+        # Let the workers finish what the attaches asked (members, ledgers) before stopping them:
+        # a request cut by SIGSTOP times out on SIGCONT and parks its run with back-off.
+        time.sleep(2.0)
         for w in ws:
             w.signal(signal.SIGSTOP)
         redis_before = cpu_s(s.redis_child.pid)
@@ -167,6 +170,10 @@ def one(s: Any, cluster: Cluster, workers: int, replicas: int, a: Any) -> dict[s
         after["postgres"] -= cpu_s(counter.pid) - own  # the counting is not the store's work
         counter.db.close()
         cpu = {k: round(after[k] - before[k], 2) for k in after}
+        if stored < total:  # say why in the bench's stderr: the processes' own logs
+            for k in kids:
+                print(f"--- {k.name} (stored {stored} of {total}):\n{k.log()[-1500:]}",
+                      file=sys.stderr)
         return {"workers": workers, "replicas": replicas, "points": total, "stored": stored,
                 "lost_by_producers": sum(lost), "seconds": round(wall, 2),
                 "points_per_s": round(stored / wall), "cpu_s": cpu,
