@@ -66,6 +66,7 @@ def cluster(tmp_path: Path) -> Iterator[list[int]]:
         for port in ports:
             wait_until(lambda p=port: b"cluster_state:ok" in _node(p).execute_command(
                 "CLUSTER", "INFO"), 30, f"cluster state ok on {port}")
+        wait_until(lambda: len(_masters(ports)) == 3, 30, "three masters and three replicas")
         yield ports
     finally:
         for child in children:
@@ -82,6 +83,11 @@ def _nodes(port: int) -> list[dict[str, str]]:
     return out
 
 
+def _masters(ports: list[int]) -> list[int]:
+    """The nodes that say they are masters (``ROLE``: not the gossip, which may lag)."""
+    return [p for p in ports if _node(p).execute_command("ROLE")[0] == b"master"]
+
+
 def _owner(ports: list[int], slot: int) -> int:
     """The port of the master serving ``slot``, as the (first live) node's slot map says."""
     for lo, hi, master, *_ in _node(ports[0]).execute_command("CLUSTER", "SLOTS"):
@@ -93,7 +99,7 @@ def _owner(ports: list[int], slot: int) -> int:
 def migrate_slot(ports: list[int], slot: int) -> int:
     """Move ``slot`` to another master, key by key; returns the new owner's port."""
     src = _owner(ports, slot)
-    masters = [int(n["port"]) for n in _nodes(src) if "master" in n["flags"]]
+    masters = _masters(ports)
     dst = next(p for p in masters if p != src)
     ids = {int(n["port"]): n["id"] for n in _nodes(src)}
     _node(dst).execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", ids[src])
