@@ -66,7 +66,8 @@ def cluster(tmp_path: Path) -> Iterator[list[int]]:
         for port in ports:
             wait_until(lambda p=port: b"cluster_state:ok" in _node(p).execute_command(
                 "CLUSTER", "INFO"), 30, f"cluster state ok on {port}")
-        wait_until(lambda: len(_masters(ports)) == 3, 30, "three masters and three replicas")
+        wait_until(lambda: len(_masters(ports)) == 3 and all(
+            _replica_of(ports, m) for m in _masters(ports)), 30, "three masters, each replicated")
         yield ports
     finally:
         for child in children:
@@ -112,10 +113,18 @@ def migrate_slot(ports: list[int], slot: int) -> int:
     return dst
 
 
+def _replica_of(ports: list[int], master: int) -> int | None:
+    """A replica in sync with ``master``, by the replicas' own ``ROLE``."""
+    for p in ports:
+        role = _node(p).execute_command("ROLE")
+        if role[0] == b"slave" and int(role[2]) == master and role[3] == b"connected":
+            return p
+    return None
+
+
 def fail_over(ports: list[int], master: int) -> int:
     """``CLUSTER FAILOVER`` on a replica of ``master``; returns the replica's port."""
-    mid = next(n["id"] for n in _nodes(master) if int(n["port"]) == master)
-    replica = next(int(n["port"]) for n in _nodes(master) if n["master"] == mid)
+    replica = wait_until(lambda: _replica_of(ports, master), 30, f"a replica of {master}")
     _node(replica).execute_command("CLUSTER", "FAILOVER")
     wait_until(lambda: _node(replica).execute_command("ROLE")[0] == b"master", 30,
                "the replica promoted")
