@@ -23,7 +23,7 @@ stop = sys.argv[1]
 r = redis.Redis.from_url(__import__("os").environ["PLUTO_REDIS_URL"])
 run = pluto.init(project="scale-join", run_id=sys.argv[2])
 print("RESULT {\\"id\\": %d}" % run.id, flush=True)
-step, deadline = 0, time.monotonic() + 60
+step, deadline = 0, time.monotonic() + 150
 while time.monotonic() < deadline and not r.exists(stop):
     for _ in range(20):
         step += 1
@@ -63,15 +63,15 @@ def test_a_worker_joins_mid_run_and_one_leaves_without_loss(
         run_id = wait_until(lambda: rank.stdout.readline(), 30, "the rank's run id")
         run = json_lines(run_id)[0]["id"]
         stream = s.keys.metrics(run)
-        wait_until(lambda: last_step(backend, run) > 0, 30, "the first worker storing points")
+        wait_until(lambda: last_step(backend, run) > 0, 60, "the first worker storing points")
 
         s.start_worker(**env, PLUTO_WORKER_NAME="joiner")
-        wait_until(lambda: "joiner" in consumers(r, stream), 30, "the joiner in the group")
+        wait_until(lambda: "joiner" in consumers(r, stream), 60, "the joiner in the group")
         # The first worker hangs (SIGSTOP) with whatever it holds: only the joiner can now
         # store the new entries, and it must do so within one claim interval.
         first.signal(signal.SIGSTOP)
         before = last_step(backend, run)
-        wait_until(lambda: last_step(backend, run) > before + 100, CLAIM_IDLE_MS / 1000 + 10,
+        wait_until(lambda: last_step(backend, run) > before + 100, CLAIM_IDLE_MS / 1000 + 30,
                    "the joiner storing new entries while the first worker hangs")
         assert not r.exists(stop) and rank.poll() is None  # the run was logging all along
 
