@@ -302,9 +302,15 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
             app.state.store.close()
 
     keys_db = None if settings.db_url.startswith("postgres") else db_path(settings.db_url)
+    state: dict[str, Any] = {}
+
+    def metrics() -> Any:
+        app = state.get("app")
+        return getattr(app.state, "metrics", None) if app is not None else None
+
     app = Starlette(routes=routes(), lifespan=lifespan,
                     middleware=[Middleware(CountRequests,
-                                           metrics=lambda: getattr(app.state, "metrics", None)),
+                                           metrics=metrics),
                                 Middleware(SecurityHeaders),
                                 Middleware(ScopedAuth, keys=settings.api_keys, db_path=keys_db),
                                 Middleware(CreateRate, rate=settings.create_rate,
@@ -313,4 +319,5 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
                                 Middleware(PathIds)],
                     exception_handlers={HTTPException: http_error, BrokenRow: broken_row})
     app.state.settings = settings
+    state["app"] = app
     return app

@@ -197,7 +197,7 @@ def entry(obj: Any, now: int) -> Entry:
     for name, value in data.items():
         kind = type(value)
         if kind is float:
-            if value != value:  # noqa: PLR0124 -- NaN test without a call, on the hot path
+            if value != value:
                 values[name] = None
         elif kind is not int or not _INT64[0] <= value <= _INT64[1]:
             values[name] = _value(name, value)  # replacing a value while iterating is fine

@@ -298,8 +298,8 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
     s = CliSettings.from_env()
     keys = Keys(s.prefix)
-    client = redis.Redis.from_url(s.redis_url, decode_responses=True,
-                                  **redis_tls(s.redis_url))
+    client: Any = redis.Redis.from_url(s.redis_url, decode_responses=True,
+                                       **redis_tls(s.redis_url))
     run = args.run if args.run.isdigit() else client.get(keys.run(args.project, args.run))
     if run is None or not str(run).isdigit():
         print(f"pluto tail: no run {args.run!r} in project {args.project!r} at "

@@ -192,7 +192,8 @@ def _stream_client(client: Any, stream: str, refresh: bool = False) -> redis.Red
     if isinstance(client, redis.RedisCluster):
         if refresh:
             client.nodes_manager.initialize()
-        return client.get_redis_connection(client.get_node_from_key(stream))  # type: ignore[no-any-return]
+        node = client.get_node_from_key(stream)  # type: ignore[no-untyped-call]
+        return client.get_redis_connection(node)
     return client  # type: ignore[no-any-return]
 
 

@@ -165,9 +165,9 @@ class Producer(threading.Thread):
             if stopping:
                 return
             self._heartbeat()
-            self._report("overflow", self.dropped, "buffer full (PLUTO_BUFFER_SIZE=%d) while "
-                         "Redis is unreachable: dropped the %%d oldest entries so far"
-                         % self.max_buffer)
+            self._report("overflow", self.dropped, f"buffer full (PLUTO_BUFFER_SIZE="
+                         f"{self.max_buffer}) while Redis is unreachable: dropped the %d "
+                         "oldest entries so far")
 
     def _send_all(self) -> bool:
         """Send until the deque is empty; False if Redis failed or is busy (entries stay queued).
@@ -348,7 +348,7 @@ class Producer(threading.Thread):
             try:
                 self._conn.disconnect()
                 self._client.connection_pool.release(self._conn)
-            except Exception:  # noqa: BLE001 - a broken connection may fail to close; drop it
+            except Exception:  # noqa: BLE001, S110 - a broken connection may fail to close; drop it
                 pass
             self._conn = self._wire = None
 

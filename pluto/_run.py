@@ -198,13 +198,13 @@ class Run:
         try:
             member = dict(self._producer.info or {})
             if not member:
-                info = client.hget(self._keys.members(self.id), self.member)
+                info: Any = client.hget(self._keys.members(self.id), self.member)
                 member = proto.unpack(info) if info else {}
             member.update(self._producer.ledger.as_fields(0), state=self.state.value)
             with client.pipeline(transaction=False) as pipe:
                 pipe.hset(self._keys.members(self.id), self.member, proto.pack(member))
-                pipe.xadd(self._keys.control,  # type: ignore[arg-type]
-                          proto.control_finish(self.id, self.member, self.state.value))
+                fields: Any = proto.control_finish(self.id, self.member, self.state.value)
+                pipe.xadd(self._keys.control, fields)
                 pipe.execute()
         except (redis.RedisError, OSError) as exc:
             log.warning("pluto: could not record that %s finished (%s); the worker will see its "

@@ -260,7 +260,8 @@ def json_value(value: int | float) -> int | float | str:
 
 
 def pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+    packed: bytes = msgpack.packb(obj, use_bin_type=True)
+    return packed
 
 
 def unpack(blob: bytes) -> Any:

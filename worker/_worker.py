@@ -139,8 +139,8 @@ class Worker:
         while self.flow.flight or self.flow.queued or self.control.running:
             self._submit()
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            wait(list(self.flow.flight.values()) + self.control.futures(), timeout=left,
-                 return_when=FIRST_COMPLETED)
+            pending: list[Future[Any]] = [*self.flow.flight.values(), *self.control.futures()]
+            wait(pending, timeout=left, return_when=FIRST_COMPLETED)
             acks = Acks()
             try:
                 self.control.apply([], acks)
@@ -204,7 +204,7 @@ class Worker:
         new, old = self.flow.reads(self.runs)
         count = max(100, self.settings.batch // max(1, len(self.runs)))
         block = self.settings.block_ms if block_ms is None else block_ms
-        coming = list(self.flow.flight.values()) + self.control.futures()
+        coming: list[Future[Any]] = [*self.flow.flight.values(), *self.control.futures()]
         if coming:  # answers are coming: wait for one, not for Redis
             wait(coming, timeout=min(block / 1000, WAIT_S), return_when=FIRST_COMPLETED)
             block = 0
@@ -237,7 +237,7 @@ class Worker:
                                                       self.projects.get(run, NO_PROJECT))
             dead = self.keys.dead(run)
 
-            def bury(entry: Entry, reason: str) -> None:
+            def bury(entry: Entry, reason: str, dead: str = dead, stream: str = stream) -> None:
                 if reason:
                     acks.bury(dead, stream, entry[0], entry[1] or [], reason)
                 else:
@@ -314,7 +314,7 @@ class Worker:
             self.flow.forget(set(self.runs))
         if self._due_now("trim", s.trim_interval):
             for stream in self._streams():
-                self._guard(f"trim:{stream}", lambda: trim(self.r, stream, s.retention))
+                self._guard(f"trim:{stream}", lambda stream=stream: trim(self.r, stream, s.retention))
         if self.metrics.enabled and self._due_now("sample", s.metrics_interval):
             self._guard("metrics", lambda: self.metrics.sample(
                 self.r, self.keys.control, self._streams()[1:], GROUP))
@@ -331,8 +331,8 @@ class Worker:
         last = self._check
         if last is not None and not last.done():
             return
-        if last is not None and last.exception() is not None:
-            exc = last.exception()
+        exc = last.exception() if last is not None else None
+        if exc is not None:
             kind = "redis" if is_weather(exc) else type(exc).__name__
             self.problems.report(f"check:{kind}", f"run checks failed: {type(exc).__name__}: "
                                  f"{exc}", logging.WARNING if is_weather(exc) else logging.ERROR,

@@ -183,7 +183,7 @@ def test_redis_restarting_into_loading_loses_nothing(private_backend: Any, tmp_p
         member = _member(probe, stack.keys, run)
         assert member["sent"] >= 15_000 and member["dropped"] == 0, member
         assert "refused" not in err and "busy" in err.lower() + "loading", err[-2000:]
-        report.append(ranks.row("13.2 redis restart, LOADING for %.1f s" % loading, 15_000,
+        report.append(ranks.row(f"13.2 redis restart, LOADING for {loading:.1f} s", 15_000,
                                 len(steps), 0, None, counted_lost=member["dropped"]))
         probe.close()
     finally:

@@ -79,7 +79,7 @@ def test_bad_env_numbers_name_the_variable() -> None:
 
 def test_config_that_is_not_serialisable_names_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PLUTO_MODE", "disabled")
-    with pytest.raises(TypeError, match="optim.fn"):
+    with pytest.raises(TypeError, match=r"optim\.fn"):
         pluto.init(project="p", run_id="r", config={"optim": {"fn": object()}})
 
 
