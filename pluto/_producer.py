@@ -67,7 +67,7 @@ class Chunk:
     payload: bytes = b""
     end: int = 0
     written: bool = False
-    """Some of it may have reached Redis (its write began), so it may be stored already."""
+    """Its write began on a connection that had answered before: Redis may hold it already."""
     """Reply count of the connection at which every entry of this chunk has been answered."""
 
 
@@ -280,7 +280,9 @@ class Producer(threading.Thread):
         """Send the chunk's XADDs; note the reply count that marks them all answered."""
         payload, chunk.payload = chunk.payload, b""
         wire = self._connected()
-        chunk.written = True
+        # Uncertain only on a connection Redis has answered on: a stale pooled socket that
+        # fails on its first write never reached a live server.
+        chunk.written = self._replies.count > 0
         wire.send(payload)
         self._written += chunk.count
         chunk.end = self._written
