@@ -45,8 +45,8 @@ from ._ingest import (
 )
 from ._metrics import BackendMetrics, CountRequests, metrics_endpoint
 from ._rows import BrokenRow
-from ._settings import ServerSettings, db_path
-from ._store import Store
+from ._settings import ServerSettings, db_path, is_postgres
+from ._store import Store, Unstorable, open_store
 
 MAX_TEXT = 1024
 """Longest project, run, tag, member, host or state name accepted (in characters)."""
@@ -283,6 +283,11 @@ def routes() -> list[Route]:
     ]
 
 
+async def unstorable(request: Request, exc: Exception) -> Response:
+    """A value the store cannot hold (PostgreSQL refuses NUL in text): the client's 400."""
+    return error(400, str(exc))
+
+
 def create_app(settings: ServerSettings | None = None) -> Starlette:
     """The backend as an ASGI app.
 
@@ -294,14 +299,14 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        app.state.store = store = Store(db_path(settings.db_url))
+        app.state.store = store = open_store(settings.db_url)
         app.state.metrics = BackendMetrics(store.count_by_status)
         try:
             yield
         finally:
             app.state.store.close()
 
-    keys_db = None if settings.db_url.startswith("postgres") else db_path(settings.db_url)
+    keys_db = None if is_postgres(settings.db_url) else db_path(settings.db_url)
     state: dict[str, Any] = {}
 
     def metrics() -> Any:
@@ -317,7 +322,8 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
                                            burst=settings.create_burst),
                                 Middleware(BodyTimeout, timeout=settings.body_timeout),
                                 Middleware(PathIds)],
-                    exception_handlers={HTTPException: http_error, BrokenRow: broken_row})
+                    exception_handlers={HTTPException: http_error, BrokenRow: broken_row,
+                                        Unstorable: unstorable})
     app.state.settings = settings
     state["app"] = app
     return app

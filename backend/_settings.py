@@ -44,6 +44,28 @@ def _keys(env: Mapping[str, str]) -> tuple[str, ...]:
     return tuple(dict.fromkeys(keys))
 
 
+def is_postgres(db_url: str) -> bool:
+    """Whether ``db_url`` names a PostgreSQL database (``postgresql://user@host:port/db``,
+    libpq's URL, also spelled ``postgres://``); anything else is SQLite."""
+    return db_url.startswith(("postgresql://", "postgres://"))
+
+
+def check_db_url(db_url: str) -> None:
+    """ConfigError naming the fix unless ``db_url`` is a SQLite path/URL or a PostgreSQL URL."""
+    if is_postgres(db_url):
+        parts = urlsplit(db_url)
+        try:
+            _ = parts.port
+        except ValueError:
+            raise ConfigError(f"PLUTO_DB_URL={db_url!r} has an invalid port") from None
+        if not parts.path.strip("/") and "dbname=" not in parts.query:
+            raise ConfigError(f"PLUTO_DB_URL={db_url!r} names no database: use "
+                              "postgresql://user@host:5432/dbname")
+    elif "://" in db_url and not db_url.startswith("sqlite://"):
+        raise ConfigError(f"PLUTO_DB_URL={db_url!r}: use sqlite:///path.db or "
+                          "postgresql://user@host:port/dbname")
+
+
 def db_path(db_url: str, cwd: Path | None = None) -> str:
     """The file (or ``:memory:``) named by a ``sqlite:///`` URL; relative paths are under cwd.
 
@@ -57,7 +79,8 @@ def db_path(db_url: str, cwd: Path | None = None) -> str:
                               "or sqlite:////absolute/path.db")
         rest = rest[1:]
     elif "://" in db_url:
-        raise ConfigError(f"PLUTO_DB_URL={db_url!r}: only sqlite:/// URLs are supported")
+        raise ConfigError(f"PLUTO_DB_URL={db_url!r}: not a sqlite:/// URL (PostgreSQL: "
+                          "postgresql://user@host:port/dbname)")
     else:
         rest = db_url
     if rest in ("", ":memory:"):
@@ -133,6 +156,7 @@ class ServerSettings:
         if bool(settings.tls_cert) != bool(settings.tls_key):
             raise ConfigError("HTTPS needs both PLUTO_TLS_CERT and PLUTO_TLS_KEY (PEM files)")
         settings.host_port()  # fail on a bad URL now, not when binding
+        check_db_url(settings.db_url)
         return settings
 
     def host_port(self) -> tuple[str, int]:

@@ -20,6 +20,9 @@ Why it is shaped this way:
   take the whole list down. An id beyond int64 is simply not found.
 * The schema is versioned (``schema_version``); ``_MIGRATIONS`` bring an older file up to
   date when the store opens it.
+* ``PLUTO_DB_URL=postgresql://…`` selects ``_pgstore.PgStore`` instead (:func:`open_store`),
+  which has every public method of :class:`Store` with the same meaning (tests/storage runs
+  the storage tests against both and checks that the two interfaces agree).
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ from pluto.protocol import INT64_MAX, INT64_MIN
 from . import _json, _rows
 from ._rows import MEMBER_FIELDS, RANK_FIELDS
 from ._schema import migrate
+
+__all__ = ["Store", "Unstorable", "open_store"]
+
 
 Stored = int | float | str | None
 """A value as the ``points.value`` column holds it (see the module docstring)."""
@@ -71,6 +77,29 @@ ON CONFLICT (run, slot) DO UPDATE SET
 """
 
 _RUN_COLUMNS = "id, project, external_id, name, status, config, tags, created_at, updated_at"
+
+
+class Unstorable(ValueError):
+    """A value the database cannot hold (PostgreSQL text with a NUL): the request's 400."""
+
+
+def open_store(db_url: str) -> Store:
+    """The store ``PLUTO_DB_URL`` names: SQLite (the default) or PostgreSQL.
+
+    >>> open_store("sqlite:///:memory:").close()
+    """
+    from ._settings import db_path, is_postgres
+
+    if is_postgres(db_url):
+        try:
+            from ._pgstore import PgStore
+        except ImportError as exc:
+            from pluto.errors import ConfigError
+
+            raise ConfigError(f"PLUTO_DB_URL is a PostgreSQL URL but psycopg is missing ({exc}):"
+                              " pip install 'pluto-stream[server,postgres]'") from None
+        return PgStore(db_url)  # type: ignore[return-value]  # same interface, see tests/storage
+    return Store(db_path(db_url))
 
 
 def now_ms() -> int:

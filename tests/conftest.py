@@ -217,3 +217,34 @@ def bare_stack(redis_url: str, prefix: str, backend: Backend, tmp_path: Path) ->
     s = Stack(redis_url, prefix, backend, tmp_path / "logs")
     yield s
     s.stop_workers()
+
+
+# -- PostgreSQL (tests/storage) ----------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    """An admin URL of a PostgreSQL for the session: ``PLUTO_TEST_DB_URL`` if set (a role that
+    may CREATE DATABASE), else a throwaway cluster started here (tests/storage/pgcluster.py)."""
+    pytest.importorskip("psycopg", reason="pip install 'pluto-stream[postgres]'")
+    external = os.environ.get("PLUTO_TEST_DB_URL")
+    if external:
+        yield external
+        return
+    from tests.storage.pgcluster import Cluster, binary
+
+    if binary("initdb") is None or binary("postgres") is None:
+        pytest.skip("no PostgreSQL server binaries (initdb, postgres): apt-get install "
+                    "postgresql, or set PLUTO_TEST_DB_URL (.ci/run installs them)")
+    cluster = Cluster().start()
+    yield cluster.url
+    cluster.stop()
+
+
+@pytest.fixture
+def pg_url(pg_server: str) -> Iterator[str]:
+    """A fresh, empty database of this test's own; dropped afterwards."""
+    from tests.storage.pgcluster import drop_database, new_database
+
+    url = new_database(pg_server)
+    yield url
+    drop_database(pg_server, url)

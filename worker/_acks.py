@@ -14,6 +14,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+import redis
+
 from pluto import protocol as K
 from pluto.protocol import GROUP, INT_TEXT, Keys
 
@@ -110,6 +112,7 @@ class Acker:
         if not acks.ids:
             return
         pipe = self.r.pipeline(transaction=False)
+        scripted: list[tuple[list[str], list[Any]]] = []  # on a cluster: after the pipeline
         for dead_stream, entry_id, flat, reason in acks.dead:
             pipe.execute_command("XADD", dead_stream, "MAXLEN", "~", self.cap, "*",
                                  K.F_DEAD_ID, entry_id, K.F_DEAD_REASON, reason, *flat)
@@ -123,8 +126,17 @@ class Acker:
                 args += [entry_id, ledger_field]
             for rank, (step, time_ms) in acks.newest.get(stream, {}).items():
                 args += [f"{K.LEDGER_STEP}:{rank}", f"{K.LEDGER_TIME}:{rank}", step, time_ms]
-            self._script(keys=[stream, self.keys.ledger(run)], args=args, client=pipe)
-        for reply in pipe.execute(raise_on_error=False):
+            if isinstance(self.r, redis.RedisCluster):  # no scripts in a cluster pipeline
+                scripted.append(([stream, self.keys.ledger(run)], args))
+            else:
+                self._script(keys=[stream, self.keys.ledger(run)], args=args, client=pipe)
+        replies = list(pipe.execute(raise_on_error=False)) if len(pipe) else []
+        for keys, args in scripted:  # dead letters went first, as in one pipeline
+            try:
+                replies.append(self._script(keys=keys, args=args))
+            except redis.ResponseError as exc:
+                replies.append(exc)
+        for reply in replies:
             if isinstance(reply, Exception):
                 if is_weather(reply):
                     raise reply
