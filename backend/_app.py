@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from . import _compat, _faults, _json
+from . import _compat, _faults, _files, _json, _query
 from ._http import (
     BearerAuth,
     PathIds,
@@ -350,6 +350,8 @@ def routes() -> list[Route]:
         Route("/api/runs/{run_id:int}/metrics/{name:path}", metric_points),
         Route("/ingest/metrics", ingest_metrics, methods=["POST"]),
         *_compat.routes(),
+        *_query.routes(),  # the Pluto read API (pluto.query of either SDK)
+        *_files.routes(),
     ]
 
 

@@ -16,6 +16,8 @@ from pluto.errors import ConfigError
 DEFAULT_API_URL = "http://127.0.0.1:8080"
 DEFAULT_DB_URL = "sqlite:///.pluto/pluto.db"
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
+DEFAULT_FILES_DIR = ".pluto/files"
+DEFAULT_MAX_FILE = 4 * 1024 * 1024 * 1024
 
 
 def _keys(env: Mapping[str, str]) -> tuple[str, ...]:
@@ -71,6 +73,10 @@ class ServerSettings:
     faults_file: str = ""
     """Test hook (``PLUTO_FAULTS_FILE``): a file selecting an injected ingest fault; see
     ``backend/_faults.py``. Empty (the default) disables it; never set it in production."""
+    files_dir: str = DEFAULT_FILES_DIR
+    """Where uploaded files (``PLUTO_FILES_DIR``) are kept, one file per upload."""
+    max_file: int = DEFAULT_MAX_FILE
+    """Largest file upload in bytes (``PLUTO_MAX_FILE``); streamed to disk, not held."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServerSettings:
@@ -88,12 +94,19 @@ class ServerSettings:
             raise ConfigError(f"PLUTO_MAX_BODY={raw_max!r} must be a number of bytes") from None
         if max_body <= 0:
             raise ConfigError(f"PLUTO_MAX_BODY={raw_max!r} must be positive")
+        raw_file = env.get("PLUTO_MAX_FILE", "").strip()
+        try:
+            max_file = int(raw_file) if raw_file else DEFAULT_MAX_FILE
+        except ValueError:
+            raise ConfigError(f"PLUTO_MAX_FILE={raw_file!r} must be a number of bytes") from None
         settings = cls(
             api_url=env.get("PLUTO_API_URL", "").strip() or DEFAULT_API_URL,
             db_url=env.get("PLUTO_DB_URL", "").strip() or DEFAULT_DB_URL,
             api_keys=_keys(env),
             max_body=max_body,
             faults_file=env.get("PLUTO_FAULTS_FILE", "").strip(),
+            files_dir=env.get("PLUTO_FILES_DIR", "").strip() or DEFAULT_FILES_DIR,
+            max_file=max_file,
         )
         settings.host_port()  # fail on a bad URL now, not when binding
         return settings
