@@ -111,6 +111,10 @@ class Settings:
     connect_timeout: float = 3.0
     rank: int = 0
     local_rank: int = 0
+    capture_console: bool = True
+    """Stream this process's stdout/stderr lines to the run (``PLUTO_CAPTURE_CONSOLE=0``: off)."""
+    console_buffer: int = 100_000
+    """Console pieces held while Redis is unreachable (``PLUTO_CONSOLE_BUFFER``); oldest dropped."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -133,6 +137,9 @@ class Settings:
             term_timeout=env_number(env, "PLUTO_TERM_TIMEOUT", 10.0),
             rank=_rank(env, "RANK", _torch_rank()),
             local_rank=_rank(env, "LOCAL_RANK", 0),
+            capture_console=env.get("PLUTO_CAPTURE_CONSOLE", "1").strip().lower()
+            not in ("0", "false", "no", "off"),
+            console_buffer=int(env_number(env, "PLUTO_CONSOLE_BUFFER", 100_000, low=0.5)),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

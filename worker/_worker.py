@@ -34,6 +34,7 @@ from ._flow import Flow
 from ._persist import NO_PROJECT, Post, decode, deliver
 from ._problems import Problems
 from ._runs import RunWatcher
+from ._logs import LogShipper
 from ._settings import WorkerSettings
 from ._streams import (
     Entry, as_entry, connect, ensure_group, error_code, is_nogroup, is_weather, raw_reply,
@@ -71,6 +72,7 @@ class Worker:
                                   s.retention, self.problems)
         self.acker = Acker(self.r, self.keys, s.retention, self.problems)
         self.flow = Flow(s.retry_max)
+        self.logs = LogShipper(self.r, self.keys, self.backend, self.name)  # console lines
         self.runs: list[int] = []
         self.stored = 0  # metric points the backend confirmed, for the periodic log line
         self._ready = False
@@ -270,7 +272,10 @@ class Worker:
         if self._due_now("beat", s.heartbeat_interval):
             self._guard("heartbeat", lambda: self.r.hset(self.keys.workers, self.name,
                                                          int(time.time() * 1000)))
-        if self._due_now("check", s.check_interval):
+        check = self._due_now("check", s.check_interval)
+        if self._due_now("logs", 0.2) or check:  # before a check may complete the run
+            self._guard("logs", lambda: self.logs.ship(self.runs))
+        if check:
             self._guard("check", lambda: self.watcher.check(self.runs))
             self.flow.forget(set(self.runs))
         if self._due_now("trim", s.trim_interval):

@@ -1,0 +1,91 @@
+"""Console lines of every rank, end to end: real rank processes print, our SDK streams the
+lines through Redis, the worker persists them, and they read back per rank through the
+backend, ``pluto.query.get_logs`` and ``pluto tail --logs --rank N``."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+from pluto import query
+from tests.conftest import Stack
+from tests.helpers import finish_rank, json_lines, start_rank, wait_until, write_script
+
+pytestmark = pytest.mark.timeout(120)
+
+RANK = """
+    import json, os, sys
+    import pluto
+
+    with pluto.init(project=sys.argv[1], name="console") as run:
+        rank = run.rank
+        print(f"hello from rank {rank}")
+        for i in range(3):
+            run.log({"x": i})
+            print(f"step {i} on rank {rank}", flush=True)
+        print(f"NCCL error on rank {rank}" if rank == 1 else "all fine", file=sys.stderr)
+        sys.stdout.write("no newline at the end")
+    print("\\nRESULT " + json.dumps({"id": run.id, "rank": rank}), flush=True)
+"""
+
+
+def _ranks(stack: Stack, tmp: Any, project: str, run_id: str, **env: str) -> int:
+    script = write_script(tmp, RANK)
+    procs = [start_rank(script, stack.env(PLUTO_RUN_ID=run_id, RANK=str(rank), **env), project)
+             for rank in range(2)]
+    ids = set()
+    for proc in procs:
+        code, out, err = finish_rank(proc)
+        assert code == 0, out + err
+        assert "hello from rank" in out  # the tee still writes through to the real stdout
+        [result] = json_lines(out)
+        ids.add(result["id"])
+    [run] = ids
+    return int(run)
+
+
+def test_every_ranks_console_reaches_the_backend_and_tail(stack: Stack, tmp_path: Any) -> None:
+    project = "console-" + tmp_path.name[-8:]
+    run = _ranks(stack, tmp_path, project, "console-job")
+    backend = stack.backend
+
+    def lines() -> list[dict[str, Any]]:
+        got = backend.get("/api/runs/logs", runId=run)["logs"]
+        return got if len(got) >= 2 * 6 else []
+
+    logs = wait_until(lines, 60, "console lines of both ranks in the backend")
+    by_rank = {r: [(x["logType"], x["message"]) for x in logs if x["rank"] == r] for r in (0, 1)}
+    for rank in (0, 1):
+        mine = by_rank[rank]
+        assert ("INFO", f"hello from rank {rank}") in mine
+        assert [m for t, m in mine if m.startswith("step")] == [
+            f"step {i} on rank {rank}" for i in range(3)]
+        assert ("INFO", "no newline at the end") in mine  # a partial line is sent at finish
+        assert not any("RESULT" in m for _, m in mine)  # printed after finish: not captured
+    assert [m for t, m in by_rank[1] if t == "ERROR"] == ["NCCL error on rank 1"]
+    assert [m for t, m in by_rank[0] if t == "ERROR"] == ["all fine"]
+
+    client = query.Client(api_token=backend.key, host=backend.url)
+    errors = client.get_logs(project, run, log_type="error", rank=1)
+    assert [x["message"] for x in errors] == ["NCCL error on rank 1"]
+    client.close()
+
+    tail = subprocess.run(
+        [sys.executable, "-m", "pluto._cli", "tail", str(run), "--logs", "--rank", "1", "--all",
+         "--once"], env=stack.env(), capture_output=True, text=True, timeout=30, check=False)
+    assert tail.returncode == 0, tail.stderr
+    shown = tail.stdout.splitlines()
+    assert shown and all(line.startswith("[rank 1]") for line in shown)
+    assert "[rank 1] ERROR NCCL error on rank 1" in shown
+
+
+def test_console_capture_is_opt_out(stack: Stack, r: Any, tmp_path: Any) -> None:
+    project = "quiet-" + tmp_path.name[-8:]
+    run = _ranks(stack, tmp_path, project, "quiet-job", PLUTO_CAPTURE_CONSOLE="0")
+    wait_until(lambda: stack.backend.run(run)["status"] == "COMPLETED", 60, "run completed")
+    assert stack.backend.get("/api/runs/logs", runId=run)["logs"] == []
+    assert r.exists(stack.keys.logs(run)) == 0
+    assert r.exists(stack.keys.metrics(run)) == 1  # the run itself streamed as usual

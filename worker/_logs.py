@@ -1,0 +1,106 @@
+"""Console lines: from each active run's ``P:{id}:logs`` stream (``pluto/_console.py``) to the
+backend's ``POST /ingest/logs``, acknowledged once the backend answered for good.
+
+Read with the same consumer group as metrics, this worker's own pending entries first (a
+post that failed is re-read and re-sent; the backend stores a resent line once), up to
+:data:`BATCH` lines per stream per round. A 422 means the backend refused some lines for good:
+those are acknowledged too (and logged with the reason), the rest were stored. Anything else
+(the backend unreachable) leaves them pending for the next round. Lines another, dead worker
+left pending are not claimed (a known gap: they stay in the stream for ``pluto tail``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+import redis
+
+from pluto._keys import GROUP, Keys
+
+from ._backend import Backend, Unavailable
+from ._streams import ensure_group
+
+log = logging.getLogger("worker")
+
+BATCH = 2000
+
+
+def _text(value: Any) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+
+
+def _int(value: Any) -> int | None:
+    text = _text(value)
+    return int(text) if text.lstrip("-").isdigit() and len(text) < 19 else None
+
+
+class LogShipper:
+    """Moves console lines of the runs a worker serves into the backend."""
+
+    def __init__(self, r: Any, keys: Keys, backend: Backend, consumer: str) -> None:
+        # A client of our own over the same pool: the worker's has a raw XREADGROUP reply.
+        self.r = r if isinstance(r, redis.RedisCluster) else redis.Redis(
+            connection_pool=r.connection_pool)
+        self.keys = keys
+        self.backend = backend
+        self.consumer = consumer
+        self._grouped: set[int] = set()
+        self.shipped = 0
+
+    def ship(self, runs: list[int]) -> int:
+        """One round over ``runs``; returns how many lines the backend answered for."""
+        done = 0
+        for run in runs:
+            stream = self.keys.logs(run)
+            if run not in self._grouped:
+                if not self.r.exists(stream):
+                    continue  # this run's processes capture no console (yet)
+                ensure_group(self.r, stream)
+                self._grouped.add(run)
+            done += self._ship_one(run, stream)
+        self.shipped += done
+        return done
+
+    def _ship_one(self, run: int, stream: str) -> int:
+        entries = self._read(stream, "0") or self._read(stream, ">")
+        if not entries:
+            return 0
+        lines = []
+        for _, fields in entries:
+            f = {_text(k): v for k, v in fields.items()}
+            lines.append(json.dumps({"time": _int(f.get("time", b"0")) or 0,
+                                     "rank": _int(f.get("rank", b"")),
+                                     "lineNumber": _int(f.get("n", b"0")) or 0,
+                                     "logType": _text(f.get("type", b"INFO"))[:64],
+                                     "message": _text(f.get("msg", b""))}))
+        body = ("\n".join(lines) + "\n").encode()
+        try:
+            resp = self.backend._request("POST", "/ingest/logs", f"run {run} logs", content=body,
+                                         headers={"X-Run-Id": str(run),
+                                                  "Content-Type": "application/x-ndjson"})
+        except Unavailable as exc:
+            log.warning("run %d: %d console lines wait: %s", run, len(entries), exc)
+            return 0
+        if resp.status_code == 422:
+            log.warning("run %d: the backend refused some console lines: %s", run,
+                        resp.text[:300])
+        elif resp.status_code >= 400:
+            log.warning("run %d: console lines refused (%d): %s; left pending", run,
+                        resp.status_code, resp.text[:300])
+            return 0
+        self.r.xack(stream, GROUP, *[entry_id for entry_id, _ in entries])
+        return len(entries)
+
+    def _read(self, stream: str, start: str) -> list[Any]:
+        reply = self.r.xreadgroup(GROUP, self.consumer, {stream: start}, count=BATCH)
+        if not reply:
+            return []
+        items = reply.items() if isinstance(reply, dict) else reply
+        for _, entries in items:
+            gone = [e[0] for e in entries if not e[1]]  # pending, but trimmed since: no fields
+            if gone:
+                self.r.xack(stream, GROUP, *gone)
+            return [e for e in entries if e[1]]
+        return []
