@@ -18,7 +18,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from . import _compat, _faults, _files, _json, _query
+from . import _compat, _faults, _files, _json, _lines, _query
 from ._http import (
     BearerAuth,
     PathIds,
@@ -352,6 +352,7 @@ def routes() -> list[Route]:
         *_compat.routes(),
         *_query.routes(),  # the Pluto read API (pluto.query of either SDK)
         *_files.routes(),
+        *_lines.routes(),
     ]
 
 

@@ -21,11 +21,14 @@ from typing import Any
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from . import _json
 from . import _store_extra as extra
 from ._http import in_thread, int64_of, read_body, run_id_of, store_of
 from ._ingest import BadLines
+from ._json import READ_DEPTH, Problem, loads
+from ._query import int_param, iso, run_param, text_param
 
 MAX_MESSAGE = 1 << 20
 """Longest console line kept, in characters; a longer one is a bad line (nothing is cut)."""
@@ -140,3 +143,51 @@ async def ingest_logs(request: Request) -> Response:
 
 async def ingest_data(request: Request) -> Response:
     return await _ingest(request, data_item, extra.write_data)
+
+
+# -- reading them back (the Pluto read API's /api/runs/logs, and our /api/runs/data) -------
+
+async def logs(request: Request) -> Response:
+    log_type = text_param(request, "logType")
+    limit = int_param(request, "limit", 10000, 1, 10000) or 10000
+    offset = int_param(request, "offset", 0, 0) or 0
+    rank = int_param(request, "rank", None, -(2**63))
+    after = int_param(request, "afterId", None)
+
+    def work() -> list[dict[str, Any]]:
+        store = store_of(request)
+        run = run_param(request, store)[0]
+        return [{"id": i, "rank": r, "time": iso(t), "lineNumber": n, "logType": k,
+                 "step": s, "message": m}
+                for i, r, t, n, k, s, m in extra.read_logs(store, run, log_type, rank, limit,
+                                                           offset, after)]
+    return JSONResponse({"logs": await in_thread(work)})
+
+
+def _data_value(kind: str, text: str) -> Any:
+    """The stored JSON text as a value (NaN spelled); a string series, or text that is not
+    JSON, as the text itself."""
+    if kind.lower() == "string-series":
+        return text
+    try:
+        return loads(text, "data", READ_DEPTH)
+    except Problem:
+        return text
+
+
+async def data(request: Request) -> Response:
+    name, kind = text_param(request, "logName"), text_param(request, "dataType")
+    limit = int_param(request, "limit", 1000, 1, 10000) or 1000
+    offset = int_param(request, "offset", 0, 0) or 0
+
+    def work() -> list[dict[str, Any]]:
+        store = store_of(request)
+        run = run_param(request, store)[0]
+        return [{"logName": n, "dataType": k, "step": s, "time": iso(t),
+                 "data": _data_value(k, d)}
+                for n, k, s, t, d in extra.read_data(store, run, name, kind, limit, offset)]
+    return JSONResponse({"data": await in_thread(work)})
+
+
+def routes() -> list[Route]:
+    return [Route("/api/runs/logs", logs), Route("/api/runs/data", data)]

@@ -16,10 +16,11 @@ Shapes, as the official client reads them (``pluto/query.py`` of its wheel):
   min, max, mean, stddev, ..., anomalies}]}``
 * ``GET /api/runs/compare?runIds&logName`` -> ``{"logName", "runs": [...], "bestRun"}``
 * ``GET /api/runs/leaderboard?logName&aggregation&direction&limit&offset`` -> ``[entry]``
-* ``GET /api/runs/logs?runId&logType&limit&offset`` (ours too: ``rank``, ``afterId``) ->
-  ``{"logs": [{message, logType, time, lineNumber, step, rank, id}]}``
-* ``GET /api/runs/data?runId&logName&dataType`` (ours) -> ``{"data": [{logName, dataType,
-  step, time, data}]}``: histograms, tables and other structured values
+* served by ``_lines``: ``GET /api/runs/logs?runId&logType&limit&offset`` (ours too:
+  ``rank``, ``afterId``) -> ``{"logs": [{message, logType, time, lineNumber, step, rank}]}``,
+  and ours ``GET /api/runs/data?runId&logName&dataType`` -> ``{"data": [{logName, dataType,
+  step, time, data}]}`` (histograms, tables and other structured values); by ``_files``:
+  ``GET /api/runs/files?runId&logName`` -> ``{"files": [{fileName, ..., downloadUrl}]}``
 
 Times are ISO 8601 UTC text (``2026-12-02T07:00:00.000Z``), as the official server gives
 them; metric values are numbers or ``"NaN"``/``"Infinity"``/``"-Infinity"``. A display id is
@@ -42,7 +43,7 @@ from starlette.routing import Route
 from . import _rows, _runfilter
 from . import _store_extra as extra
 from ._http import in_thread, int64_of, store_of
-from ._json import READ_DEPTH, Problem, loads
+from ._json import Problem, loads
 from ._store import Store, Stored, loaded
 from ._rows import BrokenRow
 
@@ -405,50 +406,6 @@ async def leaderboard(request: Request) -> Response:
     return JSONResponse(await in_thread(work))
 
 
-# -- console logs and structured data ----------------------------------------------------------
-
-async def logs(request: Request) -> Response:
-    log_type = text_param(request, "logType")
-    limit = int_param(request, "limit", 10000, 1, 10000) or 10000
-    offset = int_param(request, "offset", 0, 0) or 0
-    rank = int_param(request, "rank", None, -(2**63))
-    after = int_param(request, "afterId", None)
-
-    def work() -> list[dict[str, Any]]:
-        store = store_of(request)
-        run = run_param(request, store)[0]
-        return [{"id": i, "rank": r, "time": iso(t), "lineNumber": n, "logType": k,
-                 "step": s, "message": m}
-                for i, r, t, n, k, s, m in extra.read_logs(store, run, log_type, rank, limit,
-                                                           offset, after)]
-    return JSONResponse({"logs": await in_thread(work)})
-
-
-def _data_value(kind: str, text: str) -> Any:
-    """The stored JSON text as a value (NaN spelled); a string series, or text that is not
-    JSON, as the text itself."""
-    if kind.lower() == "string-series":
-        return text
-    try:
-        return loads(text, "data", READ_DEPTH)
-    except Problem:
-        return text
-
-
-async def data(request: Request) -> Response:
-    name, kind = text_param(request, "logName"), text_param(request, "dataType")
-    limit = int_param(request, "limit", 1000, 1, 10000) or 1000
-    offset = int_param(request, "offset", 0, 0) or 0
-
-    def work() -> list[dict[str, Any]]:
-        store = store_of(request)
-        run = run_param(request, store)[0]
-        return [{"logName": n, "dataType": k, "step": s, "time": iso(t),
-                 "data": _data_value(k, d)}
-                for n, k, s, t, d in extra.read_data(store, run, name, kind, limit, offset)]
-    return JSONResponse({"data": await in_thread(work)})
-
-
 def routes() -> list[Route]:
     return [
         Route("/api/runs/projects", list_projects),
@@ -460,6 +417,4 @@ def routes() -> list[Route]:
         Route("/api/runs/statistics", statistics),
         Route("/api/runs/compare", compare),
         Route("/api/runs/leaderboard", leaderboard),
-        Route("/api/runs/logs", logs),
-        Route("/api/runs/data", data),
     ]

@@ -41,8 +41,9 @@ class LogShipper:
 
     def __init__(self, r: Any, keys: Keys, backend: Backend, consumer: str) -> None:
         # A client of our own over the same pool: the worker's has a raw XREADGROUP reply.
-        self.r = r if isinstance(r, redis.RedisCluster) else redis.Redis(
-            connection_pool=r.connection_pool)
+        pool = getattr(r, "connection_pool", None)
+        self.r = r if isinstance(r, redis.RedisCluster) or pool is None else redis.Redis(
+            connection_pool=pool)
         self.keys = keys
         self.backend = backend
         self.consumer = consumer

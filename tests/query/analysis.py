@@ -9,11 +9,12 @@ import json
 import sys
 from pathlib import Path
 
+import pluto
 import pluto.query as pq
 
 project, official_id, display_id, label, scratch = sys.argv[1:6]
 official_id = int(official_id)
-out = {}
+out = {"module": pluto.query is pq}
 
 
 def names(runs):

@@ -80,6 +80,7 @@ def analysis(python: Path | str, backend: Backend, ids: dict[str, Any], label: s
 def check(out: dict[str, Any], ids: dict[str, Any], label: str) -> None:
     """Every answer of ``analysis.py`` as the data seeded above implies."""
     official = "official-run"
+    assert out["module"] is True
     assert out["projects"] == [PROJECT]
     assert out["all"] == ["c", "b", "a", official]
     assert out["run_keys"] == sorted(["id", "name", "displayId", "status", "tags", "config",
