@@ -242,22 +242,29 @@ async def list_runs(request: Request) -> Response:
 # -- metrics -----------------------------------------------------------------------------------
 
 def m4(rows: list[Any], limit: int) -> list[Any]:
-    """At most ``limit`` of ``rows`` (ordered by step): split into ``limit // 4`` buckets and
-    keep each bucket's first, last, minimum and maximum value, so spikes survive. NaN counts
-    as a maximum, so a NaN is never sampled away either."""
+    """At most ``limit`` of ``rows`` (ordered by step): split into buckets and keep each
+    bucket's first, last, minimum and maximum value, so spikes survive. NaN counts as a
+    maximum, so a NaN is never sampled away either. ``limit // 2`` buckets are tried first
+    (smooth series keep ~2 points a bucket: nearly ``limit`` in all), ``limit // 4`` when
+    that gives too many."""
     if len(rows) <= limit:
         return rows
     if limit < 4:
         return [rows[0], rows[-1]][-limit:] if limit < 3 else [rows[0], _peak(rows), rows[-1]]
-    buckets = limit // 4
+    keys = [_key(r[1]) for r in rows]
+    fine = _buckets(rows, keys, limit // 2)
+    return fine if len(fine) <= limit else _buckets(rows, keys, limit // 4)
+
+
+def _buckets(rows: list[Any], keys: list[float], buckets: int) -> list[Any]:
     size = -(-len(rows) // buckets)
     keep: list[Any] = []
     for start in range(0, len(rows), size):
-        chunk = range(start, min(start + size, len(rows)))
-        values = [_key(rows[i][1]) for i in chunk]
-        lo = chunk[values.index(min(values))]
-        hi = chunk[values.index(max(values))]
-        keep += [rows[i] for i in sorted({chunk[0], lo, hi, chunk[-1]})]
+        end = min(start + size, len(rows))
+        chunk = keys[start:end]
+        lo = start + chunk.index(min(chunk))
+        hi = start + chunk.index(max(chunk))
+        keep += [rows[i] for i in sorted({start, lo, hi, end - 1})]
     return keep
 
 
