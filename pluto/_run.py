@@ -185,11 +185,11 @@ class Run:
         producer = self._producer
         if producer is None:
             return
-        if self.on_finishing is not None:
-            self.on_finishing(self)
         limit = self.settings.finish_timeout if timeout is None else max(float(timeout), 0.0)
         self._deadline = time.monotonic() + limit
-        producer.flush(limit)
+        if self.on_finishing is not None:  # a signal meanwhile shortens self._deadline
+            self.on_finishing(self)
+        producer.flush(max(self._deadline - time.monotonic(), 0.0))
         producer.stop(self._left(5.0))
         unsent = producer.pending()
         if unsent:
