@@ -26,6 +26,7 @@ from starlette.routing import Route
 from . import _lines
 from . import _store_extra as extra
 from ._http import in_thread, json_body, read_body, run_id_of, store_of
+from ._query import prefix, resolve_run
 
 
 async def _body(request: Request) -> dict[str, Any]:
@@ -66,8 +67,6 @@ async def resume(request: Request) -> Response:
 def _by_display_id(request: Request, display_id: str) -> int | None:
     """The run a display id names: in the ``X-Project-Name`` header's project when sent, else
     in the one project whose prefix it carries (several: ambiguous, a 409)."""
-    from ._query import prefix, resolve_run
-
     store = store_of(request)
     project = request.headers.get("x-project-name")
     candidates = [project] if project else [

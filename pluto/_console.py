@@ -77,14 +77,19 @@ class Console:
         self._thread = threading.Thread(target=self._loop, name="pluto-console", daemon=True)
         self._tees: list[tuple[str, _Tee, TextIO]] = []
         self.sent = 0
-        self.dropped = 0
+        self._lost = 0  # lines dropped by the thread (its queue full, or unsent at close)
+        self._fed = 0  # pieces written (by any thread); the deque drops the oldest when full
+        self._taken = 0  # pieces the thread took out of the deque
+
+    @property
+    def dropped(self) -> int:
+        """Lines (and pieces written but never taken: a piece is a line for ``print``) lost."""
+        return self._lost + self._fed - self._taken - len(self._pieces)
 
     def feed(self, name: str, text: str) -> None:
-        """Called by the tee on the writing thread: one append (drops the oldest when full)."""
-        pieces = self._pieces
-        if len(pieces) == pieces.maxlen:
-            self.dropped += 1
-        pieces.append((name, text, int(time.time() * 1000)))
+        """Called by the tee on the writing thread: one count and one append, nothing else."""
+        self._fed += 1
+        self._pieces.append((name, text, int(time.time() * 1000)))
 
     def install(self) -> Console:
         for name in ("stdout", "stderr"):
@@ -110,15 +115,15 @@ class Console:
         if self._thread.is_alive():
             self._thread.join(timeout / 2)
         if self._thread.is_alive():
-            lost = len(self._unsent) + len(self._pieces)
+            lost = len(self._unsent)  # (pieces still in the deque count by themselves)
         else:
             self._drain(final=True)
             self._send(deadline)
             lost = len(self._unsent)
             self._unsent.clear()
-        if lost:
-            self.dropped += lost
-            log.warning("pluto: %d console lines never reached Redis", lost)
+        self._lost += lost
+        if self.dropped:
+            log.warning("pluto: %d console lines never reached Redis", self.dropped)
         if self._own_client:
             self._client.close()
 
@@ -137,6 +142,7 @@ class Console:
         pieces = self._pieces
         while pieces:
             name, text, at = pieces.popleft()
+            self._taken += 1
             text = self._partial[name] + text
             *lines, rest = text.split("\n")
             self._partial[name] = rest
@@ -156,7 +162,7 @@ class Console:
             self._numbers[name] += 1
             unsent = self._unsent
             if len(unsent) == unsent.maxlen:
-                self.dropped += 1
+                self._lost += 1
             unsent.append({"rank": self._rank, "time": at, "type": TYPES[name],
                            "n": self._numbers[name],
                            "msg": line[start:start + MAX_LINE].encode("utf-8", "replace")})

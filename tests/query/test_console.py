@@ -4,13 +4,18 @@ backend, ``pluto.query.get_logs`` and ``pluto tail --logs --rank N``."""
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 from typing import Any
 
 import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
-from pluto import query
+from pluto import _servers, query
+from pluto._console import Console, _Tee
 from tests.conftest import Stack
 from tests.helpers import finish_rank, json_lines, start_rank, wait_until, write_script
 
@@ -89,3 +94,39 @@ def test_console_capture_is_opt_out(stack: Stack, r: Any, tmp_path: Any) -> None
     assert stack.backend.get("/api/runs/logs", runId=run)["logs"] == []
     assert r.exists(stack.keys.logs(run)) == 0
     assert r.exists(stack.keys.metrics(run)) == 1  # the run itself streamed as usual
+
+
+def _console(client: Any, stream: str, buffer: int) -> tuple[Any, io.StringIO, Any]:
+    """A capture fed through its tee over a StringIO (sys.stdout stays pytest's)."""
+    console = Console(client, stream, rank=3, buffer=buffer, interval=0.02)
+    shown = io.StringIO()
+    console._thread.start()
+    return console, shown, _Tee(shown, "stdout", console)
+
+
+def test_console_lines_arrive_in_order_with_their_rank(r: Any, keys: Any) -> None:
+    stream = keys.logs(77)
+    client = redis.Redis(connection_pool=r.connection_pool)
+    console, shown, tee = _console(client, stream, buffer=10_000)
+    for i in range(1000):
+        tee.write(f"line {i}\n")
+    tee.write("bad \udc80 text\n")
+    console.close(5.0)
+    assert shown.getvalue().count("\n") == 1001  # written through unchanged
+    entries = r.xrange(stream)
+    assert [e[1][b"msg"] for e in entries[:1000]] == [f"line {i}".encode() for i in range(1000)]
+    assert entries[-1][1][b"msg"] == "bad ? text".encode()  # replaced, not an exception
+    assert {e[1][b"rank"] for e in entries} == {b"3"}
+    assert [int(e[1][b"n"]) for e in entries] == list(range(1, 1002))
+    assert (console.sent, console.dropped) == (1001, 0)
+
+
+def test_console_is_bounded_while_redis_is_down() -> None:
+    dead = redis.Redis(host="127.0.0.1", port=_servers.free_port(), socket_connect_timeout=0.2,
+                       retry=Retry(NoBackoff(), 0))
+    console, shown, tee = _console(dead, "nowhere:{1}:logs", buffer=50)
+    for i in range(1000):
+        tee.write(f"line {i}\n")  # never waits for Redis
+    console.close(0.5)
+    assert shown.getvalue().count("\n") == 1000
+    assert (console.sent, console.dropped) == (0, 1000)  # every line accounted for
