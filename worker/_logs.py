@@ -5,14 +5,15 @@ Read with the same consumer group as metrics, this worker's own pending entries 
 post that failed is re-read and re-sent; the backend stores a resent line once), up to
 :data:`BATCH` lines per stream per round. A 422 means the backend refused some lines for good:
 those are acknowledged too (and logged with the reason), the rest were stored. Anything else
-(the backend unreachable) leaves them pending for the next round. Lines another, dead worker
-left pending are not claimed (a known gap: they stay in the stream for ``pluto tail``).
+(the backend unreachable) leaves them pending for the next round. Lines a dead worker left
+pending longer than ``PLUTO_CLAIM_IDLE_MS`` are claimed (``XAUTOCLAIM``) and sent by this one.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from typing import Any
 
 import redis
@@ -39,7 +40,8 @@ def _int(value: Any) -> int | None:
 class LogShipper:
     """Moves console lines of the runs a worker serves into the backend."""
 
-    def __init__(self, r: Any, keys: Keys, backend: Backend, consumer: str) -> None:
+    def __init__(self, r: Any, keys: Keys, backend: Backend, consumer: str,
+                 claim_idle_ms: int = 15_000) -> None:
         # A client of our own over the same pool: the worker's has a raw XREADGROUP reply.
         pool = getattr(r, "connection_pool", None)
         self.r = r if isinstance(r, redis.RedisCluster) or pool is None else redis.Redis(
@@ -48,11 +50,16 @@ class LogShipper:
         self.backend = backend
         self.consumer = consumer
         self._grouped: set[int] = set()
+        self.claim_idle_ms = claim_idle_ms
+        self._claim_due = 0.0
         self.shipped = 0
 
     def ship(self, runs: list[int]) -> int:
         """One round over ``runs``; returns how many lines the backend answered for."""
         done = 0
+        claim = time.monotonic() >= self._claim_due
+        if claim:
+            self._claim_due = time.monotonic() + max(1.0, self.claim_idle_ms / 2000)
         for run in runs:
             stream = self.keys.logs(run)
             if run not in self._grouped:
@@ -60,6 +67,9 @@ class LogShipper:
                     continue  # this run's processes capture no console (yet)
                 ensure_group(self.r, stream)
                 self._grouped.add(run)
+            if claim:  # a dead worker's pending lines become ours, read below from "0"
+                self.r.xautoclaim(stream, GROUP, self.consumer, self.claim_idle_ms, "0-0",
+                                  count=BATCH, justid=True)
             done += self._ship_one(run, stream)
         self.shipped += done
         return done

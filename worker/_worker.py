@@ -72,7 +72,8 @@ class Worker:
                                   s.retention, self.problems)
         self.acker = Acker(self.r, self.keys, s.retention, self.problems)
         self.flow = Flow(s.retry_max)
-        self.logs = LogShipper(self.r, self.keys, self.backend, self.name)  # console lines
+        self.logs = LogShipper(self.r, self.keys, self.backend, self.name,  # console lines
+                               s.claim_idle_ms)
         self.runs: list[int] = []
         self.stored = 0  # metric points the backend confirmed, for the periodic log line
         self._ready = False

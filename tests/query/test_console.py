@@ -130,3 +130,21 @@ def test_console_is_bounded_while_redis_is_down() -> None:
     console.close(0.5)
     assert shown.getvalue().count("\n") == 1000
     assert (console.sent, console.dropped) == (0, 1000)  # every line accounted for
+
+
+def test_lines_a_dead_worker_left_pending_are_claimed(bare_stack: Stack, r: Any) -> None:
+    stack = bare_stack
+    with stack.backend.client() as api:
+        run = api.post("/api/runs/create", json={"projectName": "claims", "runName": "x"}
+                       ).json()["runId"]
+    stream = stack.keys.logs(run)
+    r.xadd(stream, {"rank": 2, "time": 5, "type": "ERROR", "n": 1, "msg": "orphaned line"})
+    r.xgroup_create(stream, "workers", id="0")
+    assert r.xreadgroup("workers", "a-worker-that-died", {stream: ">"})  # pending on it
+    r.sadd(stack.keys.runs, run)
+    stack.start_worker(PLUTO_CLAIM_IDLE_MS="300")
+    logs = wait_until(lambda: stack.backend.get("/api/runs/logs", runId=run)["logs"], 30,
+                      "the orphaned line claimed and stored")
+    assert [(x["rank"], x["logType"], x["message"]) for x in logs] == [
+        (2, "ERROR", "orphaned line")]
+    wait_until(lambda: r.xpending(stream, "workers")["pending"] == 0, 30, "acknowledged")
