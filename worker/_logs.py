@@ -1,6 +1,11 @@
 """Console lines: from each active run's ``P:{id}:logs`` stream (``pluto/_console.py``) to the
 backend's ``POST /ingest/logs``, acknowledged once the backend answered for good.
 
+A thread of its own with its own Redis connection and HTTP client, so console lines never
+delay metrics nor change the main loop's rhythm. A run stays served for :data:`LINGER`
+seconds after it left the worker's active runs, so the last lines of a run that just
+completed still go.
+
 Read with the same consumer group as metrics, this worker's own pending entries first (a
 post that failed is re-read and re-sent; the backend stores a resent line once), up to
 :data:`BATCH` lines per stream per round. A 422 means the backend refused some lines for good:
@@ -13,7 +18,9 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import redis
@@ -26,6 +33,10 @@ from ._streams import ensure_group
 log = logging.getLogger("worker")
 
 BATCH = 2000
+LINGER = 30.0
+"""Seconds a run is still served after it left the active runs (its last lines)."""
+ABSENT_RECHECK = 2.0
+"""Seconds before a run whose processes had no logs stream is looked at again."""
 
 
 def _text(value: Any) -> str:
@@ -42,17 +53,39 @@ class LogShipper:
 
     def __init__(self, r: Any, keys: Keys, backend: Backend, consumer: str,
                  claim_idle_ms: int = 15_000) -> None:
-        # A client of our own over the same pool: the worker's has a raw XREADGROUP reply.
-        pool = getattr(r, "connection_pool", None)
-        self.r = r if isinstance(r, redis.RedisCluster) or pool is None else redis.Redis(
-            connection_pool=pool)
+        self.r = r
         self.keys = keys
         self.backend = backend
         self.consumer = consumer
         self._grouped: set[int] = set()
+        self._absent: dict[int, float] = {}  # run -> when to look for its stream again
         self.claim_idle_ms = claim_idle_ms
         self._claim_due = 0.0
         self.shipped = 0
+
+    def serve(self, active: Callable[[], list[int]], stop: threading.Event,
+              interval: float = 0.2) -> None:
+        """Ship every ``interval`` until ``stop``; Redis or backend trouble is waited out."""
+        seen: dict[int, float] = {}
+        delay = interval
+        while not stop.wait(delay):
+            now = time.monotonic()
+            for run in active():
+                seen[run] = now
+            seen = {run: t for run, t in seen.items() if now - t < LINGER}
+            try:
+                self.ship(sorted(seen))
+                delay = interval
+            except Exception as exc:  # noqa: BLE001 - this thread must outlive any weather
+                log.warning("console lines wait: %s: %s", type(exc).__name__, exc)
+                delay = min(delay * 2, 10.0)
+        try:
+            self.ship(sorted(seen))  # what arrived meanwhile, once more before exiting
+        except Exception as exc:  # noqa: BLE001 - left pending for the next worker
+            log.warning("console lines left pending: %s: %s", type(exc).__name__, exc)
+        finally:
+            self.backend.close()
+            self.r.close()
 
     def ship(self, runs: list[int]) -> int:
         """One round over ``runs``; returns how many lines the backend answered for."""
@@ -63,8 +96,12 @@ class LogShipper:
         for run in runs:
             stream = self.keys.logs(run)
             if run not in self._grouped:
-                if not self.r.exists(stream):
-                    continue  # this run's processes capture no console (yet)
+                if time.monotonic() < self._absent.get(run, 0.0):
+                    continue
+                if not self.r.exists(stream):  # no console captured (yet): look again later
+                    self._absent[run] = time.monotonic() + ABSENT_RECHECK
+                    continue
+                self._absent.pop(run, None)
                 ensure_group(self.r, stream)
                 self._grouped.add(run)
             if claim:  # a dead worker's pending lines become ours, read below from "0"

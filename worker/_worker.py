@@ -72,8 +72,11 @@ class Worker:
                                   s.retention, self.problems)
         self.acker = Acker(self.r, self.keys, s.retention, self.problems)
         self.flow = Flow(s.retry_max)
-        self.logs = LogShipper(self.r, self.keys, self.backend, self.name,  # console lines
+        self.logs = LogShipper(connect(s), self.keys,  # console lines, in a thread of their own
+                               Backend(s, self._stop, attempts=s.http_attempts), self.name,
                                s.claim_idle_ms)
+        self._log_thread = threading.Thread(target=self.logs.serve, name="logs", daemon=True,
+                                            args=(lambda: list(self.runs), self._stop))
         self.runs: list[int] = []
         self.stored = 0  # metric points the backend confirmed, for the periodic log line
         self._ready = False
@@ -150,6 +153,8 @@ class Worker:
         self._refresh_runs()
         self.flow.recover_all(self.runs)
         self._ready = True
+        if not self._log_thread.is_alive():
+            self._log_thread.start()
         log.info("worker %s ready; %d active runs", self.name, len(self.runs))
 
     def _claim_stale(self) -> Batch:
@@ -273,10 +278,7 @@ class Worker:
         if self._due_now("beat", s.heartbeat_interval):
             self._guard("heartbeat", lambda: self.r.hset(self.keys.workers, self.name,
                                                          int(time.time() * 1000)))
-        check = self._due_now("check", s.check_interval)
-        if self._due_now("logs", 0.2) or check:  # before a check may complete the run
-            self._guard("logs", lambda: self.logs.ship(self.runs))
-        if check:
+        if self._due_now("check", s.check_interval):
             self._guard("check", lambda: self.watcher.check(self.runs))
             self.flow.forget(set(self.runs))
         if self._due_now("trim", s.trim_interval):
@@ -386,6 +388,9 @@ class Worker:
         except (Interrupted, redis.RedisError) as exc:
             log.warning("posts in flight left pending: %s", exc)
         self._poster.shutdown(wait=True)
+        if self._log_thread.is_alive():
+            self._stop.set()  # (already set when run() ends; close() may come on its own)
+            self._log_thread.join(10)
         try:
             for stream in self._streams():
                 for consumer in self.r.xinfo_consumers(stream, GROUP):
