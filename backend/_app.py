@@ -18,7 +18,7 @@ from starlette.routing import Route
 
 from pluto.protocol import COLUMNS_TYPE, MSGPACK_TYPE, NDJSON_TYPE, STATUSES
 
-from . import _compat, _faults, _json, _read
+from . import _compat, _faults, _files, _json, _lines, _query, _read
 from ._auth import ScopedAuth
 from ._headers import BodyTimeout, CreateRate, SecurityHeaders
 from ._http import (
@@ -280,6 +280,9 @@ def routes() -> list[Route]:
         Route("/ingest/metrics", ingest_metrics, methods=["POST"]),
         *_read.routes(),
         *_compat.routes(),
+        *_query.routes(),  # the Pluto read API (pluto.query of either SDK)
+        *_files.routes(),
+        *_lines.routes(),
     ]
 
 

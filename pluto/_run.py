@@ -61,6 +61,9 @@ class Run:
         self._finishing = False
         self._deadline = 0.0
         self._finish_lock = threading.Lock()
+        self.on_finishing: Callable[[Run], None] | None = None
+        """Called first thing in ``finish`` (``_init`` closes the console capture, so its last
+        lines reach Redis before this process announces that it finished)."""
         self.on_finished: Callable[[Run], None] | None = None
         """Called at the end of every ``finish`` (``_init`` releases the run and, when a signal
         interrupted this finish, lets the process die of it)."""
@@ -176,7 +179,9 @@ class Run:
         stop_sampler(self)  # its last entry is flushed below
         limit = self.settings.finish_timeout if timeout is None else max(float(timeout), 0.0)
         self._deadline = time.monotonic() + limit
-        producer.flush(limit)
+        if self.on_finishing is not None:  # a signal meanwhile shortens self._deadline
+            self.on_finishing(self)
+        producer.flush(max(self._deadline - time.monotonic(), 0.0))
         producer.stop(self._left(5.0))
         unsent = producer.pending()
         if unsent:

@@ -32,6 +32,7 @@ from ._backend import Backend, Interrupted
 from ._control import Control
 from ._dispatch import Dispatcher
 from ._flow import Flow
+from ._logs import LogShipper
 from ._metrics import Metrics
 from ._persist import NO_PROJECT, Post, decode, deliver
 from ._problems import Problems
@@ -84,6 +85,11 @@ class Worker:
         self.acker = Acker(self.r, self.keys, s.retention, self.problems)
         self.reader = Reader(self.r, self.name, s.cluster, self.problems)
         self.flow = Flow(s.retry_max)
+        self.logs = LogShipper(connect(s), self.keys,  # console lines, in a thread of their own
+                               Backend(s, self._stop, attempts=s.http_attempts), self.name,
+                               s.claim_idle_ms)
+        self._log_thread = threading.Thread(target=self.logs.serve, name="logs", daemon=True,
+                                            args=(lambda: list(self.runs), self._stop))
         self.runs: list[int] = []
         self.stored = 0  # metric points the backend confirmed, for the periodic log line
         self._ready = False
@@ -169,6 +175,8 @@ class Worker:
         self._refresh_runs()
         self.flow.recover_all(self.runs)
         self._ready = True
+        if not self._log_thread.is_alive():
+            self._log_thread.start()
         log.info("worker %s ready; %d active runs", self.name, len(self.runs))
 
     def _claim_stale(self) -> Batch:
@@ -399,6 +407,9 @@ class Worker:
         except (Interrupted, redis.RedisError) as exc:
             log.warning("posts in flight left pending: %s", exc)
         self._poster.shutdown(wait=True)
+        if self._log_thread.is_alive():
+            self._stop.set()  # (already set when run() ends; close() may come on its own)
+            self._log_thread.join(10)
         self._checker.shutdown(wait=True)
         self.control.close()
         try:
