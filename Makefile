@@ -46,8 +46,14 @@ $(VENV)/.bench: $(VENV)/.installed
 bench: $(VENV)/.bench
 	$(PY) bench/run_all.py
 
-lint: $(VENV)/.installed
-	$(PY) -m ruff check pluto worker backend tests bench || true
+$(VENV)/.lint: $(VENV)/.installed
+	$(PY) -m pip install -q 'ruff>=0.6' 'mypy>=1.10'
+	touch $@
+
+# fails on any finding: ruff (rules in pyproject.toml), then mypy (strict on the protocol and SDK)
+lint: $(VENV)/.lint
+	$(PY) -m ruff check pluto worker backend tests bench examples
+	$(PY) -m mypy
 
 clean:
 	rm -rf $(VENV) $(PLUTO_ML_VENV) .pluto .pytest_cache

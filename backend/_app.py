@@ -18,7 +18,7 @@ from starlette.routing import Route
 
 from pluto.protocol import COLUMNS_TYPE, MSGPACK_TYPE, NDJSON_TYPE, STATUSES
 
-from . import _compat, _faults, _json, _read
+from . import _compat, _faults, _files, _json, _lines, _query, _read
 from ._auth import ScopedAuth
 from ._headers import BodyTimeout, CreateRate, SecurityHeaders
 from ._http import (
@@ -280,6 +280,9 @@ def routes() -> list[Route]:
         Route("/ingest/metrics", ingest_metrics, methods=["POST"]),
         *_read.routes(),
         *_compat.routes(),
+        *_query.routes(),  # the Pluto read API (pluto.query of either SDK)
+        *_files.routes(),
+        *_lines.routes(),
     ]
 
 
@@ -307,9 +310,15 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
             app.state.store.close()
 
     keys_db = None if is_postgres(settings.db_url) else db_path(settings.db_url)
+    state: dict[str, Any] = {}
+
+    def metrics() -> Any:
+        app = state.get("app")
+        return getattr(app.state, "metrics", None) if app is not None else None
+
     app = Starlette(routes=routes(), lifespan=lifespan,
                     middleware=[Middleware(CountRequests,
-                                           metrics=lambda: getattr(app.state, "metrics", None)),
+                                           metrics=metrics),
                                 Middleware(SecurityHeaders),
                                 Middleware(ScopedAuth, keys=settings.api_keys, db_path=keys_db),
                                 Middleware(CreateRate, rate=settings.create_rate,
@@ -319,4 +328,5 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
                     exception_handlers={HTTPException: http_error, BrokenRow: broken_row,
                                         Unstorable: unstorable})
     app.state.settings = settings
+    state["app"] = app
     return app

@@ -55,7 +55,7 @@ class _RunsCollector:
                                    labels=["status"])
         try:
             counts = self._count()
-        except Exception:
+        except Exception:  # noqa: BLE001 - a scrape must not fail because the store is busy
             counts = {}
         for status, n in sorted(counts.items()):
             family.add_metric([status], n)

@@ -130,8 +130,9 @@ class PgStore:
                  _json.dumps(tags or []), now, now)).fetchone()
             if row is not None:
                 return int(row[0]), False
-            run, old = db.execute("SELECT id, config FROM runs WHERE project = %s AND "
+            found: Any = db.execute("SELECT id, config FROM runs WHERE project = %s AND "
                                   "external_id = %s FOR UPDATE", (project, external_id)).fetchone()
+            run, old = found
             if config:
                 db.execute("UPDATE runs SET config = %s, updated_at = %s WHERE id = %s",
                            (_rows.merged_config(run, old, config), now, run))
@@ -334,7 +335,7 @@ class PgStore:
         def each(col: list[int]) -> list[int]:
             return list(chain.from_iterable(map(repeat, col, counts)))
 
-        cols = [list(map(ids.__getitem__, name_idx)), each(steps),
+        cols: list[list[Any]] = [list(map(ids.__getitem__, name_idx)), each(steps),
                 [v if type(v) is float else None for v in values], ints, [None] * len(values),
                 each(times), each(seq_ms), each(seq_n)]
         return self._write(run, cols, {ids[i] for i in set(name_idx)})

@@ -110,7 +110,70 @@ def _v2_api_keys(db: sqlite3.Connection) -> None:
         )""")
 
 
-_MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [_v1_loss_ledger, _v2_api_keys]
+def _v3_logs_data_files(db: sqlite3.Connection) -> None:
+    """What the official SDK sends besides metrics (issue 21): console lines, structured data
+    (histograms, tables, ...), file records and registered log names. Each row carries a
+    ``digest`` of its content in its key, so a batch the client resends stores nothing twice;
+    a file row is keyed by where it was logged, so a repeated presign reuses it."""
+    # One execute per statement: executescript() would COMMIT the migration's transaction.
+    for statement in _V3_TABLES.split(";"):
+        if statement.strip():
+            db.execute(statement)
+
+
+_V3_TABLES = """
+        CREATE TABLE IF NOT EXISTS console_logs (
+            id          INTEGER PRIMARY KEY AUTOINCREMENT,
+            run         INTEGER NOT NULL,
+            slot        TEXT NOT NULL,
+            rank        INTEGER,
+            time        INTEGER NOT NULL,
+            line_number INTEGER NOT NULL,
+            log_type    TEXT NOT NULL,
+            step        INTEGER,
+            message     TEXT NOT NULL,
+            digest      BLOB NOT NULL,
+            UNIQUE (run, slot, time, line_number, log_type, digest)
+        );
+        CREATE INDEX IF NOT EXISTS console_logs_by_run ON console_logs (run, id);
+        CREATE TABLE IF NOT EXISTS run_data (
+            id        INTEGER PRIMARY KEY AUTOINCREMENT,
+            run       INTEGER NOT NULL,
+            log_name  TEXT NOT NULL,
+            data_type TEXT NOT NULL,
+            step      INTEGER NOT NULL,
+            time      INTEGER NOT NULL,
+            data      TEXT NOT NULL,
+            digest    BLOB NOT NULL,
+            UNIQUE (run, log_name, step, digest)
+        );
+        CREATE INDEX IF NOT EXISTS run_data_by_name ON run_data (run, log_name, step);
+        CREATE TABLE IF NOT EXISTS run_files (
+            id           INTEGER PRIMARY KEY AUTOINCREMENT,
+            run          INTEGER NOT NULL,
+            log_name     TEXT NOT NULL,
+            file_name    TEXT NOT NULL,
+            file_type    TEXT NOT NULL,
+            step         INTEGER NOT NULL,
+            sample_index INTEGER NOT NULL,
+            time         INTEGER NOT NULL,
+            caption      TEXT,
+            declared     INTEGER,
+            size         INTEGER,
+            uploaded_at  INTEGER,
+            UNIQUE (run, log_name, step, sample_index, file_name)
+        );
+        CREATE TABLE IF NOT EXISTS log_names (
+            run      INTEGER NOT NULL,
+            log_name TEXT NOT NULL,
+            log_type TEXT NOT NULL,
+            PRIMARY KEY (run, log_name)
+        ) WITHOUT ROWID
+"""
+
+
+_MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
+    _v1_loss_ledger, _v2_api_keys, _v3_logs_data_files]
 VERSION = len(_MIGRATIONS)
 
 

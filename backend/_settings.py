@@ -16,6 +16,9 @@ from pluto.errors import ConfigError
 from pluto.protocol import DEFAULT_API_URL, DEFAULT_DB_URL
 
 DEFAULT_MAX_BODY = 64 * 1024 * 1024
+DEFAULT_FILES_DIR = ".pluto/files"
+DEFAULT_MAX_FILE = 4 * 1024 * 1024 * 1024
+
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 
@@ -121,6 +124,10 @@ class ServerSettings:
     tls_cert: str = ""
     """PEM certificate (chain) to serve HTTPS with (``PLUTO_TLS_CERT``), with ``tls_key``."""
     tls_key: str = ""
+    files_dir: str = DEFAULT_FILES_DIR
+    """Where uploaded files (``PLUTO_FILES_DIR``) are kept, one file per upload."""
+    max_file: int = DEFAULT_MAX_FILE
+    """Largest file upload in bytes (``PLUTO_MAX_FILE``); streamed to disk, not held."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServerSettings:
@@ -138,6 +145,11 @@ class ServerSettings:
             raise ConfigError(f"PLUTO_MAX_BODY={raw_max!r} must be a number of bytes") from None
         if max_body <= 0:
             raise ConfigError(f"PLUTO_MAX_BODY={raw_max!r} must be positive")
+        raw_file = env.get("PLUTO_MAX_FILE", "").strip()
+        try:
+            max_file = int(raw_file) if raw_file else DEFAULT_MAX_FILE
+        except ValueError:
+            raise ConfigError(f"PLUTO_MAX_FILE={raw_file!r} must be a number of bytes") from None
         settings = cls(
             api_url=env.get("PLUTO_API_URL", "").strip() or DEFAULT_API_URL,
             db_url=env.get("PLUTO_DB_URL", "").strip() or DEFAULT_DB_URL,
@@ -152,6 +164,8 @@ class ServerSettings:
             create_burst=env_number(env, "PLUTO_CREATE_BURST", 1000.0, low=0.5),
             tls_cert=_tls_file(env, "PLUTO_TLS_CERT"),
             tls_key=_tls_file(env, "PLUTO_TLS_KEY"),
+            files_dir=env.get("PLUTO_FILES_DIR", "").strip() or DEFAULT_FILES_DIR,
+            max_file=max_file,
         )
         if bool(settings.tls_cert) != bool(settings.tls_key):
             raise ConfigError("HTTPS needs both PLUTO_TLS_CERT and PLUTO_TLS_KEY (PEM files)")

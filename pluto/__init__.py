@@ -41,3 +41,13 @@ __all__ = [
     "protocol",
     "run",
 ]
+
+
+def __getattr__(name: str) -> object:
+    """``pluto.query`` without importing it first (as the official SDK allows), loaded only
+    when used: training ranks never pay for it."""
+    if name == "query":
+        import importlib
+
+        return importlib.import_module(".query", __name__)
+    raise AttributeError(f"module 'pluto' has no attribute {name!r}")

@@ -298,13 +298,15 @@ def cmd_tail(args: argparse.Namespace) -> int:
 
     s = CliSettings.from_env()
     keys = Keys(s.prefix)
-    client = redis.Redis.from_url(s.redis_url, decode_responses=True,
-                                  **redis_tls(s.redis_url))
+    client: Any = redis.Redis.from_url(s.redis_url, decode_responses=True,
+                                       **redis_tls(s.redis_url))
     run = args.run if args.run.isdigit() else client.get(keys.run(args.project, args.run))
     if run is None or not str(run).isdigit():
         print(f"pluto tail: no run {args.run!r} in project {args.project!r} at "
               f"{redact(s.redis_url)}", file=sys.stderr)
         return 1
+    if args.logs:
+        return _tail_logs(client, keys.logs(run), args)
     stream = keys.metrics(run)
     print(f"# redis-cli -u {redact(s.redis_url)} XREAD BLOCK 0 STREAMS '{stream}' '$'", flush=True)
     last = "0-0" if args.all else "$"
@@ -316,6 +318,25 @@ def cmd_tail(args: argparse.Namespace) -> int:
                     metrics = " ".join(f"{k}={v}" for k, v in fields.items() if not k.startswith("_"))
                     print(f"{entry_id} rank={fields.get(F_RANK)} step={fields.get(F_STEP)} "
                           f"time={fields.get(F_TIME)} {metrics}", flush=True)
+            if args.once:
+                return 0
+    except KeyboardInterrupt:
+        return 0
+
+
+def _tail_logs(client: Any, stream: str, args: argparse.Namespace) -> int:
+    """Console lines of the run's processes (``--rank N``: that rank's only), as they arrive:
+    ``<rank> <INFO|ERROR> <line>``, stderr lines being ERROR."""
+    last = "0-0" if args.all else "$"
+    try:
+        while True:
+            for _, entries in client.xread({stream: last}, block=1000, count=1000) or []:
+                for entry_id, fields in entries:
+                    last = entry_id
+                    if args.rank is not None and fields.get("rank") != str(args.rank):
+                        continue
+                    print(f"[rank {fields.get('rank')}] {fields.get('type', 'INFO'):5} "
+                          f"{fields.get('msg', '')}", flush=True)
             if args.once:
                 return 0
     except KeyboardInterrupt:
@@ -491,6 +512,9 @@ def main(argv: list[str] | None = None) -> int:
     tail.add_argument("--project", default=os.environ.get("PLUTO_PROJECT") or "default")
     tail.add_argument("--all", action="store_true", help="start from the oldest retained entry")
     tail.add_argument("--once", action="store_true", help="print what is there and exit")
+    tail.add_argument("--logs", action="store_true",
+                      help="console lines (stdout/stderr of every rank) instead of metrics")
+    tail.add_argument("--rank", type=int, default=None, help="with --logs: this rank only")
     runs = sub.add_parser("runs", help="list runs stored by the backend, or show one")
     runs.add_argument("id", nargs="?", type=int, help="numeric run id to show")
     runs.add_argument("--project", default=None)

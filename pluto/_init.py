@@ -100,7 +100,20 @@ def init(project: str | None = None, name: str | None = None, config: Any = None
     producer.start()
     start_sampler(run)  # issue 20 (H4): per-rank system metrics (pluto/_sysmetrics.py)
     _track(run)
+    if s.capture_console:
+        _capture_console(run, client, keys.logs(won.id))
     return run
+
+
+def _capture_console(run: Run, client: Any, stream: str) -> None:
+    """Tee stdout/stderr into the run's logs stream until ``finish`` (``_console``)."""
+    from . import _console
+
+    console = _console.start(run.settings.redis_url, client, stream, run.rank,
+                             run.settings.console_buffer)
+    if console is None:
+        return
+    run.on_finishing = lambda r: console.close(min(1.0, r.settings.finish_timeout))
 
 
 def quick_retry() -> Retry:
@@ -192,7 +205,8 @@ def _stream_client(client: Any, stream: str, refresh: bool = False) -> redis.Red
     if isinstance(client, redis.RedisCluster):
         if refresh:
             client.nodes_manager.initialize()
-        return client.get_redis_connection(client.get_node_from_key(stream))  # type: ignore[no-any-return]
+        node = client.get_node_from_key(stream)  # type: ignore[no-untyped-call]
+        return client.get_redis_connection(node)
     return client  # type: ignore[no-any-return]
 
 

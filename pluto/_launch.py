@@ -53,7 +53,7 @@ def torch_rank() -> int | None:
     try:
         if dist is not None and dist.is_available() and dist.is_initialized():
             return int(dist.get_rank())
-    except Exception:  # noqa: BLE001 - a half-initialised process group must not break init
+    except Exception:  # noqa: BLE001, S110 - a half-initialised process group must not break init
         pass
     return None
 

@@ -184,7 +184,7 @@ def replay(r: Any, keys: Keys, run: str, ids: list[str] | None = None) -> int:
             pipe.xadd(target, dict(letter["fields"]))
             pipe.xdel(dead, letter["id"])
             if run != "control":
-                rank = dict((_text(k), _text(v)) for k, v in letter["fields"]).get(F_RANK, "?")
+                rank = {_text(k): _text(v) for k, v in letter["fields"]}.get(F_RANK, "?")
                 pipe.hincrby(keys.ledger(int(run)), f"dead:{rank if rank.isdigit() else '?'}",
                              -1)
             pipe.execute()

@@ -67,7 +67,7 @@ class Chunk:
     payload: bytes = b""
     end: int = 0
     written: bool = False
-    """Some of it may have reached Redis (its write began), so it may be stored already."""
+    """Its write began on a connection that had answered before: Redis may hold it already."""
     """Reply count of the connection at which every entry of this chunk has been answered."""
 
 
@@ -165,9 +165,9 @@ class Producer(threading.Thread):
             if stopping:
                 return
             self._heartbeat()
-            self._report("overflow", self.dropped, "buffer full (PLUTO_BUFFER_SIZE=%d) while "
-                         "Redis is unreachable: dropped the %%d oldest entries so far"
-                         % self.max_buffer)
+            self._report("overflow", self.dropped, f"buffer full (PLUTO_BUFFER_SIZE="
+                         f"{self.max_buffer}) while Redis is unreachable: dropped the %d "
+                         "oldest entries so far")
 
     def _send_all(self) -> bool:
         """Send until the deque is empty; False if Redis failed or is busy (entries stay queued).
@@ -280,7 +280,9 @@ class Producer(threading.Thread):
         """Send the chunk's XADDs; note the reply count that marks them all answered."""
         payload, chunk.payload = chunk.payload, b""
         wire = self._connected()
-        chunk.written = True
+        # Uncertain only on a connection Redis has answered on: a stale pooled socket that
+        # fails on its first write never reached a live server.
+        chunk.written = self._replies.count > 0
         wire.send(payload)
         self._written += chunk.count
         chunk.end = self._written
@@ -348,7 +350,7 @@ class Producer(threading.Thread):
             try:
                 self._conn.disconnect()
                 self._client.connection_pool.release(self._conn)
-            except Exception:  # noqa: BLE001 - a broken connection may fail to close; drop it
+            except Exception:  # noqa: BLE001, S110 - a broken connection may fail to close; drop it
                 pass
             self._conn = self._wire = None
 

@@ -61,6 +61,9 @@ class Run:
         self._finishing = False
         self._deadline = 0.0
         self._finish_lock = threading.Lock()
+        self.on_finishing: Callable[[Run], None] | None = None
+        """Called first thing in ``finish`` (``_init`` closes the console capture, so its last
+        lines reach Redis before this process announces that it finished)."""
         self.on_finished: Callable[[Run], None] | None = None
         """Called at the end of every ``finish`` (``_init`` releases the run and, when a signal
         interrupted this finish, lets the process die of it)."""
@@ -176,7 +179,9 @@ class Run:
         stop_sampler(self)  # its last entry is flushed below
         limit = self.settings.finish_timeout if timeout is None else max(float(timeout), 0.0)
         self._deadline = time.monotonic() + limit
-        producer.flush(limit)
+        if self.on_finishing is not None:  # a signal meanwhile shortens self._deadline
+            self.on_finishing(self)
+        producer.flush(max(self._deadline - time.monotonic(), 0.0))
         producer.stop(self._left(5.0))
         unsent = producer.pending()
         if unsent:
@@ -198,13 +203,13 @@ class Run:
         try:
             member = dict(self._producer.info or {})
             if not member:
-                info = client.hget(self._keys.members(self.id), self.member)
+                info: Any = client.hget(self._keys.members(self.id), self.member)
                 member = proto.unpack(info) if info else {}
             member.update(self._producer.ledger.as_fields(0), state=self.state.value)
             with client.pipeline(transaction=False) as pipe:
                 pipe.hset(self._keys.members(self.id), self.member, proto.pack(member))
-                pipe.xadd(self._keys.control,  # type: ignore[arg-type]
-                          proto.control_finish(self.id, self.member, self.state.value))
+                fields: Any = proto.control_finish(self.id, self.member, self.state.value)
+                pipe.xadd(self._keys.control, fields)
                 pipe.execute()
         except (redis.RedisError, OSError) as exc:
             log.warning("pluto: could not record that %s finished (%s); the worker will see its "

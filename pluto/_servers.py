@@ -120,7 +120,8 @@ def wait_for(check: object, timeout: float, what: str, child: Child | None = Non
         if child is not None and not child.alive():
             raise PlutoError(f"{what}: process exited ({child.proc.returncode}):\n{child.log()[-3000:]}")
         time.sleep(0.05)
-    raise PlutoError(f"{what}: not ready after {timeout:.0f} s" + (f"\n{child.log()[-3000:]}" if child else ""))
+    tail = f"\n{child.log()[-3000:]}" if child else ""
+    raise PlutoError(f"{what}: not ready after {timeout:.0f} s{tail}")
 
 
 @dataclass(frozen=True)

@@ -132,6 +132,10 @@ class Settings:
     redis_cert: str = ""
     """``rediss://`` only: client certificate and key (``PLUTO_REDIS_CERT`` / ``_KEY``)."""
     redis_key: str = ""
+    capture_console: bool = True
+    """Stream this process's stdout/stderr lines to the run (``PLUTO_CAPTURE_CONSOLE=0``: off)."""
+    console_buffer: int = 100_000
+    """Console pieces held while Redis is unreachable (``PLUTO_CONSOLE_BUFFER``); oldest dropped."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -156,6 +160,9 @@ class Settings:
             redis_ca=env.get("PLUTO_REDIS_CA", "").strip(),
             redis_cert=env.get("PLUTO_REDIS_CERT", "").strip(),
             redis_key=env.get("PLUTO_REDIS_KEY", "").strip(),
+            capture_console=env.get("PLUTO_CAPTURE_CONSOLE", "1").strip().lower()
+            not in ("0", "false", "no", "off"),
+            console_buffer=int(env_number(env, "PLUTO_CONSOLE_BUFFER", 100_000, low=0.5)),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)

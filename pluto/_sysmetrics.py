@@ -101,7 +101,7 @@ class Sampler(threading.Thread):
                     values["rss_mb"] = rss
                 values.update(self._gpu_values())
                 self._append(values)
-        except Exception:  # noqa: BLE001 - system metrics must never take the process down
+        except Exception:
             log.exception("pluto: system metrics stopped; set PLUTO_SYSTEM_METRICS=0 to silence")
         finally:
             self._close_nvml()
@@ -156,7 +156,7 @@ class Sampler(threading.Thread):
         if self._nvml is not None:
             try:
                 self._nvml.nvmlShutdown()
-            except Exception:  # noqa: BLE001
+            except Exception:  # noqa: BLE001, S110 - shutting NVML down is best effort
                 pass
 
 

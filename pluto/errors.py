@@ -12,7 +12,7 @@ strict mode; everything else is a warning, so a training loop never dies because
 
 from __future__ import annotations
 
-__all__ = ["PlutoError", "ConfigError", "ConnectionFailed", "InitTimeout", "RunFinished"]
+__all__ = ["ConfigError", "ConnectionFailed", "InitTimeout", "PlutoError", "RunFinished"]
 
 
 class PlutoError(Exception):

@@ -150,6 +150,11 @@ class Keys:
     def metrics(self, run: int | str) -> str:
         return f"{self.prefix}:{{{run}}}:metrics"
 
+    def logs(self, run: int | str) -> str:
+        """Stream: console lines of the run's processes (``pluto/_console.py``): fields
+        ``rank``, ``time`` (ms), ``type`` (INFO stdout / ERROR stderr), ``n``, ``msg``."""
+        return f"{self.prefix}:{{{run}}}:logs"
+
     def members(self, run: int | str) -> str:
         """Hash: member (``host:pid``) -> msgpack {rank, local_rank, host, pid, attached_at, state}."""
         return f"{self.prefix}:{{{run}}}:members"
@@ -260,7 +265,8 @@ def json_value(value: int | float) -> int | float | str:
 
 
 def pack(obj: Any) -> bytes:
-    return msgpack.packb(obj, use_bin_type=True)
+    packed: bytes = msgpack.packb(obj, use_bin_type=True)
+    return packed
 
 
 def unpack(blob: bytes) -> Any:

@@ -107,7 +107,13 @@ class Backend:
             return resp.json()
 
     def runs(self, project: str) -> list[dict[str, Any]]:
-        return list(self.get("/api/runs", project=project)["runs"])
+        """Every run of ``project``, newest first, through all pages."""
+        out: list[dict[str, Any]] = []
+        while True:
+            page = self.get("/api/runs", project=project, limit=1000, offset=len(out))
+            out += page["runs"]
+            if not page.get("next") or not page["runs"]:
+                return out
 
     def run(self, run_id: int) -> dict[str, Any]:
         return dict(self.get(f"/api/runs/{run_id}"))

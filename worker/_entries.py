@@ -3,10 +3,10 @@
 :func:`pluto.protocol.decode_entry` is the definition of a valid entry. Calling it for every
 entry costs a validation of every metric name on every entry, which dominates a drain; so the
 hot path here remembers names it has seen validated and parses values with the same grammar
-(``-?[0-9]+`` -> int; what ``repr`` writes for a float -> float; nothing else). Whenever the fast path meets anything it has not seen —
-a new name, a missing field, a value ``float`` refuses — it hands the whole entry to
-``decode_entry``, so the accepted entries, their values and the error messages are exactly
-``decode_entry``'s.
+(``-?[0-9]+`` -> int; what ``repr`` writes for a float -> float; nothing else). Whenever the
+fast path meets anything it has not seen — a new name, a missing field, a value ``float``
+refuses — it hands the whole entry to ``decode_entry``, so the accepted entries, their values
+and the error messages are exactly ``decode_entry``'s.
 """
 
 from __future__ import annotations

@@ -56,8 +56,9 @@ class LedgerSync:
         self._ledger: dict[int, list[dict[str, Any]]] = {}
 
     def sync(self, run: int, members: dict[str, dict[str, Any]], final: bool = False) -> None:
-        """Send what changed (everything when ``final``). A refusal (4xx) is logged and not sent again; a transient
-        failure raises (the caller backs off, and does not set a final status before it)."""
+        """Send what changed (everything when ``final``). A refusal (4xx) is logged and not sent
+        again; a transient failure raises (the caller backs off, and does not set a final status
+        before it)."""
         now = time.monotonic()
         if not final and now < self._due.get(run, 0.0):
             return

@@ -88,7 +88,7 @@ def make_part(entries: list[Entry], columns: bool, bury: Bury) -> Part:
     if cols is not None:
         try:
             part.entries, todo = cols.add_many(entries)
-        except Exception:  # noqa: BLE001 - the column-wise path is an optimisation only
+        except Exception:
             log.exception("column-wise decoding failed; decoding entry by entry")
             part.columns = cols = Columns()
             part.entries, todo = [], entries
@@ -143,7 +143,7 @@ def _send(backend: Backend, post: Post, part: Part) -> None:
         return None
     except (Unavailable, Interrupted):
         raise
-    except Exception as exc:  # noqa: BLE001 - isolate the entry that trips us, keep the rest
+    except Exception as exc:
         if len(entries) > 1:
             return _split(backend, post, part)
         log.exception("run %d: posting entry %r failed", post.run, entries[0][0])

@@ -41,7 +41,7 @@ class Reader:
         starts = {k: v for k, v in starts.items() if self._skip.get(k, 0.0) <= now}
         try:
             if self.cluster:  # one slot per run: no multi-stream reads on a cluster
-                reply = []
+                reply: list[Any] = []
                 for stream, start in starts.items():
                     reply += self.r.xreadgroup(GROUP, self.name, {stream: start},
                                                count=count) or []

@@ -123,7 +123,7 @@ class RunWatcher:
                 self._back_off(run, exc)
 
     def _check_run(self, run: int, raw_members: Any, raw_beats: Any) -> None:
-        for reply, key in ((raw_members, self.keys.members(run)),
+        for reply, _key in ((raw_members, self.keys.members(run)),
                            (raw_beats, self.keys.heartbeats(run))):
             if isinstance(reply, Exception):
                 raise reply

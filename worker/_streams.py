@@ -14,7 +14,7 @@ from pluto.protocol import GROUP
 
 from ._settings import WorkerSettings
 
-Client = Union["redis.Redis[bytes]", "redis.RedisCluster[bytes]"]
+Client = Union["redis.Redis", "redis.RedisCluster"]
 Entry = tuple[bytes, "list[bytes] | None"]
 """One stream entry: (id, [field, value, field, value, ...]); None for a deleted entry."""
 

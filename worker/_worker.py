@@ -32,6 +32,7 @@ from ._backend import Backend, Interrupted
 from ._control import Control
 from ._dispatch import Dispatcher
 from ._flow import Flow
+from ._logs import LogShipper
 from ._metrics import Metrics
 from ._persist import NO_PROJECT, Post, decode, deliver
 from ._problems import Problems
@@ -84,6 +85,11 @@ class Worker:
         self.acker = Acker(self.r, self.keys, s.retention, self.problems)
         self.reader = Reader(self.r, self.name, s.cluster, self.problems)
         self.flow = Flow(s.retry_max)
+        self.logs = LogShipper(connect(s), self.keys,  # console lines, in a thread of their own
+                               Backend(s, self._stop, attempts=s.http_attempts), self.name,
+                               s.claim_idle_ms)
+        self._log_thread = threading.Thread(target=self.logs.serve, name="logs", daemon=True,
+                                            args=(lambda: list(self.runs), self._stop))
         self.runs: list[int] = []
         self.stored = 0  # metric points the backend confirmed, for the periodic log line
         self._ready = False
@@ -139,8 +145,8 @@ class Worker:
         while self.flow.flight or self.flow.queued or self.control.running:
             self._submit()
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            wait(list(self.flow.flight.values()) + self.control.futures(), timeout=left,
-                 return_when=FIRST_COMPLETED)
+            pending: list[Future[Any]] = [*self.flow.flight.values(), *self.control.futures()]
+            wait(pending, timeout=left, return_when=FIRST_COMPLETED)
             acks = Acks()
             try:
                 self.control.apply([], acks)
@@ -169,6 +175,8 @@ class Worker:
         self._refresh_runs()
         self.flow.recover_all(self.runs)
         self._ready = True
+        if not self._log_thread.is_alive():
+            self._log_thread.start()
         log.info("worker %s ready; %d active runs", self.name, len(self.runs))
 
     def _claim_stale(self) -> Batch:
@@ -204,7 +212,7 @@ class Worker:
         new, old = self.flow.reads(self.runs)
         count = max(100, self.settings.batch // max(1, len(self.runs)))
         block = self.settings.block_ms if block_ms is None else block_ms
-        coming = list(self.flow.flight.values()) + self.control.futures()
+        coming: list[Future[Any]] = [*self.flow.flight.values(), *self.control.futures()]
         if coming:  # answers are coming: wait for one, not for Redis
             wait(coming, timeout=min(block / 1000, WAIT_S), return_when=FIRST_COMPLETED)
             block = 0
@@ -237,7 +245,7 @@ class Worker:
                                                       self.projects.get(run, NO_PROJECT))
             dead = self.keys.dead(run)
 
-            def bury(entry: Entry, reason: str) -> None:
+            def bury(entry: Entry, reason: str, dead: str = dead, stream: str = stream) -> None:
                 if reason:
                     acks.bury(dead, stream, entry[0], entry[1] or [], reason)
                 else:
@@ -314,7 +322,7 @@ class Worker:
             self.flow.forget(set(self.runs))
         if self._due_now("trim", s.trim_interval):
             for stream in self._streams():
-                self._guard(f"trim:{stream}", lambda: trim(self.r, stream, s.retention))
+                self._guard(f"trim:{stream}", lambda stream=stream: trim(self.r, stream, s.retention))
         if self.metrics.enabled and self._due_now("sample", s.metrics_interval):
             self._guard("metrics", lambda: self.metrics.sample(
                 self.r, self.keys.control, self._streams()[1:], GROUP))
@@ -331,8 +339,8 @@ class Worker:
         last = self._check
         if last is not None and not last.done():
             return
-        if last is not None and last.exception() is not None:
-            exc = last.exception()
+        exc = last.exception() if last is not None else None
+        if exc is not None:
             kind = "redis" if is_weather(exc) else type(exc).__name__
             self.problems.report(f"check:{kind}", f"run checks failed: {type(exc).__name__}: "
                                  f"{exc}", logging.WARNING if is_weather(exc) else logging.ERROR,
@@ -399,6 +407,9 @@ class Worker:
         except (Interrupted, redis.RedisError) as exc:
             log.warning("posts in flight left pending: %s", exc)
         self._poster.shutdown(wait=True)
+        if self._log_thread.is_alive():
+            self._stop.set()  # (already set when run() ends; close() may come on its own)
+            self._log_thread.join(10)
         self._checker.shutdown(wait=True)
         self.control.close()
         try:

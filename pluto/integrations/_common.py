@@ -11,9 +11,10 @@ import redis
 
 from .. import protocol as proto
 from .._init import init
-from .._run import Run, State
+from .._run import Run
 from .._settings import Settings
 from .._values import clean_config, to_number
+from ..protocol import State
 
 log = logging.getLogger("pluto")
 

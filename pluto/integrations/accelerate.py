@@ -54,7 +54,7 @@ def _build() -> type:
                     from accelerate.state import PartialState
 
                     self._pluto.rank = int(PartialState().process_index)
-                except Exception:  # noqa: BLE001 - no state yet: pluto's own rank rule
+                except Exception:  # noqa: BLE001, S110 - no state yet: pluto's own rank rule
                     pass
 
         @property

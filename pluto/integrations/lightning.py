@@ -6,7 +6,8 @@
 Lightning calls ``log_metrics`` on every rank; each logs ``<metric>/rank<N>`` (the rank is
 Lightning's global rank) into the one run, unless ``rank_zero_only=True``. ``log_hyperparams``
 merges into the run's config. The run finishes at process exit (or ``experiment.finish()``),
-so ``fit`` then ``test`` log into one run; ``finalize("failed")`` finishes it as failed. Works with ``lightning`` (``lightning.pytorch``) or ``pytorch_lightning``.
+so ``fit`` then ``test`` log into one run; ``finalize("failed")`` finishes it as failed.
+Works with ``lightning`` (``lightning.pytorch``) or ``pytorch_lightning``.
 """
 
 from __future__ import annotations

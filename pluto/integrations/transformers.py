@@ -6,7 +6,8 @@
 ``on_train_begin`` starts the run (rank 0 passes the ``TrainingArguments`` and model config as
 the run's config), ``on_log`` logs ``train/<name>/rank<N>`` (``eval_*`` as ``eval/<name>``) at
 ``state.global_step`` on every rank unless ``rank_zero_only=True``. The run stays open after
-``train()`` (``evaluate()`` logs into it too) and finishes at process exit or ``callback.run.finish()``. Pass ``report_to="none"`` in ``TrainingArguments`` if you do not
+``train()`` (``evaluate()`` logs into it too) and finishes at process exit or
+``callback.run.finish()``. Pass ``report_to="none"`` in ``TrainingArguments`` if you do not
 want Transformers' own trackers beside it.
 """
 

@@ -22,8 +22,9 @@ def test_login_resume_heartbeat_and_dropped_calls(api: httpx.Client, project: st
     assert api.post("/api/runs/trigger", json={"runId": run}).json() == {"status": "RUNNING"}
     for path in ("/api/runs/logName/add", "/api/runs/modelGraph/create", "/api/runs/alert"):
         assert api.post(path, json={"runId": run, "logName": ["a"]}).status_code == 200, path
-    for path in ("/ingest/logs", "/ingest/data"):
-        resp = api.post(path, content=b'{"time": 1, "message": "hi"}\n',
+    for path, line in (("/ingest/logs", b'{"time": 1, "message": "hi"}\n'),
+                       ("/ingest/data", b'{"time": 1, "logName": "h", "data": "{}"}\n')):
+        resp = api.post(path, content=line,
                         headers={"X-Run-Id": str(run), "Content-Type": "application/x-ndjson"})
         assert resp.status_code == 200, path
 

@@ -250,8 +250,7 @@ def test_columns_ingest_reads_back(c: TestClient, entries: list[tuple[int, dict[
 
 COUNT = st.integers(0, 2**63 - 1)
 MAYBE_INT = st.one_of(COUNT, COUNT, COUNT, st.none(), NUMBER, TEXT)  # mostly valid, often not
-MEMBER = st.fixed_dictionaries({"member": TEXT}, optional={
-    k: MAYBE_INT for k in ("rank", "local_rank", "pid", "logged", "sent", "dropped")} | {
+MEMBER = st.fixed_dictionaries({"member": TEXT}, optional=dict.fromkeys(("rank", "local_rank", "pid", "logged", "sent", "dropped"), MAYBE_INT) | {
     "host": TEXT | st.none(), "state": TEXT | st.none(),
     "drops": st.dictionaries(TEXT, COUNT, max_size=3) | st.dictionaries(TEXT, MAYBE_INT)
     | JSON})
@@ -278,7 +277,7 @@ def test_members_read_back(c: TestClient, members: Any) -> None:
 
 LEDGER_ROW = st.fixed_dictionaries(
     {"stored": MAYBE_INT, "dead": MAYBE_INT},
-    optional={k: MAYBE_INT for k in ("rank", "last_step", "last_time")})
+    optional=dict.fromkeys(("rank", "last_step", "last_time"), MAYBE_INT))
 
 
 @SETTINGS

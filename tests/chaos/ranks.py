@@ -113,7 +113,7 @@ def wait_stored(backend: Backend, run: int, expected: dict[int, int], timeout: f
     while True:
         try:
             have = {r: len(points(backend, run, r)) for r in expected}
-        except Exception:  # noqa: BLE001 - the backend may be restarting; keep polling
+        except Exception:
             have = {}
         if have == expected:
             return time.monotonic() - t0

@@ -144,8 +144,10 @@ def test_keys_of_the_wrong_type(stack: Stack, own_redis: OwnRedis, tmp_path: Pat
     r.set(keys.metrics(999), "not a stream")  # a "run" whose stream is a string
     r.sadd(keys.runs, "999", "abc", "99999999999999999999")
     h.flowing("beside a metrics key of the wrong type")
-    r.delete(keys.runs)
-    r.set(keys.runs, "x")  # WRONGTYPE for every SMEMBERS: the runs known are still served
+    with r.pipeline(transaction=True) as pipe:  # at once: an empty set would mean "no runs"
+        pipe.delete(keys.runs)
+        pipe.set(keys.runs, "x")  # WRONGTYPE for every SMEMBERS: the runs known are still served
+        pipe.execute()
     h.flowing("while the runs set is a string")
     r.set(keys.dead(run), "x")  # even its dead-letter key: a junk entry is still acked
     r.xadd(keys.metrics(run), {**entry(10**6, {}), "m/rank0": "junk"})

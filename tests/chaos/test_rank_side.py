@@ -183,7 +183,7 @@ def test_redis_restarting_into_loading_loses_nothing(private_backend: Any, tmp_p
         member = _member(probe, stack.keys, run)
         assert member["sent"] >= 15_000 and member["dropped"] == 0, member
         assert "refused" not in err and "busy" in err.lower() + "loading", err[-2000:]
-        report.append(ranks.row("13.2 redis restart, LOADING for %.1f s" % loading, 15_000,
+        report.append(ranks.row(f"13.2 redis restart, LOADING for {loading:.1f} s", 15_000,
                                 len(steps), 0, None, counted_lost=member["dropped"]))
         probe.close()
     finally:
@@ -336,3 +336,35 @@ def test_the_ledger_read_back_from_the_api_equals_what_the_ranks_logged(
     listed = subprocess.run([sys.executable, "-m", "pluto._cli", "runs", "--project", "ledger"],
                             env=env, capture_output=True, text=True, timeout=60)
     assert f"{run_id}" in listed.stdout and "LOST 1" in listed.stdout, listed.stdout
+
+
+CHAINED = r"""
+import os, signal, sys, time, pluto
+flag = sys.argv[2]
+def theirs(sig, frame):  # the training script's own handler, installed before pluto's
+    open(flag, "w").write(str(pluto.run.state.value))
+    sys.exit(3)
+signal.signal(signal.SIGTERM, theirs)
+run = pluto.init(project="chained", run_id=sys.argv[1])
+for step in range(1, 2001):
+    run.log({"good": step})
+open(flag + ".ready", "w").write(str(run.id))
+time.sleep(60)
+"""
+
+
+def test_sigterm_chains_to_the_handler_installed_before_ours(stack: Stack, r: redis.Redis,
+                                                              tmp_path: Path) -> None:
+    flag = tmp_path / "theirs"
+    script = write_script(tmp_path, CHAINED, "chained.py")
+    proc = start_rank(script, stack.env(RANK="0"), f"chain-{uuid.uuid4().hex[:6]}", str(flag))
+    ready = Path(str(flag) + ".ready")
+    wait_until(ready.exists, 60, "the rank logging")
+    run = int(ready.read_text())
+    proc.send_signal(signal.SIGTERM)
+    code, _, err = finish_rank(proc, timeout=40)
+    assert code == 3, err[-2000:]  # their handler ran after ours and chose the exit status
+    assert flag.read_text() == "terminated"  # ours had flushed and recorded the state first
+    member = _member(r, stack.keys, run)
+    assert member["state"] == "terminated" and member["sent"] == member["logged"] == 2000
+    wait_until(lambda: len(_good_steps(stack, run)) == 2000, 30, "every point stored")

@@ -156,6 +156,8 @@ print("RESULT " + json.dumps({"rank": rank, "id": run.id, "resumed": run.resumed
 
 def test_rank0_config_lands_even_when_started_last(stack: Stack, tmp_path: Path) -> None:
     script = write_script(tmp_path, CONFIG_RANK, "cfg.py")
+    late = write_script(tmp_path, CONFIG_RANK.replace("if rank == 0 else None",
+                                                      'if rank == 0 else {"late": True}'), "late.py")
     run_id = f"cfg-{uuid.uuid4().hex[:6]}"
     others = [start_rank(script, stack.env(RANK=str(k)), run_id) for k in (1, 2, 3)]
     results = []
@@ -169,11 +171,11 @@ def test_rank0_config_lands_even_when_started_last(stack: Stack, tmp_path: Path)
     assert rank0["resumed"]  # another rank won the race
     expected = {"lr": 0.001, "layers": 12, "nested": {"a": 1}}
     wait_until(lambda: stack.backend.run(rank0["id"])["config"] == expected, 20, "rank 0's config")
-    # A later None-config rank never clears it.
-    code, _, err = finish_rank(start_rank(script, stack.env(RANK="5"), run_id))
+    # A later rank's config is merged in: it adds, and clears nothing it does not name.
+    code, _, err = finish_rank(start_rank(late, stack.env(RANK="5"), run_id))
     assert code == 0, err
-    time.sleep(0.5)
-    assert stack.backend.run(rank0["id"])["config"] == expected
+    merged = {**expected, "late": True}
+    wait_until(lambda: stack.backend.run(rank0["id"])["config"] == merged, 20, "merged config")
 
 
 DEAD_CREATOR = """

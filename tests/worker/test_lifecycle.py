@@ -131,7 +131,10 @@ def test_unknown_control_messages_are_dropped(
     r.xadd(keys.control, {"op": "explode"})
     r.xadd(keys.control, {"op": "attach", "id": "not-a-number"})
     run = create(r, keys, project, "after-junk")  # served even though junk came first
-    assert run > 0
+    assert stack.backend.run(run)["status"] == "RUNNING"
     wait_until(lambda: r.xpending(keys.control, "workers")["pending"] == 0, 10, "junk acked")
+    reasons = [f[b"reason"].decode() for _, f in r.xrange(keys.control_dead)]
+    assert len(reasons) == 2 and "unknown control op" in reasons[0], reasons
+    assert "attach without member" in reasons[1], reasons
     assert "unknown control op" in stack.worker_logs()
     json.dumps(stack.backend.run(run))
