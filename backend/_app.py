@@ -137,7 +137,7 @@ async def _updated(request: Request, change: Any, body: dict[str, Any], value: A
     return JSONResponse({"ok": True})
 
 
-_MEMBER_INTS = ("rank", "local_rank", "pid")
+_MEMBER_INTS = ("rank", "local_rank", "node", "attempt", "pid")
 _MEMBER_TEXTS = ("host", "state")
 _COUNTS = ("logged", "sent", "dropped")
 MAX_DROP_REASONS = 64

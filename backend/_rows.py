@@ -16,8 +16,8 @@ from . import _json
 FINAL = frozenset(("COMPLETED", "FAILED", "TERMINATED"))
 """Statuses after which nothing more arrives, so what is not stored is missing."""
 
-MEMBER_FIELDS = ("rank", "local_rank", "host", "pid", "state", "logged", "sent", "dropped",
-                 "drops")
+MEMBER_FIELDS = ("rank", "local_rank", "node", "attempt", "host", "pid", "state", "logged",
+                 "sent", "dropped", "drops")
 """What a member row holds besides its name; a field given as None keeps the stored value."""
 
 RANK_FIELDS = ("rank", "stored", "dead", "last_step", "last_time")

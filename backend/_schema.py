@@ -172,8 +172,16 @@ _V3_TABLES = """
 """
 
 
+def _v4_member_node_attempt(db: sqlite3.Connection) -> None:
+    """Members gain the node they ran on and the launcher's attempt (an elastic restart)."""
+    have = {row[1] for row in db.execute("PRAGMA table_info(members)")}
+    for column in ("node", "attempt"):
+        if column not in have:
+            db.execute(f"ALTER TABLE members ADD COLUMN {column} INTEGER")
+
+
 _MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
-    _v1_loss_ledger, _v2_api_keys, _v3_logs_data_files]
+    _v1_loss_ledger, _v2_api_keys, _v3_logs_data_files, _v4_member_node_attempt]
 VERSION = len(_MIGRATIONS)
 
 
@@ -266,6 +274,9 @@ CREATE TABLE rank_ledger (
 PG_MIGRATIONS: list[tuple[str, str]] = [
     ("base", _PG_BASE),
     ("loss ledger", _PG_LEDGER),  # the SQLite _v1_loss_ledger
+    ("member node and attempt",  # the SQLite _v4_member_node_attempt
+     "ALTER TABLE members ADD COLUMN IF NOT EXISTS node bigint;"
+     " ALTER TABLE members ADD COLUMN IF NOT EXISTS attempt bigint"),
 ]
 """``(name, SQL)`` per version (version = position + 1); append, never edit a released one."""
 

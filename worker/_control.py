@@ -47,6 +47,8 @@ def member_row(member: str, info: dict[str, Any], state: str | None = None) -> d
         "member": member,
         "rank": num("rank"),
         "local_rank": num("local_rank"),
+        "node": num("node"),
+        "attempt": num("attempt"),
         "host": str(info.get("host") or host or member),
         "pid": num("pid", int(pid) if pid.isdigit() and int(pid) <= _INT64 else None),
         "state": state or str(info.get("state") or State.RUNNING.value),

@@ -66,8 +66,8 @@ def c(tmp_path: Path) -> Iterator[TestClient]:
 
 
 def member(name: str, rank: int | None, **counts: Any) -> dict[str, Any]:
-    return {"member": name, "rank": rank, "local_rank": 0, "host": "h", "pid": 1,
-            "state": "running", **counts}
+    return {"member": name, "rank": rank, "local_rank": 0, "node": None, "attempt": None,
+            "host": "h", "pid": 1, "state": "running", **counts}
 
 
 def test_an_old_database_is_migrated(tmp_path: Path) -> None:

@@ -368,3 +368,15 @@ def test_sigterm_chains_to_the_handler_installed_before_ours(stack: Stack, r: re
     member = _member(r, stack.keys, run)
     assert member["state"] == "terminated" and member["sent"] == member["logged"] == 2000
     wait_until(lambda: len(_good_steps(stack, run)) == 2000, 30, "every point stored")
+
+
+def test_node_and_attempt_reach_the_members_list(stack: Stack, tmp_path: Path) -> None:
+    run_id = f"node-{uuid.uuid4().hex[:6]}"
+    script = write_script(tmp_path, LEDGER_RANK, "ledger.py")
+    env = stack.env(RANK="0", GROUP_RANK="3", TORCHELASTIC_RESTART_COUNT="2")
+    code, out, err = finish_rank(start_rank(script, env, run_id))
+    assert code == 0, err[-2000:]
+    run = json_lines(out)[0]["id"]
+    [member] = wait_until(lambda: (m := stack.backend.run(run)["members"])
+                          and m[0]["state"] == "finished" and m, 30, "the member finished")
+    assert (member["node"], member["attempt"], member["rank"]) == (3, 2, 0), member

@@ -66,7 +66,8 @@ def test_members_and_ledger_upsert_keep_what_is_not_given(store: Any) -> None:
     got = store.get_run(run)
     by = {m["member"]: m for m in got["members"]}
     assert [m["member"] for m in got["members"]] == ["h:1", "h:2"]  # by rank
-    assert by["h:2"] | {} == {"member": "h:2", "rank": 1, "local_rank": None, "host": "h",
+    assert by["h:2"] | {} == {"member": "h:2", "rank": 1, "local_rank": None, "node": None,
+                              "attempt": None, "host": "h",
                               "pid": 2, "state": "finished", "logged": 5, "sent": 5,
                               "dropped": None, "drops": {"x": 1}, "stored": 5, "dead": 1}
     assert got["ranks"][0] == {"rank": 1, "stored": 5, "dead": 1, "last_step": 9,
