@@ -232,11 +232,7 @@ class PgStore:
             ranks = db.execute(
                 f"SELECT {', '.join(RANK_FIELDS)} FROM rank_ledger WHERE run = %s"
                 " ORDER BY rank NULLS LAST", (run,)).fetchall()
-        out = _rows.run_dict(row)
-        out["members"] = _rows.members(run, members, ranks)
-        out["ranks"] = [dict(zip(RANK_FIELDS, r)) for r in ranks]
-        out["ledger"] = _rows.ledger(out["status"], out["members"], out["ranks"])
-        return out
+        return _rows.run_with_ledger(run, row, members, ranks)
 
     def count_by_status(self) -> dict[str, int]:
         """Runs per status, for the ``pluto_backend_runs`` gauge."""

@@ -131,3 +131,13 @@ def listed(rows: list[tuple[Any, ...]], members: list[tuple[Any, ...]],
         item["lost"] = lost(item["status"], sent, dropped, stored, dead)[1]
         out.append(item)
     return out
+
+
+def run_with_ledger(run: int, row: tuple[Any, ...], member_rows: list[tuple[Any, ...]],
+                    ranks: list[tuple[Any, ...]]) -> dict[str, Any]:
+    """``GET /api/runs/{id}``'s answer from the rows both stores read the same way."""
+    out = run_dict(row)
+    out["members"] = members(run, member_rows, ranks)
+    out["ranks"] = [dict(zip(RANK_FIELDS, r)) for r in ranks]
+    out["ledger"] = ledger(out["status"], out["members"], out["ranks"])
+    return out

@@ -309,38 +309,37 @@ def cmd_tail(args: argparse.Namespace) -> int:
         return _tail_logs(client, keys.logs(run), args)
     stream = keys.metrics(run)
     print(f"# redis-cli -u {redact(s.redis_url)} XREAD BLOCK 0 STREAMS '{stream}' '$'", flush=True)
+    for entry_id, fields in _follow(client, stream, args):
+        metrics = " ".join(f"{k}={v}" for k, v in fields.items() if not k.startswith("_"))
+        print(f"{entry_id} rank={fields.get(F_RANK)} step={fields.get(F_STEP)} "
+              f"time={fields.get(F_TIME)} {metrics}", flush=True)
+    return 0
+
+
+def _follow(client: Any, stream: str, args: argparse.Namespace) -> Any:
+    """The stream's entries as they arrive (``--all``: from the oldest kept; ``--once``: what
+    is there, then stop; Ctrl-C ends it quietly)."""
     last = "0-0" if args.all else "$"
     try:
         while True:
             for _, entries in client.xread({stream: last}, block=1000, count=1000) or []:
                 for entry_id, fields in entries:
                     last = entry_id
-                    metrics = " ".join(f"{k}={v}" for k, v in fields.items() if not k.startswith("_"))
-                    print(f"{entry_id} rank={fields.get(F_RANK)} step={fields.get(F_STEP)} "
-                          f"time={fields.get(F_TIME)} {metrics}", flush=True)
+                    yield entry_id, fields
             if args.once:
-                return 0
+                return
     except KeyboardInterrupt:
-        return 0
+        return
 
 
 def _tail_logs(client: Any, stream: str, args: argparse.Namespace) -> int:
     """Console lines of the run's processes (``--rank N``: that rank's only), as they arrive:
     ``<rank> <INFO|ERROR> <line>``, stderr lines being ERROR."""
-    last = "0-0" if args.all else "$"
-    try:
-        while True:
-            for _, entries in client.xread({stream: last}, block=1000, count=1000) or []:
-                for entry_id, fields in entries:
-                    last = entry_id
-                    if args.rank is not None and fields.get("rank") != str(args.rank):
-                        continue
-                    print(f"[rank {fields.get('rank')}] {fields.get('type', 'INFO'):5} "
-                          f"{fields.get('msg', '')}", flush=True)
-            if args.once:
-                return 0
-    except KeyboardInterrupt:
-        return 0
+    for _, fields in _follow(client, stream, args):
+        if args.rank is None or fields.get("rank") == str(args.rank):
+            print(f"[rank {fields.get('rank')}] {fields.get('type', 'INFO'):5} "
+                  f"{fields.get('msg', '')}", flush=True)
+    return 0
 
 
 def cmd_runs(args: argparse.Namespace) -> int:
