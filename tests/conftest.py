@@ -22,6 +22,7 @@ import redis
 
 from pluto import _servers
 from pluto.protocol import Keys
+from tests import helpers
 
 ROOT = Path(__file__).resolve().parent.parent
 # System metrics (on by default for users) would add sys/* entries to every test's runs; the
@@ -55,6 +56,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         else:
             tier = "unit"
         item.add_marker(getattr(pytest.mark, tier))
+
+
+@pytest.fixture(autouse=True)
+def _reap_ranks() -> Iterator[None]:
+    """Ranks a failed test left running are killed at its end, not garbage-collected later."""
+    yield
+    helpers.reap_ranks()
 
 
 @pytest.fixture(scope="session")

@@ -33,9 +33,25 @@ def write_script(tmp: Path, code: str, name: str = "rank.py") -> Path:
     return path
 
 
+_started: list[subprocess.Popen[str]] = []
+
+
 def start_rank(script: Path, env: dict[str, str], *args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([PYTHON, str(script), *args], env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([PYTHON, str(script), *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
+    _started.append(proc)
+    return proc
+
+
+def reap_ranks() -> None:
+    """Kill and reap the ranks a test started and left running (it failed half-way): otherwise
+    their pipes are closed by the garbage collector during some later test, which then fails
+    on the ResourceWarning."""
+    while _started:
+        proc = _started.pop()
+        if proc.returncode is None and proc.poll() is None:
+            proc.kill()
+        proc.communicate()
 
 
 def finish_rank(proc: subprocess.Popen[str], timeout: float = 60) -> tuple[int, str, str]:

@@ -3,6 +3,7 @@ process, then what the backend stored (metric names per rank, steps, config, sta
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
 from pathlib import Path
@@ -96,7 +97,8 @@ for step in range(1, 5):
     accelerator.log({"loss": loss.item()}, step=step)      # main process only
     tracker.log({"tokens": step * 8 + rank}, step=step)     # every rank
 run = tracker.tracker
-print("RESULT " + json.dumps({"rank": rank, "id": run.id}), flush=True)
+with open(os.path.join(os.environ["TEST_DIR"], f"result-{rank}.json"), "w") as f:
+    json.dump({"rank": rank, "id": run.id}, f)  # a file per rank: their stdout lines interleave
 accelerator.end_training()
 run.finish()
 sys.stdout.flush()
@@ -152,7 +154,6 @@ def test_transformers_callback_logs_train_metrics_at_global_step(stack: Stack,
     assert "train/learning_rate/rank0" in names and "train/train_runtime/rank0" in names, names
 
 
-@pytest.mark.xfail(strict=False, reason="a rank line interleaved with another in stdout under load (JSONDecodeError seen once in CI); to fix next session")
 def test_accelerate_tracker_main_process_and_every_rank(stack: Stack, tmp_path: Path) -> None:
     """Two ranks under torchrun: Accelerator.log lands from the main process only (rank 0's
     name), the tracker's own log from both ranks, all in one run."""
@@ -160,13 +161,16 @@ def test_accelerate_tracker_main_process_and_every_rank(stack: Stack, tmp_path: 
     project = f"acc-{uuid.uuid4().hex[:8]}"
     script = write_script(tmp_path, ACCELERATE)
     log = tmp_path / "agent.log"
-    env = rank_env(stack, TEST_PROJECT=project, PLUTO_RUN_ID=f"acc-{uuid.uuid4().hex[:6]}")
+    env = rank_env(stack, TEST_PROJECT=project, PLUTO_RUN_ID=f"acc-{uuid.uuid4().hex[:6]}",
+                   TEST_DIR=str(tmp_path))
     reap([torchrun(script, env, nproc=2, extra=("--standalone",), log=log)])
-    results = json_lines(log.read_text().replace("[rank0]:", "").replace("[rank1]:", ""))
+    # judged by what was stored (a rank may abort at exit, see README); each result file that
+    # was written names the one run
+    results = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("result-*.json"))]
     runs = stack.backend.runs(project)
     assert len(runs) == 1, (runs, log.read_text()[-3000:])
     run_id = runs[0]["id"]
-    assert {r["id"] for r in results} <= {run_id}
+    assert results and {r["id"] for r in results} == {run_id}, results
     run = _completed(stack, run_id)
     assert run["config"]["lr"] == 0.05 and "SGD" in run["config"]["optimizer"]
     names = set(stack.backend.get(f"/api/runs/{run_id}/metrics")["names"])

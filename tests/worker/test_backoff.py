@@ -68,7 +68,8 @@ def test_a_run_the_backend_cannot_read_does_not_stall_the_others(
                    "the unrelated run stored while the other is parked")
         held = pending(r, keys.metrics(sick))
         assert held > 0 and r.xlen(keys.dead(sick)) == 0  # waiting, not lost
-        assert "parked" in stack.worker_logs()
+        wait_until(lambda: "parked" in stack.worker_logs(), 30,
+                   "the worker saying the run is parked (after its quick attempts)")
         stop.touch()
         code, out, err = finish_rank(sick_proc, 60)
         assert code == 0, err[-3000:]
