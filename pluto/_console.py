@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from collections import deque
+from collections.abc import Callable, Mapping
 from typing import Any, TextIO
 
 import redis
@@ -62,9 +63,12 @@ class _Tee:
 class Console:
     """Captures this process's console into ``stream`` as ``rank``; :meth:`close` at finish."""
 
-    def __init__(self, client: redis.Redis, stream: str, rank: int, buffer: int = 100_000,
-                 interval: float = INTERVAL, own_client: bool = False) -> None:
-        self._client = client
+    def __init__(self, client: redis.Redis | Callable[[], redis.Redis], stream: str, rank: int,
+                 buffer: int = 100_000, interval: float = INTERVAL, own_client: bool = False
+                 ) -> None:
+        self._client_or_factory = client
+        """The client, or how to make it at the first send: building a redis-py client costs a
+        millisecond of CPU, which ``init`` should not spend while 64 ranks attach at once."""
         self._own_client = own_client
         self._stream = stream
         self._rank = rank
@@ -91,7 +95,9 @@ class Console:
         self._fed += 1
         self._pieces.append((name, text, int(time.time() * 1000)))
 
-    def install(self) -> Console:
+    def install(self, starts: list[Callable[[], None]] | None = None) -> Console:
+        """Tee stdout/stderr now; the sending thread is started at once, or by whoever runs
+        ``starts`` (the producer thread: see ``Producer.on_start``)."""
         for name in ("stdout", "stderr"):
             original = getattr(sys, name)
             if original is None:
@@ -99,7 +105,10 @@ class Console:
             tee = _Tee(original, name, self)
             setattr(sys, name, tee)
             self._tees.append((name, tee, original))
-        self._thread.start()
+        if starts is None:
+            self._thread.start()
+        else:
+            starts.append(self._thread.start)
         return self
 
     def close(self, timeout: float = 1.0) -> None:
@@ -124,8 +133,13 @@ class Console:
         self._lost += lost
         if self.dropped:
             log.warning("pluto: %d console lines never reached Redis", self.dropped)
-        if self._own_client:
-            self._client.close()
+        if self._own_client and isinstance(self._client_or_factory, redis.Redis):
+            self._client_or_factory.close()
+
+    def _client(self) -> redis.Redis:
+        if not isinstance(self._client_or_factory, (redis.Redis, redis.RedisCluster)):
+            self._client_or_factory = self._client_or_factory()
+        return self._client_or_factory  # type: ignore[return-value]
 
     # -- the thread --------------------------------------------------------------------------
 
@@ -174,7 +188,7 @@ class Console:
                 return
             batch = [self._unsent[i] for i in range(min(500, len(self._unsent)))]
             try:
-                with self._client.pipeline(transaction=False) as pipe:
+                with self._client().pipeline(transaction=False) as pipe:
                     for fields in batch:
                         pipe.xadd(self._stream, fields, maxlen=RETENTION,  # type: ignore[arg-type]
                                   approximate=True)
@@ -190,14 +204,19 @@ class Console:
             self.sent += len(batch)
 
 
-def start(redis_url: str, client: Any, stream: str, rank: int, buffer: int) -> Console | None:
-    """Capture this process's console into ``stream``; None (and a debug line) if it cannot."""
+def start(redis_url: str, client: Any, stream: str, rank: int, buffer: int,
+          starts: list[Callable[[], None]] | None = None,
+          options: Mapping[str, Any] | None = None) -> Console | None:
+    """Capture this process's console into ``stream``; None (and a debug line) if it cannot.
+    ``starts``: see :meth:`Console.install`; ``options`` go to the console's own client."""
     try:
         if isinstance(client, redis.RedisCluster):
-            return Console(client, stream, rank, buffer).install()  # type: ignore[arg-type]
-        own = redis.Redis.from_url(redis_url, socket_timeout=2.0, socket_connect_timeout=2.0,
-                                   retry=Retry(NoBackoff(), 0))
-        return Console(own, stream, rank, buffer, own_client=True).install()
+            return Console(client, stream, rank, buffer).install(starts)  # type: ignore[arg-type]
+        def own() -> redis.Redis:
+            return redis.Redis.from_url(redis_url, socket_timeout=2.0, socket_connect_timeout=2.0,
+                                        retry=Retry(NoBackoff(), 0), **(options or {}))
+
+        return Console(own, stream, rank, buffer, own_client=True).install(starts)
     except Exception as exc:  # noqa: BLE001 - a rank runs on without console capture
         log.debug("pluto: no console capture: %s", exc)
         return None

@@ -13,7 +13,7 @@ import sys
 import threading
 import time
 import warnings
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import FrameType
 from typing import Any
 
@@ -21,6 +21,7 @@ import redis
 from redis.backoff import ExponentialBackoff
 from redis.retry import Retry
 
+from . import _console
 from . import protocol as proto
 from ._agree import agree_run_id  # issue 20 (H4)
 from ._attach import CreateRequest, elect
@@ -97,20 +98,20 @@ def init(project: str | None = None, name: str | None = None, config: Any = None
                         resolve=resolve if s.cluster else None)
     run = Run(id=won.id, run_id=run_id, resumed=won.resumed, name=name, project=project, config=cfg,
               rank=s.rank, member=member, settings=s, client=client, keys=keys, producer=producer)
-    producer.start()
-    start_sampler(run)  # issue 20 (H4): per-rank system metrics (pluto/_sysmetrics.py)
-    _track(run)
+    start_sampler(run, producer.on_start)  # per-rank system metrics (pluto/_sysmetrics.py)
     if s.capture_console:
-        _capture_console(run, client, keys.logs(won.id))
+        _capture_console(run, client, keys.logs(won.id), producer.on_start)
+    producer.start()  # starts the sampler's and the console's threads (Producer.on_start)
+    _track(run)
     return run
 
 
-def _capture_console(run: Run, client: Any, stream: str) -> None:
-    """Tee stdout/stderr into the run's logs stream until ``finish`` (``_console``)."""
-    from . import _console
-
+def _capture_console(run: Run, client: Any, stream: str, starts: list[Callable[[], None]]
+                     ) -> None:
+    """Tee stdout/stderr into the run's logs stream until ``finish`` (``_console``); its
+    sending thread is started by the producer thread (``starts``)."""
     console = _console.start(run.settings.redis_url, client, stream, run.rank,
-                             run.settings.console_buffer)
+                             run.settings.console_buffer, starts, _NO_SETINFO)
     if console is None:
         return
     run.on_finishing = lambda r: console.close(min(1.0, r.settings.finish_timeout))

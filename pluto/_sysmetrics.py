@@ -18,7 +18,7 @@ import os
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
 from .protocol import name_problem
@@ -55,14 +55,15 @@ def append_entry(run: Run, names: tuple[str, ...], values: tuple[float, ...]) ->
     return True
 
 
-def start_sampler(run: Run) -> Sampler | None:
-    """Start the sampler of ``run`` if its settings want one (hook in ``pluto.init``)."""
+def start_sampler(run: Run, starts: list[Callable[[], None]]) -> Sampler | None:
+    """The sampler of ``run`` if its settings want one (hook in ``pluto.init``); its thread is
+    started by whoever runs ``starts`` (the producer thread, see ``Producer.on_start``)."""
     s = run.settings
     if not s.system_metrics or run._queue is None:
         return None
     sampler = Sampler(run, s.system_metrics_interval, run.rank, s.local_rank)
     _samplers[run] = sampler
-    sampler.start()
+    starts.append(sampler.start)
     return sampler
 
 
@@ -90,9 +91,12 @@ class Sampler(threading.Thread):
 
     def run(self) -> None:
         try:
-            self._open_nvml()
             last_cpu, last_wall = _cpu_seconds(), time.monotonic()
+            opened = False
             while not self._stopping.wait(self._interval):
+                if not opened:  # at the first sample, not at init: 64 ranks attach at once
+                    self._open_nvml()
+                    opened = True
                 cpu, wall = _cpu_seconds(), time.monotonic()
                 values = {"cpu_percent": 100.0 * (cpu - last_cpu) / max(wall - last_wall, 1e-6)}
                 last_cpu, last_wall = cpu, wall
