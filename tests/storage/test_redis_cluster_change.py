@@ -14,6 +14,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -152,6 +153,24 @@ def last_step(backend: Backend, run: int, metric: str = "a") -> int:
     return int(pts[-1][0]) if pts else 0
 
 
+def completed(backend: Backend, s: Stack, run: int) -> dict[str, Any]:
+    """The run once the backend calls it COMPLETED (the worker's log shown if it never does)."""
+    try:
+        return dict(wait_until(lambda: (g := backend.run(run))["status"] == "COMPLETED" and g,
+                               90, "the run COMPLETED"))
+    except BaseException:
+        print(backend.run(run), s.worker_logs()[-5000:])  # shown with the failure
+        raise
+
+
+def assert_every_step(backend: Backend, run: int, suffix: str, steps: int) -> None:
+    """``a<suffix>`` = step and ``b<suffix>`` = step / 4 stored for steps 1..steps, once each."""
+    assert [p[:2] for p in backend.points(run, f"a{suffix}")] == [
+        [i, i] for i in range(1, steps + 1)]
+    assert [p[1] for p in backend.points(run, f"b{suffix}")] == [
+        i * 0.25 for i in range(1, steps + 1)]
+
+
 @pytest.mark.slow
 def test_slot_migration_and_failover_mid_run_lose_nothing(
         cluster: list[int], backend: Backend, tmp_path: Path) -> None:
@@ -185,16 +204,10 @@ def test_slot_migration_and_failover_mid_run_lose_nothing(
         assert code == 0, err[-3000:]
         (done,) = json_lines(out)
         assert done["lost"] == 0
-        try:
-            got = wait_until(lambda: (g := backend.run(run))["status"] == "COMPLETED" and g, 90,
-                             "the run COMPLETED")
-        except BaseException:
-            print(backend.run(run), s.worker_logs()[-5000:])  # shown with the failure
-            raise
+        got = completed(backend, s, run)
         assert "error" not in s.worker_logs().lower(), s.worker_logs()[-3000:]
         steps = done["steps"]
-        assert [p[:2] for p in backend.points(run, "a")] == [[i, i] for i in range(1, steps + 1)]
-        assert [p[1] for p in backend.points(run, "b")] == [i * 0.25 for i in range(1, steps + 1)]
+        assert_every_step(backend, run, "", steps)
         assert got["ledger"]["lost"] == 0 and got["ledger"]["sent"] == steps
         client.close()
     finally:
@@ -303,18 +316,9 @@ def test_primary_crash_mid_run_promoted_by_the_cluster_loses_nothing(
             assert code == 0, err[-3000:]
             done.append(json_lines(out)[-1])
         assert [d["lost"] for d in done] == [0, 0]
-        try:
-            got = wait_until(lambda: (g := backend.run(run))["status"] == "COMPLETED" and g, 90,
-                             "the run COMPLETED")
-        except BaseException:
-            print(backend.run(run), s.worker_logs()[-5000:])  # shown with the failure
-            raise
+        got = completed(backend, s, run)
         for r, d in enumerate(done):
-            steps = d["steps"]
-            assert [p[:2] for p in backend.points(run, f"a/rank{r}")] == [
-                [i, i] for i in range(1, steps + 1)]
-            assert [p[1] for p in backend.points(run, f"b/rank{r}")] == [
-                i * 0.25 for i in range(1, steps + 1)]
+            assert_every_step(backend, run, f"/rank{r}", d["steps"])
         ledger = got["ledger"]
         assert ledger["sent"] == sum(d["steps"] for d in done)
         assert (ledger["dropped"], ledger["missing"], ledger["lost"]) == (0, 0, 0), ledger
