@@ -9,7 +9,9 @@ connection as a pipeline, two chunks in flight. Every failure is classified wher
   in order, with back-off; a resend after a half-written pipeline can repeat an entry in the
   stream, which the backend's upsert on (run, name, step) absorbs;
 * Redis answers "busy" (``LOADING``, ``OOM``, ``MOVED``... see ``_resp.TRANSIENT``): the same,
-  from the first entry it refused (on a cluster, ``MOVED`` also re-resolves the slot's node);
+  from the first entry it refused;
+* on a cluster, ``MOVED`` or a connection error also re-resolves the slot's node before the
+  retry: the slot migrated, or its master crashed and the cluster promotes a replica;
 * Redis refuses one entry for good, or one entry cannot be encoded: that entry alone is
   dropped, counted by reason and warned about; its neighbours still go.
 
@@ -29,6 +31,7 @@ from itertools import repeat, starmap
 from typing import Any
 
 import redis
+from redis.exceptions import RedisClusterException
 
 from ._io import Wire
 from ._resp import Replies, XaddPacker, count_entries, transient, whole_entries
@@ -123,6 +126,8 @@ class Producer(threading.Thread):
         """Started by this thread before anything else (the system-metrics sampler, the console
         sender): a thread started by ``init`` itself waits to be scheduled, and with 64 ranks
         woken at once on two cores each wait costs ``init`` tens of milliseconds."""
+        self._stale = False
+        """The slot's owner must be resolved again before the next write (see ``_follow_slot``)."""
         self._wake = threading.Event()
         if register is not None:
             self._wake.set()  # the first cycle runs at once
@@ -186,6 +191,7 @@ class Producer(threading.Thread):
         """
         inflight = self._inflight
         try:
+            self._follow_slot()
             self._register_first()
             while self.queue or inflight:
                 self._busy = True
@@ -200,8 +206,8 @@ class Producer(threading.Thread):
                     self._heartbeat()  # a long backlog does not silence this member
         except (_Busy, *CONNECTION_ERRORS) as exc:
             self._requeue(inflight)
-            if self._resolve is not None and "MOVED" in str(exc):
-                self._client = self._resolve()  # the slot lives elsewhere now: follow it
+            if self._resolve is not None and (not isinstance(exc, _Busy) or "MOVED" in str(exc)):
+                self._stale = True  # the slot moved, or its node died: ask again after back-off
             if isinstance(exc, _Busy):
                 self._busy_replies += 1
                 self._report("busy", self._busy_replies, f"Redis is busy ({exc}); keeping the "
@@ -225,6 +231,19 @@ class Producer(threading.Thread):
                         time.monotonic() - self._down_since)
             self._down_since = None
         return True
+
+    def _follow_slot(self) -> None:
+        """On a cluster, after ``MOVED`` or a connection error: the node that owns the stream's
+        slot now, from a fresh slot map. A crashed master keeps its slots until the cluster
+        promotes a replica (cluster-node-timeout), so this repeats, with the loop's back-off,
+        until the map names a node that answers; a map that cannot be read is weather too."""
+        if not self._stale or self._resolve is None:
+            return
+        try:
+            self._client = self._resolve()
+        except (redis.RedisError, RedisClusterException) as exc:
+            raise redis.ConnectionError(f"reading the cluster's slot map: {exc}") from exc
+        self._stale = False
 
     def _register_first(self) -> None:
         """The member registration, retried like a send while Redis is away or busy; a

@@ -21,6 +21,7 @@ import pytest
 import redis
 
 from pluto import _servers
+from pluto._settings import env_flag
 from pluto.protocol import Keys
 from tests import helpers
 
@@ -183,17 +184,20 @@ class Stack:
                                       self.backend.key, self.log_dir, env,
                                       name=f"worker{len(self.workers)}")
         self.workers.append(child)
-        self._await_served(child)
+        self._await_served(child, cluster=env_flag(env, "PLUTO_REDIS_CLUSTER"))
         return child
 
-    def _await_served(self, child: _servers.Child, timeout: float = 60.0) -> None:
+    def _await_served(self, child: _servers.Child, timeout: float = 60.0,
+                      cluster: bool = False) -> None:
         """Until the worker created its consumer group: ``init`` fails fast on a Redis that no
         worker ever served (pluto/_preflight.py), and a busy machine can take seconds to start
-        one. Returns early if the worker exited (tests that expect that judge it themselves)."""
+        one. Returns early if the worker exited (tests that expect that judge it themselves).
+        On a cluster, a cluster client: a plain one is answered MOVED and would wait it all out."""
         from pluto._preflight import _ever_served
 
         deadline = time.monotonic() + timeout
-        with redis.Redis.from_url(self.redis_url, socket_timeout=5) as r:
+        kind: Any = redis.RedisCluster if cluster else redis.Redis
+        with kind.from_url(self.redis_url, socket_timeout=5) as r:
             try:
                 while child.alive() and not _ever_served(r, self.keys):
                     if time.monotonic() >= deadline:
