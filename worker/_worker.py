@@ -65,7 +65,7 @@ class Worker:
 
     def __init__(self, settings: WorkerSettings | None = None, r: Any = None) -> None:
         self.settings = s = settings or WorkerSettings.from_env()
-        self.keys = Keys(s.prefix)
+        self.keys = Keys(s.prefix, s.tenant)
         self.name = s.name
         self.r = r if r is not None else connect(s)
         if not s.cluster:

@@ -1,0 +1,165 @@
+"""``pluto acl``: least-privilege Redis users for training ranks and workers, per tenant.
+
+A tenant's keys all live under ``<prefix>@<tenant>:`` (:class:`pluto.protocol.Keys`), a root no
+other tenant's pattern matches, so Redis ACL key patterns can confine each team:
+
+- ``pluto-rank[-<tenant>]`` (training processes) may elect a creator and read the run key,
+  append (never read) the control stream and its runs' metrics, logs and heartbeats, write its
+  own member entry, and read only what a waiting ``init`` needs (the answer to its create, the
+  announce stream, the run's name, the workers' heartbeats). No ``DEL``, ``XTRIM``, ``XDEL``,
+  ``XREADGROUP``, ``KEYS``, ``SCAN``, ``FLUSHALL``, no key of another tenant.
+- ``pluto-worker`` (one user for every tenant it serves) may do what a worker does on those
+  tenants' keys, and nothing ``@dangerous`` (``FLUSHALL``, ``KEYS``, ``CONFIG`` ...).
+
+Passwords come from ``PLUTO_ACL_PASSWORD_<USER>`` (the user name upper-cased, ``-`` as
+``_``) or, with ``--generate``, are made here and shown once. Redis receives only their
+SHA-256 (``#<hash>``); a password never appears in a printed rule, a log line or a message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import re
+import secrets
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+from ._settings import env_tenant, redact, redis_tls
+from .errors import ConfigError, PlutoError
+from .protocol import DEFAULT_REDIS_URL, Keys, glob_escape
+
+RANK_COMMANDS = ("+ping", "+select", "+get", "+set", "+expire", "+pexpire", "+xadd", "+xread",
+                 "+hget", "+hset", "+hvals", "+evalsha", "+script|load")
+"""Every command the SDK sends (``pluto/_init.py``, ``_attach.py``, ``_producer.py``,
+``_run.py``, ``_console.py``, ``_preflight.py``); the lease script (``EVALSHA``) runs GET and
+PEXPIRE on the run key, which Redis checks against the same key patterns."""
+
+WORKER_COMMANDS = ("+@read", "+@write", "+@stream", "+@hash", "+@set", "+@string",
+                   "+@keyspace", "+@connection", "+@transaction", "+eval", "+evalsha",
+                   "+script|load", "-@dangerous", "-scan", "-randomkey")
+"""What a worker needs on its tenants' keys; ``SCAN`` and ``RANDOMKEY`` are refused because
+key patterns do not filter the names they return (another tenant's project names)."""
+
+
+def rank_keys(keys: Keys) -> list[str]:
+    """Key permissions of a rank of ``keys.tenant`` (``%R~`` read, ``%W~`` write, ``~`` both)."""
+    root = glob_escape(keys.root)
+    run = f"{root}:{{*}}"
+    return [f"%R~{root}:workers", f"~{root}:run:*", f"%W~{root}:control",
+            f"%R~{root}:created:*", f"%R~{root}:announce:*", f"%R~{run}:info",
+            f"~{run}:members", f"%W~{run}:heartbeats", f"%W~{run}:metrics", f"%W~{run}:logs"]
+
+
+@dataclass(frozen=True)
+class User:
+    name: str
+    rules: tuple[str, ...]
+    password: str | None
+    """None: not known (a placeholder is printed; ``--apply`` refuses)."""
+    generated: bool = False
+
+    def setuser(self, for_print: bool) -> list[str]:
+        """The ``ACL SETUSER`` arguments; printed ones never hold a password the caller gave."""
+        if self.password is None or (for_print and not self.generated):
+            secret = f"><password of {self.name}>"
+        else:
+            secret = "#" + hashlib.sha256(self.password.encode()).hexdigest()
+        return [self.name, "reset", "on", secret, "resetchannels", "-@all", *self.rules]
+
+
+def password_env(user: str) -> str:
+    """The variable holding ``user``'s password: ``PLUTO_ACL_PASSWORD_PLUTO_RANK_VISION``."""
+    return "PLUTO_ACL_PASSWORD_" + re.sub(r"[^A-Z0-9]", "_", user.upper())
+
+
+def users(prefix: str, tenants: Sequence[str], worker_user: str = "pluto-worker",
+          generate: bool = False, env: Mapping[str, str] | None = None) -> list[User]:
+    """One rank user per tenant (``pluto-rank`` without one), one worker user for all."""
+    env = os.environ if env is None else env
+    if re.search(r"\s", prefix):
+        raise ConfigError(f"PLUTO_PREFIX={prefix!r} contains whitespace; ACL rules cannot "
+                          "name it")
+    every = [Keys(prefix, t) for t in (tenants or [""])]
+
+    def user(name: str, rules: list[str]) -> User:
+        given = env.get(password_env(name)) or None
+        if given is None and generate:
+            return User(name, tuple(rules), secrets.token_urlsafe(32), True)
+        return User(name, tuple(rules), given)
+
+    out = [user(f"pluto-rank-{k.tenant}" if k.tenant else "pluto-rank",
+                [*RANK_COMMANDS, *rank_keys(k)]) for k in every]
+    out.append(user(worker_user, [*WORKER_COMMANDS, *(f"~{k.pattern}" for k in every)]))
+    return out
+
+
+def apply(url: str, given: list[User], env: Mapping[str, str] | None = None) -> None:
+    """Send every ``ACL SETUSER`` to the Redis at ``url`` (an admin's credentials)."""
+    import redis
+
+    missing = [u.name for u in given if u.password is None]
+    if missing:
+        raise ConfigError("no password for " + ", ".join(missing) + ": set " + ", ".join(
+            password_env(m) for m in missing) + ", or pass --generate")
+    try:
+        client: Any = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10,
+                                           **redis_tls(url, env))
+        with client:
+            for u in given:
+                client.execute_command("ACL", "SETUSER", *u.setuser(for_print=False))
+    except (redis.RedisError, OSError, ValueError) as exc:
+        raise PlutoError(f"could not apply the ACL users at {redact(url)}: "
+                         f"{type(exc).__name__}: {redact(str(exc))} (the URL needs a user "
+                         "allowed ACL SETUSER, e.g. the default one)") from None
+
+
+def user_url(url: str, u: User) -> str:
+    """``url`` with ``u``'s name and password instead of whatever credentials it carried."""
+    parts = urlsplit(url)
+    host = parts.hostname or "127.0.0.1"
+    netloc = f"{quote(u.name)}:{quote(u.password or '', safe='')}@" + (
+        f"[{host}]" if ":" in host else host) + (f":{parts.port}" if parts.port else "")
+    return parts._replace(netloc=netloc).geturl()
+
+
+def add_parser(sub: Any) -> None:
+    acl = sub.add_parser("acl", help="print (or --apply) least-privilege Redis ACL users "
+                         "pluto-rank[-<tenant>] and pluto-worker for PLUTO_PREFIX")
+    acl.add_argument("--tenant", action="append", default=None, metavar="T",
+                     help="a tenant (team) whose keys live under <prefix>@T: (repeatable; "
+                     "default: PLUTO_TENANTS, else PLUTO_TENANT, else none)")
+    acl.add_argument("--worker-user", default="pluto-worker", help="the worker's user name")
+    acl.add_argument("--generate", action="store_true", help="make a random password for each "
+                     "user without PLUTO_ACL_PASSWORD_<USER>, and show it once")
+    acl.add_argument("--apply", action="store_true", help="send the users to --redis-url")
+    acl.add_argument("--redis-url", default=None, help="an admin's URL (default "
+                     "PLUTO_REDIS_URL); the URLs shown for the users take its host and port")
+
+
+def cmd_acl(args: argparse.Namespace) -> int:
+    env = os.environ
+    names = args.tenant or [t for t in env.get("PLUTO_TENANTS", "").split(",") if t.strip()] \
+        or [env.get("PLUTO_TENANT", "")]
+    tenants = list(dict.fromkeys(env_tenant({"--tenant": t.strip()}, "--tenant")
+                                 for t in names))
+    url = args.redis_url or env.get("PLUTO_REDIS_URL") or DEFAULT_REDIS_URL
+    made = users(env.get("PLUTO_PREFIX") or "pluto", tenants, args.worker_user, args.generate)
+    if args.apply:
+        apply(url, made)
+        print(f"applied {len(made)} ACL users at {redact(url)}: "
+              f"{', '.join(u.name for u in made)} (persist them with ACL SAVE or CONFIG "
+              "REWRITE)")
+    else:
+        for u in made:
+            print("ACL SETUSER " + " ".join(u.setuser(for_print=True)))
+    for u in made:
+        if u.generated:
+            role = "workers" if u.name == args.worker_user else "training ranks"
+            tenant = ("PLUTO_TENANTS=" + ",".join(tenants) if u.name == args.worker_user
+                      else f"PLUTO_TENANT={u.name[len('pluto-rank-'):]}") if any(tenants) else ""
+            print(f"# {role}: {tenant} PLUTO_REDIS_URL={user_url(url, u)}  (shown once)")
+    return 0
