@@ -32,26 +32,33 @@ from ._settings import env_tenant, redact, redis_tls
 from .errors import ConfigError, PlutoError
 from .protocol import DEFAULT_REDIS_URL, Keys, glob_escape
 
-RANK_COMMANDS = ("+ping", "+select", "+get", "+set", "+expire", "+pexpire", "+xadd", "+xread",
-                 "+hget", "+hset", "+hvals", "+evalsha", "+script|load")
-"""Every command the SDK sends (``pluto/_init.py``, ``_attach.py``, ``_producer.py``,
-``_run.py``, ``_console.py``, ``_preflight.py``); the lease script (``EVALSHA``) runs GET and
-PEXPIRE on the run key, which Redis checks against the same key patterns."""
+RANK_COMMANDS = ("+ping", "+select")
+"""Commands a rank may send on no key; every other one is tied to its keys by
+:func:`rank_rules`."""
 
 WORKER_COMMANDS = ("+@read", "+@write", "+@stream", "+@hash", "+@set", "+@string",
                    "+@keyspace", "+@connection", "+@transaction", "+eval", "+evalsha",
-                   "+script|load", "-@dangerous", "-scan", "-randomkey")
+                   "+script|load", "+script|exists", "-@dangerous", "-scan", "-randomkey")
 """What a worker needs on its tenants' keys; ``SCAN`` and ``RANDOMKEY`` are refused because
 key patterns do not filter the names they return (another tenant's project names)."""
 
 
-def rank_keys(keys: Keys) -> list[str]:
-    """Key permissions of a rank of ``keys.tenant`` (``%R~`` read, ``%W~`` write, ``~`` both)."""
+def rank_rules(keys: Keys) -> list[str]:
+    """What a rank of ``keys.tenant`` may do, each command only on the keys it needs it for
+    (Redis 7 selectors, ``(...)``: a command passes if the root rules or one selector allow
+    it on all its keys), so e.g. ``SET`` works on run keys but cannot overwrite a stream.
+
+    Every command the SDK sends is here (``pluto/_init.py``, ``_attach.py``, ``_producer.py``,
+    ``_run.py``, ``_console.py``, ``_preflight.py``); the lease script (``EVALSHA``) runs GET
+    and PEXPIRE on the run key, which Redis checks against these same rules."""
     root = glob_escape(keys.root)
     run = f"{root}:{{*}}"
-    return [f"%R~{root}:workers", f"~{root}:run:*", f"%W~{root}:control",
-            f"%R~{root}:created:*", f"%R~{root}:announce:*", f"%R~{run}:info",
-            f"~{run}:members", f"%W~{run}:heartbeats", f"%W~{run}:metrics", f"%W~{run}:logs"]
+    return [*RANK_COMMANDS, "+get", "+set", "+expire", "+pexpire", "+evalsha", "+script|load",
+            f"~{root}:run:*",  # elect a creator, read the id, keep the lease and TTL
+            f"(+xadd %W~{root}:control %W~{run}:metrics %W~{run}:logs)",  # append, never read
+            f"(+get %R~{root}:created:*)", f"(+xread %R~{root}:announce:*)",
+            f"(+hget %R~{run}:info)", f"(+hvals %R~{root}:workers)",
+            f"(+hset +hget ~{run}:members)", f"(+hset %W~{run}:heartbeats)"]
 
 
 @dataclass(frozen=True)
@@ -65,10 +72,11 @@ class User:
     def setuser(self, for_print: bool) -> list[str]:
         """The ``ACL SETUSER`` arguments; printed ones never hold a password the caller gave."""
         if self.password is None or (for_print and not self.generated):
-            secret = f"><password of {self.name}>"
+            secret = f"><password-of-{self.name}>"
         else:
             secret = "#" + hashlib.sha256(self.password.encode()).hexdigest()
-        return [self.name, "reset", "on", secret, "resetchannels", "-@all", *self.rules]
+        rules = [f'"{r}"' if for_print and " " in r else r for r in self.rules]
+        return [self.name, "reset", "on", secret, "resetchannels", "-@all", *rules]
 
 
 def password_env(user: str) -> str:
@@ -91,8 +99,8 @@ def users(prefix: str, tenants: Sequence[str], worker_user: str = "pluto-worker"
             return User(name, tuple(rules), secrets.token_urlsafe(32), True)
         return User(name, tuple(rules), given)
 
-    out = [user(f"pluto-rank-{k.tenant}" if k.tenant else "pluto-rank",
-                [*RANK_COMMANDS, *rank_keys(k)]) for k in every]
+    out = [user(f"pluto-rank-{k.tenant}" if k.tenant else "pluto-rank", rank_rules(k))
+           for k in every]
     out.append(user(worker_user, [*WORKER_COMMANDS, *(f"~{k.pattern}" for k in every)]))
     return out
 
