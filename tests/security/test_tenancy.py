@@ -30,6 +30,7 @@ from pluto_server import _schema
 from pluto_server._rows import ForeignProject
 from pluto_server._store import open_store
 from pluto_worker import WorkerSettings
+from pluto_worker._metrics import Metrics, serve_metrics
 from tests.conftest import ROOT, Backend
 from tests.helpers import PYTHON, finish_rank, json_lines, start_rank, wait_until, write_script
 
@@ -397,3 +398,22 @@ def test_projects_made_before_tenancy_belong_to_the_default_tenant(tmp_path: Pat
     assert _schema.migrate(db) == _schema.VERSION
     assert db.execute("SELECT project, tenant FROM project_tenants").fetchall() == [("old", "")]
     db.close()
+
+
+def test_one_worker_process_serving_two_tenants_labels_its_metrics() -> None:
+    workers = [(tenant, Metrics(f"w@{tenant}", "test")) for tenant in ("a", "b")]
+    workers[0][1].on_read("metrics", 3)
+    workers[1][1].on_read("metrics", 5)
+    port = _servers.free_port()
+    serve_metrics(workers, port, host="127.0.0.1")
+    text = wait_until(lambda: _scrape(port), 30, "the metrics endpoint")
+    assert 'pluto_worker_entries_read_total{stream="metrics",tenant="a"} 3.0' in text
+    assert 'pluto_worker_entries_read_total{stream="metrics",tenant="b"} 5.0' in text
+    assert text.count("# TYPE pluto_worker_entries_read_total counter") == 1  # one family
+
+
+def _scrape(port: int) -> str | None:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    except httpx.TransportError:
+        return None
