@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from ._settings import env_tenant, redact, redis_tls
+from ._settings import env_tenants, redact, redis_tls
 from .errors import ConfigError, PlutoError
 from .protocol import DEFAULT_REDIS_URL, Keys, glob_escape
 
@@ -68,6 +68,8 @@ class User:
     password: str | None
     """None: not known (a placeholder is printed; ``--apply`` refuses)."""
     generated: bool = False
+    settings: str = ""
+    """What its processes set besides the URL (``PLUTO_TENANT=...``), shown with it."""
 
     def setuser(self, for_print: bool) -> list[str]:
         """The ``ACL SETUSER`` arguments; printed ones never hold a password the caller gave."""
@@ -93,15 +95,17 @@ def users(prefix: str, tenants: Sequence[str], worker_user: str = "pluto-worker"
                           "name it")
     every = [Keys(prefix, t) for t in (tenants or [""])]
 
-    def user(name: str, rules: list[str]) -> User:
+    def user(name: str, rules: list[str], settings: str) -> User:
         given = env.get(password_env(name)) or None
         if given is None and generate:
-            return User(name, tuple(rules), secrets.token_urlsafe(32), True)
-        return User(name, tuple(rules), given)
+            return User(name, tuple(rules), secrets.token_urlsafe(32), True, settings)
+        return User(name, tuple(rules), given, False, settings)
 
-    out = [user(f"pluto-rank-{k.tenant}" if k.tenant else "pluto-rank", rank_rules(k))
-           for k in every]
-    out.append(user(worker_user, [*WORKER_COMMANDS, *(f"~{k.pattern}" for k in every)]))
+    out = [user(f"pluto-rank-{k.tenant}" if k.tenant else "pluto-rank", rank_rules(k),
+                f"ranks: PLUTO_TENANT={k.tenant}" if k.tenant else "ranks:") for k in every]
+    named = ",".join(k.tenant for k in every if k.tenant)
+    out.append(user(worker_user, [*WORKER_COMMANDS, *(f"~{k.pattern}" for k in every)],
+                    f"workers: PLUTO_TENANTS={named}" if named else "workers:"))
     return out
 
 
@@ -150,10 +154,7 @@ def add_parser(sub: Any) -> None:
 
 def cmd_acl(args: argparse.Namespace) -> int:
     env = os.environ
-    names = args.tenant or [t for t in env.get("PLUTO_TENANTS", "").split(",") if t.strip()] \
-        or [env.get("PLUTO_TENANT", "")]
-    tenants = list(dict.fromkeys(env_tenant({"--tenant": t.strip()}, "--tenant")
-                                 for t in names))
+    tenants = [t for t in env_tenants(env, args.tenant) if t]
     url = args.redis_url or env.get("PLUTO_REDIS_URL") or DEFAULT_REDIS_URL
     made = users(env.get("PLUTO_PREFIX") or "pluto", tenants, args.worker_user, args.generate)
     if args.apply:
@@ -166,8 +167,5 @@ def cmd_acl(args: argparse.Namespace) -> int:
             print("ACL SETUSER " + " ".join(u.setuser(for_print=True)))
     for u in made:
         if u.generated:
-            role = "workers" if u.name == args.worker_user else "training ranks"
-            tenant = ("PLUTO_TENANTS=" + ",".join(tenants) if u.name == args.worker_user
-                      else f"PLUTO_TENANT={u.name[len('pluto-rank-'):]}") if any(tenants) else ""
-            print(f"# {role}: {tenant} PLUTO_REDIS_URL={user_url(url, u)}  (shown once)")
+            print(f"# {u.settings} PLUTO_REDIS_URL={user_url(url, u)}  (shown once)")
     return 0

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -98,6 +98,20 @@ def env_tenant(env: Mapping[str, str], name: str = "PLUTO_TENANT") -> str:
     if problem:
         raise ConfigError(f"{name}={tenant[:40]!r}: {problem}")
     return tenant
+
+
+def env_tenants(env: Mapping[str, str], given: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The tenants a worker (or ``pluto acl``) serves: ``given`` (``--tenant``), else
+    ``PLUTO_TENANTS`` (comma-separated), else ``PLUTO_TENANT``, else ``("",)`` (no tenant);
+    each validated, duplicates dropped."""
+    if given:
+        names, source = list(given), "--tenant"
+    else:
+        names, source = env.get("PLUTO_TENANTS", "").split(","), "PLUTO_TENANTS"
+    names = [t.strip() for t in names if t.strip()]
+    if not names:
+        return (env_tenant(env),)
+    return tuple(dict.fromkeys(env_tenant({source: t}, source) for t in names))
 
 
 def env_flag(env: Mapping[str, str], name: str) -> bool:

@@ -9,7 +9,7 @@ import sys
 import threading
 from types import FrameType
 
-from pluto._settings import env_tenant, redact
+from pluto._settings import env_tenants, redact
 
 from ._metrics import serve_metrics
 from ._settings import WorkerSettings
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None, tenants: list[str] | None = None) -> int
     """Run the worker with settings from the environment (``tenants``, from ``pluto worker
     --tenant``, win over ``PLUTO_TENANTS``): one :class:`Worker` per tenant, each in a thread
     of its own, so that one tenant's trouble never holds up another's; 0 after a warm stop."""
-    settings = WorkerSettings.from_env(tenants=_tenants(tenants))
+    settings = WorkerSettings.from_env(tenants=env_tenants(os.environ, tenants))
     logging.basicConfig(stream=sys.stderr, level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise
@@ -45,13 +45,6 @@ def main(argv: list[str] | None = None, tenants: list[str] | None = None) -> int
     for thread in threads:
         thread.join()
     return code
-
-
-def _tenants(given: list[str] | None) -> tuple[str, ...] | None:
-    """``--tenant`` values, validated like ``PLUTO_TENANTS``; None when none was given."""
-    if not given:
-        return None
-    return tuple(dict.fromkeys(env_tenant({"--tenant": t}, "--tenant") for t in given))
 
 
 def _install_signals(workers: list[Worker]) -> None:

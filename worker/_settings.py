@@ -15,7 +15,7 @@ from typing import Any
 
 from pluto._settings import env_flag as _flag
 from pluto._settings import env_number as _num
-from pluto._settings import env_tenant, redis_tls
+from pluto._settings import env_tenants, redis_tls
 from pluto.protocol import DEFAULT_API_URL, DEFAULT_REDIS_URL
 
 
@@ -84,7 +84,7 @@ class WorkerSettings:
             redis_url=env.get("PLUTO_REDIS_URL") or DEFAULT_REDIS_URL,
             cluster=_flag(env, "PLUTO_REDIS_CLUSTER"),
             prefix=env.get("PLUTO_PREFIX") or "pluto",
-            tenants=_tenants(env),
+            tenants=env_tenants(env),
             api_url=(env.get("PLUTO_API_URL") or DEFAULT_API_URL).rstrip("/"),
             api_key=env.get("PLUTO_API_KEY") or "",
             name=env.get("PLUTO_WORKER_NAME") or f"{socket.gethostname()}:{os.getpid()}",
@@ -127,10 +127,3 @@ class WorkerSettings:
     def replace(self, **changes: Any) -> WorkerSettings:
         return dataclasses.replace(self, **changes)
 
-
-def _tenants(env: Mapping[str, str]) -> tuple[str, ...]:
-    """``PLUTO_TENANTS`` (comma-separated, each validated), else ``PLUTO_TENANT``, else none."""
-    names = [t.strip() for t in env.get("PLUTO_TENANTS", "").split(",") if t.strip()]
-    if not names:
-        return (env_tenant(env),)
-    return tuple(dict.fromkeys(env_tenant({"PLUTO_TENANTS": t}, "PLUTO_TENANTS") for t in names))
