@@ -138,7 +138,7 @@ class Control:
         """A rank can put any run id on its tenant's control stream: one of another tenant's
         runs is refused (:class:`Rejected`, so dead-lettered with the reason) before anything
         of it is touched. Known runs (created here, or checked before) cost nothing."""
-        if run not in self.projects:
+        if self.backend.tenant and run not in self.projects:  # without tenants: no check
             self.projects[run] = self.backend.project_of(run)
 
     def attach(self, msg: dict[str, Any]) -> None:

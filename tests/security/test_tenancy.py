@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import sqlite3
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from pluto_server._rows import ForeignProject
 from pluto_server._store import open_store
 from pluto_worker import WorkerSettings
 from pluto_worker._metrics import Metrics, serve_metrics
-from tests.conftest import ROOT, Backend
+from tests.conftest import ROOT, Backend, Stack
 from tests.helpers import PYTHON, finish_rank, json_lines, start_rank, wait_until, write_script
 
 from .conftest import clean_env
@@ -275,6 +276,18 @@ def test_a_run_key_pointing_at_another_tenants_run_gets_nothing_in(
     assert [m["member"] for m in after["members"]] == [m["member"] for m in before["members"]]
     assert t.backend.points(victim["id"], "loss") == points
     assert r.xlen(ka.metrics(victim["id"])) == 5  # written where nobody reads it, not lost
+    # Had the id got into the tenant's runs set anyway (a rank without ACLs can add it), the
+    # worker would not serve it: it checks whose run it is first, and says so.
+    r.xgroup_create(ka.metrics(victim["id"]), "workers", "0")
+    r.sadd(ka.runs, victim["id"])
+    assert t.worker is not None
+    wait_until(lambda: f"run {victim['id']} in {ka.runs} is not served" in t.worker.log(), 60,
+               "the worker to refuse the run in its runs set")
+    time.sleep(3)  # several reads and run checks of the worker (every 0.25 s) have passed
+    after = t.backend.run(victim["id"])
+    assert after["status"] == "COMPLETED" and after["members"] == before["members"]
+    assert t.backend.points(victim["id"], "loss") == points
+    assert r.xlen(ka.metrics(victim["id"])) == 5 and not r.exists(ka.dead(victim["id"]))
     for secret in t.passwords():
         assert secret not in t.logs()
 
@@ -417,3 +430,22 @@ def _scrape(port: int) -> str | None:
         return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     except httpx.TransportError:
         return None
+
+
+def test_a_worker_without_tenant_dead_letters_entries_for_a_tenants_run(
+        stack: Stack, r: redis.Redis) -> None:
+    """Entries that reach a worker for a run of a tenant it does not serve are refused, each
+    one dead-lettered with the reason: nothing is posted, nothing vanishes."""
+    with stack.backend.client() as c:
+        made = c.post("/api/runs/create", json={"projectName": f"tenanted-{stack.prefix}",
+                                                "externalId": "x", "tenant": "someone"})
+    run = made.json()["runId"]
+    keys = stack.keys
+    for step in (1, 2, 3):
+        r.xadd(keys.metrics(run), {"_rank": 0, "_step": step, "_time": 1, "loss": 0.5})
+    r.xgroup_create(keys.metrics(run), "workers", "0")
+    r.sadd(keys.runs, run)
+    dead = wait_until(lambda: len(r.xrange(keys.dead(run))) == 3 and r.xrange(keys.dead(run)),
+                      60, "the entries to be dead-lettered")
+    assert all(b"belongs to another tenant" in fields[b"reason"] for _, fields in dead)
+    assert stack.backend.get(f"/api/runs/{run}/metrics")["names"] == []
