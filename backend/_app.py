@@ -16,7 +16,14 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from pluto.protocol import COLUMNS_TYPE, MSGPACK_TYPE, NDJSON_TYPE, STATUSES
+from pluto.protocol import (
+    COLUMNS_TYPE,
+    MSGPACK_TYPE,
+    NDJSON_TYPE,
+    REFUSED_HEADER,
+    STATUSES,
+    tenant_problem,
+)
 
 from . import _compat, _faults, _files, _json, _lines, _query, _read
 from ._auth import ScopedAuth
@@ -44,7 +51,7 @@ from ._ingest import (
     shown,
 )
 from ._metrics import BackendMetrics, CountRequests, metrics_endpoint
-from ._rows import BrokenRow
+from ._rows import BrokenRow, ForeignProject
 from ._settings import ServerSettings, db_path, is_postgres
 from ._store import Store, Unstorable, open_store
 
@@ -104,8 +111,17 @@ async def create_run(request: Request) -> Response:
     if external_id is not None:
         external_id = text_of(external_id, "externalId")
     config, tags = parse_config(body.get("config")), parse_tags(body.get("tags"))
-    run, resumed = await in_thread(store_of(request).create_run, project, external_id or None,
-                                   name, config, tags)
+    tenant = text_of(body.get("tenant") or "", "tenant")
+    problem = tenant_problem(tenant)
+    if problem:
+        raise HTTPException(400, problem)
+    try:
+        run, resumed = await in_thread(store_of(request).create_run, project,
+                                       external_id or None, name, config, tags, tenant)
+    except ForeignProject as exc:  # final: the worker does not retry it like a key refusal
+        refused = error(403, str(exc))
+        refused.headers[REFUSED_HEADER] = "tenant"
+        return refused
     return JSONResponse({"runId": run, "resumed": resumed, "url": run_url(request, run)})
 
 

@@ -117,11 +117,17 @@ class PgStore:
     # -- runs ----------------------------------------------------------------------------------
 
     def create_run(self, project: str, external_id: str | None, name: str,
-                   config: dict[str, Any] | None, tags: list[str] | None) -> tuple[int, bool]:
-        """``(id, resumed)``; the UNIQUE constraint elects one creator across replicas."""
+                   config: dict[str, Any] | None, tags: list[str] | None,
+                   tenant: str = "") -> tuple[int, bool]:
+        """``(id, resumed)``; the UNIQUE constraint elects one creator across replicas; a
+        project of another tenant is refused (see ``Store.create_run``)."""
         now = now_ms()
 
         def create(db: psycopg.Connection[Any]) -> tuple[int, bool]:
+            db.execute("INSERT INTO project_tenants (project, tenant) VALUES (%s, %s)"
+                       " ON CONFLICT DO NOTHING", (project, tenant))
+            if self._tenant(db, project) != tenant:
+                raise _rows.ForeignProject(project)
             row = db.execute(
                 "INSERT INTO runs (project, external_id, name, status, config, tags, created_at,"
                 " updated_at) VALUES (%s, %s, %s, 'RUNNING', %s, %s, %s, %s)"
@@ -141,6 +147,17 @@ class PgStore:
         run, resumed = self._transaction(create)
         self._runs.add(run)
         return run, resumed
+
+    def tenant_of(self, project: str) -> str:
+        """The tenant the project belongs to (``''``: the default one, or no such project)."""
+        with self._db() as db:
+            return self._tenant(db, project)
+
+    @staticmethod
+    def _tenant(db: psycopg.Connection[Any], project: str) -> str:
+        row = db.execute("SELECT tenant FROM project_tenants WHERE project = %s",
+                         (project,)).fetchone()
+        return "" if row is None else str(row[0])
 
     def find_run(self, project: str, external_id: str) -> int | None:
         rows = self._rows("SELECT id FROM runs WHERE project = %s AND external_id = %s",

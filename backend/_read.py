@@ -282,6 +282,7 @@ async def get_run(request: Request) -> Response:
     if found is None:
         raise HTTPException(404, f"no run with id {run}")
     found["lastStep"] = (await in_thread(store.last_steps, [run])).get(run)
+    found["tenant"] = await in_thread(store.tenant_of, found["project"])
     return JSONResponse(found)
 
 

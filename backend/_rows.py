@@ -27,6 +27,14 @@ class BrokenRow(ValueError):
     """A stored row that cannot be returned as JSON (written before the checks at the door)."""
 
 
+class ForeignProject(PermissionError):
+    """A create named a project that belongs to another tenant (issue 18): refused for good."""
+
+    def __init__(self, project: str) -> None:
+        super().__init__(f"project {project[:200]!r} belongs to another tenant; pick another "
+                         "project name")
+
+
 def merged_config(run: int, old: str, new: dict[str, Any] | None) -> str:
     """Top-level dict merge of ``new`` into the JSON object ``old``; None changes nothing.
 

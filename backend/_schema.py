@@ -180,8 +180,22 @@ def _v4_member_node_attempt(db: sqlite3.Connection) -> None:
             db.execute(f"ALTER TABLE members ADD COLUMN {column} INTEGER")
 
 
+def _v5_project_tenants(db: sqlite3.Connection) -> None:
+    """Each project belongs to one tenant (issue 18), the one whose worker created its first
+    run; projects that already exist belong to the default tenant (``''``, no tenant)."""
+    db.execute(_PROJECT_TENANTS)
+    db.execute("INSERT OR IGNORE INTO project_tenants SELECT DISTINCT project, '' FROM runs")
+
+
+_PROJECT_TENANTS = """
+    CREATE TABLE IF NOT EXISTS project_tenants (
+        project TEXT PRIMARY KEY,
+        tenant  TEXT NOT NULL
+    )"""
+
 _MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
-    _v1_loss_ledger, _v2_api_keys, _v3_logs_data_files, _v4_member_node_attempt]
+    _v1_loss_ledger, _v2_api_keys, _v3_logs_data_files, _v4_member_node_attempt,
+    _v5_project_tenants]
 VERSION = len(_MIGRATIONS)
 
 
@@ -277,6 +291,9 @@ PG_MIGRATIONS: list[tuple[str, str]] = [
     ("member node and attempt",  # the SQLite _v4_member_node_attempt
      "ALTER TABLE members ADD COLUMN IF NOT EXISTS node bigint;"
      " ALTER TABLE members ADD COLUMN IF NOT EXISTS attempt bigint"),
+    ("project tenants",  # the SQLite _v5_project_tenants
+     _PROJECT_TENANTS.replace("TEXT", "text") + "; INSERT INTO project_tenants SELECT DISTINCT"
+     " project, '' FROM runs ON CONFLICT DO NOTHING"),
 ]
 """``(name, SQL)`` per version (version = position + 1); append, never edit a released one."""
 

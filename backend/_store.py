@@ -195,12 +195,19 @@ class Store:
     # -- runs ----------------------------------------------------------------------------------
 
     def create_run(self, project: str, external_id: str | None, name: str,
-                   config: dict[str, Any] | None, tags: list[str] | None) -> tuple[int, bool]:
+                   config: dict[str, Any] | None, tags: list[str] | None,
+                   tenant: str = "") -> tuple[int, bool]:
         """``(id, resumed)``. Idempotent on ``(project, external_id)``, also across processes:
         the UNIQUE constraint decides, so concurrent creates of one external id make one run.
+        The first create of a project makes it ``tenant``'s; another tenant's is refused
+        (:class:`ForeignProject`), so no tenant can resume or write into another's runs.
         """
         now = now_ms()
         with self._write() as db:
+            db.execute("INSERT OR IGNORE INTO project_tenants (project, tenant) VALUES (?, ?)",
+                       (project, tenant))
+            if self._tenant(db, project) != tenant:
+                raise _rows.ForeignProject(project)
             cur = db.execute(
                 "INSERT OR IGNORE INTO runs (project, external_id, name, status, config, tags,"
                 " created_at, updated_at) VALUES (?, ?, ?, 'RUNNING', ?, ?, ?, ?)",
@@ -216,6 +223,17 @@ class Store:
                 db.execute("UPDATE runs SET config = ?, updated_at = ? WHERE id = ?",
                            (_rows.merged_config(run, old, config), now, run))
             return int(run), True
+
+    def tenant_of(self, project: str) -> str:
+        """The tenant the project belongs to (``''``: the default one, or no such project)."""
+        with self._read() as db:
+            return self._tenant(db, project)
+
+    @staticmethod
+    def _tenant(db: sqlite3.Connection, project: str) -> str:
+        row = db.execute("SELECT tenant FROM project_tenants WHERE project = ?",
+                         (project,)).fetchone()
+        return "" if row is None else str(row[0])
 
     def find_run(self, project: str, external_id: str) -> int | None:
         with self._read() as db:

@@ -1,4 +1,5 @@
-"""The ``pluto`` command: ``worker``, ``server``, ``up``, ``tail``, ``runs``, ``status``, ``dead``.
+"""The ``pluto`` command: ``worker``, ``server``, ``up``, ``tail``, ``runs``, ``status``, ``dead``,
+``acl``.
 
 A thin layer over library functions; loaded only by the console script, never by ``import pluto``.
 """
@@ -17,8 +18,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from . import _servers
-from ._settings import redact, redis_tls
+from . import _acl, _servers
+from ._settings import env_tenant, redact, redis_tls
 from .errors import PlutoError
 from .protocol import (
     DEFAULT_API_URL,
@@ -37,6 +38,7 @@ LOOPBACK = ("127.0.0.1", "localhost", "::1")
 class CliSettings:
     redis_url: str = DEFAULT_REDIS_URL
     prefix: str = "pluto"
+    tenant: str = ""
     api_url: str = DEFAULT_API_URL
     api_key: str | None = None
     db_url: str = DEFAULT_DB_URL
@@ -47,6 +49,7 @@ class CliSettings:
         env = os.environ
         return cls(redis_url=env.get("PLUTO_REDIS_URL") or DEFAULT_REDIS_URL,
                    prefix=env.get("PLUTO_PREFIX") or "pluto",
+                   tenant=env_tenant(env),
                    api_url=(env.get("PLUTO_API_URL") or DEFAULT_API_URL).rstrip("/"),
                    api_key=env.get("PLUTO_API_KEY") or None,
                    db_url=env.get("PLUTO_DB_URL") or DEFAULT_DB_URL,
@@ -74,7 +77,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
         from pluto_worker import main as worker_main
     except ImportError as exc:
         return _missing("worker", "worker", exc)
-    return int(worker_main() or 0)
+    return int(worker_main(tenants=args.tenant) or 0)
 
 
 def cmd_server(args: argparse.Namespace) -> int:
@@ -297,7 +300,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     import redis
 
     s = CliSettings.from_env()
-    keys = Keys(s.prefix)
+    keys = Keys(s.prefix, s.tenant)
     client: Any = redis.Redis.from_url(s.redis_url, decode_responses=True,
                                        **redis_tls(s.redis_url))
     run = args.run if args.run.isdigit() else client.get(keys.run(args.project, args.run))
@@ -400,7 +403,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         backend = {"url": s.api_url, "ok": False, "error": str(exc)}
     client = redis.Redis.from_url(s.redis_url, socket_connect_timeout=3, socket_timeout=5,
                                   **redis_tls(s.redis_url))
-    report = _ops.status(client, Keys(s.prefix), backend, args.max_pending_age)
+    report = _ops.status(client, Keys(s.prefix, s.tenant), backend, args.max_pending_age)
     client.close()
     report.redis["url"] = redact(s.redis_url)
     if args.json:
@@ -439,7 +442,7 @@ def cmd_dead(args: argparse.Namespace) -> int:
     s = CliSettings.from_env()
     client = redis.Redis.from_url(s.redis_url, socket_connect_timeout=3, socket_timeout=10,
                                   **redis_tls(s.redis_url))
-    keys = Keys(s.prefix)
+    keys = Keys(s.prefix, s.tenant)
     try:
         if args.action == "replay":
             n = _ops.replay(client, keys, args.run, args.id or None)
@@ -488,8 +491,13 @@ def _ledger_line(run: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pluto", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("worker", help="consume run streams from PLUTO_REDIS_URL into PLUTO_API_URL "
-                   "(needs PLUTO_API_KEY); SIGTERM stops it after the batch in hand")
+    worker = sub.add_parser("worker", help="consume run streams from PLUTO_REDIS_URL into "
+                            "PLUTO_API_URL (needs PLUTO_API_KEY); SIGTERM stops it after the "
+                            "batch in hand")
+    worker.add_argument("--tenant", action="append", default=None, metavar="T",
+                        help="serve this tenant's keys (<prefix>@T:); repeatable; default "
+                        "PLUTO_TENANTS, else PLUTO_TENANT, else none")
+    _acl.add_parser(sub)
     server = sub.add_parser("server", help="the backend HTTP API and dashboard on PLUTO_API_URL, "
                             "storing in PLUTO_DB_URL, accepting the keys in PLUTO_API_KEY and "
                             "those of `pluto server keys`")
@@ -530,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     dead.add_argument("--id", action="append", help="only this dead letter id (repeatable)")
     args = parser.parse_args(argv)
     handler = {"worker": cmd_worker, "server": cmd_server, "up": cmd_up, "tail": cmd_tail,
-               "runs": cmd_runs, "status": cmd_status, "dead": cmd_dead}[args.command]
+               "runs": cmd_runs, "status": cmd_status, "dead": cmd_dead,
+               "acl": _acl.cmd_acl}[args.command]
     try:
         return handler(args)
     except PlutoError as exc:

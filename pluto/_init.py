@@ -71,7 +71,7 @@ def init(project: str | None = None, name: str | None = None, config: Any = None
                         "errors='replace'")
     cfg = clean_config(config)
     tag_list = _check_tags(tags)
-    keys = Keys(s.prefix)
+    keys = Keys(s.prefix, s.tenant)
     member = member_name()  # issue 20 (H4): a second init in this process is a second member
     if s.mode == "disabled":
         return Run(id=0, run_id=run_id, resumed=False, name=name, project=project, config=cfg,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -17,7 +17,7 @@ from urllib.parse import urlsplit, urlunsplit
 from ._launch import launch_fields  # issue 20 (H4): ranks from every launcher
 from ._sysmetrics import sysmetrics_fields  # issue 20 (H4): PLUTO_SYSTEM_METRICS*
 from .errors import ConfigError
-from .protocol import DEFAULT_REDIS_URL
+from .protocol import DEFAULT_REDIS_URL, tenant_problem
 
 
 def env_number(env: Mapping[str, str], name: str, default: float, low: float = 0.0) -> float:
@@ -91,6 +91,29 @@ def redis_tls(url: str, env: Mapping[str, str] | None = None, ca: str = "", cert
     return kwargs
 
 
+def env_tenant(env: Mapping[str, str], name: str = "PLUTO_TENANT") -> str:
+    """The tenant (team) named by ``env[name]`` (``""``: none), or one ``ConfigError``."""
+    tenant = env.get(name, "").strip()
+    problem = tenant_problem(tenant)
+    if problem:
+        raise ConfigError(f"{name}={tenant[:40]!r}: {problem}")
+    return tenant
+
+
+def env_tenants(env: Mapping[str, str], given: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The tenants a worker (or ``pluto acl``) serves: ``given`` (``--tenant``), else
+    ``PLUTO_TENANTS`` (comma-separated), else ``PLUTO_TENANT``, else ``("",)`` (no tenant);
+    each validated, duplicates dropped."""
+    if given:
+        names, source = list(given), "--tenant"
+    else:
+        names, source = env.get("PLUTO_TENANTS", "").split(","), "PLUTO_TENANTS"
+    names = [t.strip() for t in names if t.strip()]
+    if not names:
+        return (env_tenant(env),)
+    return tuple(dict.fromkeys(env_tenant({source: t}, source) for t in names))
+
+
 def env_flag(env: Mapping[str, str], name: str) -> bool:
     return env.get(name, "").strip().lower() in ("1", "true", "yes", "on")
 
@@ -102,6 +125,8 @@ class Settings:
     redis_url: str = DEFAULT_REDIS_URL
     cluster: bool = False
     prefix: str = "pluto"
+    tenant: str = ""
+    """``PLUTO_TENANT``: this team's keys live under ``<prefix>@<tenant>:`` (``pluto acl``)."""
     mode: str = "online"  # online | disabled
     project: str = "default"
     run_id: str | None = None
@@ -147,6 +172,7 @@ class Settings:
             redis_url=env.get("PLUTO_REDIS_URL") or DEFAULT_REDIS_URL,
             cluster=env_flag(env, "PLUTO_REDIS_CLUSTER"),
             prefix=env.get("PLUTO_PREFIX") or "pluto",
+            tenant=env_tenant(env),
             mode=mode,
             project=env.get("PLUTO_PROJECT") or "default",
             run_id=env.get("PLUTO_RUN_ID") or env.get("MLOP_RUN_ID") or None,

@@ -32,6 +32,9 @@ CREATED_TTL = 3600
 """Seconds the answer to one create request, and a run's announce stream, live."""
 MSGPACK_TYPE = "application/msgpack"
 NDJSON_TYPE = "application/x-ndjson"
+REFUSED_HEADER = "X-Pluto-Refused"
+"""Ours only: ``tenant`` on a 403 that no key rotation changes (the create named a project of
+another tenant), so the worker takes it as final instead of retrying it like a key refusal."""
 COLUMNS_TYPE = "application/x-pluto-columns"
 """Ours only: a batch as one msgpack map of columns; the worker sends it only to a backend that
 lists it in the ``X-Pluto-Ingest`` header of an answer, so other servers never see it."""
@@ -102,80 +105,124 @@ def quote(part: str) -> str:
     return _UNSAFE.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), part)
 
 
+TENANT = re.compile(r"[a-z0-9_-]{1,32}\Z")
+"""A tenant (team) name: short, and free of ``:``, ``@`` and glob characters, so that no
+tenant's ACL key pattern (``P@<tenant>:*``) matches another tenant's keys."""
+
+
+def tenant_problem(tenant: object) -> str | None:
+    """Why ``tenant`` cannot name a tenant, or None when it can (``""`` = no tenant)."""
+    if not isinstance(tenant, str):
+        return f"a tenant must be a str, got {type(tenant).__name__}"
+    if tenant and not TENANT.match(tenant):
+        return (f"tenant {tenant[:40]!r} is invalid: use 1-32 characters of a-z, 0-9, '_' "
+                "and '-'")
+    return None
+
+
+def glob_escape(text: str) -> str:
+    """``text`` as a literal in a Redis glob pattern (ACL ``~pattern``, ``SCAN MATCH``)."""
+    return re.sub(r"([\\*?\[\]])", r"\\\1", text)
+
+
 @dataclass(frozen=True)
 class Keys:
-    """Key names under one prefix (``PLUTO_PREFIX``), so deployments can share one Redis."""
+    """Key names under one prefix (``PLUTO_PREFIX``), so deployments can share one Redis;
+    with a tenant (``PLUTO_TENANT``) under ``<prefix>@<tenant>`` instead, a root that no
+    other tenant's pattern matches (``pluto:*`` does not match ``pluto@a:...``, and
+    ``pluto@a:*`` not ``pluto@ab:...``): Redis ACLs can then confine a team's ranks and
+    workers to its own runs, streams and control messages (``pluto acl``).
+
+    >>> Keys("pluto", "vision").control
+    'pluto@vision:control'
+    """
 
     prefix: str = "pluto"
+    tenant: str = ""
+
+    def __post_init__(self) -> None:
+        problem = tenant_problem(self.tenant)
+        if problem:
+            raise ValueError(problem)
+
+    @property
+    def root(self) -> str:
+        """What every key of this deployment (and tenant) starts with, before a ``:``."""
+        return f"{self.prefix}@{self.tenant}" if self.tenant else self.prefix
+
+    @property
+    def pattern(self) -> str:
+        """Glob pattern of every key under :attr:`root` (for ACLs)."""
+        return glob_escape(self.root) + ":*"
 
     @property
     def control(self) -> str:
-        return f"{self.prefix}:control"
+        return f"{self.root}:control"
 
     @property
     def control_dead(self) -> str:
         """Stream: control entries a worker could not apply (malformed, or refused for good):
         fields ``id``, ``reason``, then the original entry's fields."""
-        return f"{self.prefix}:control:dead"
+        return f"{self.root}:control:dead"
 
     @property
     def runs(self) -> str:
         """Set of numeric run ids whose metrics streams workers must read."""
-        return f"{self.prefix}:runs"
+        return f"{self.root}:runs"
 
     @property
     def workers(self) -> str:
         """Hash: worker name -> last heartbeat (epoch ms)."""
-        return f"{self.prefix}:workers"
+        return f"{self.root}:workers"
 
     def run(self, project: str, run_id: str) -> str:
         """String: ``pending:<token>`` while being created, then the numeric id."""
-        return f"{self.prefix}:run:{quote(project)}:{quote(run_id)}"
+        return f"{self.root}:run:{quote(project)}:{quote(run_id)}"
 
     def created(self, token: str) -> str:
         """String: the backend's answer to one create request (``0``/``1`` = resumed, or
         ``error:<why>`` when it refused)."""
-        return f"{self.prefix}:created:{token}"
+        return f"{self.root}:created:{token}"
 
     def announce(self, project: str, run_id: str) -> str:
         """Stream: one entry each time a worker answers a create request for this run, so that
         waiting ``init`` calls block on it (XREAD) instead of polling the run key."""
-        return f"{self.prefix}:announce:{quote(project)}:{quote(run_id)}"
+        return f"{self.root}:announce:{quote(project)}:{quote(run_id)}"
 
     def info(self, run: int | str) -> str:
         """Hash: the run's ``name``, ``project`` and ``run_id``, written by the worker when it
         created the run, so a process that attaches shows the run's real name."""
-        return f"{self.prefix}:{{{run}}}:info"
+        return f"{self.root}:{{{run}}}:info"
 
     def metrics(self, run: int | str) -> str:
-        return f"{self.prefix}:{{{run}}}:metrics"
+        return f"{self.root}:{{{run}}}:metrics"
 
     def logs(self, run: int | str) -> str:
         """Stream: console lines of the run's processes (``pluto/_console.py``): fields
         ``rank``, ``time`` (ms), ``type`` (INFO stdout / ERROR stderr), ``n``, ``msg``."""
-        return f"{self.prefix}:{{{run}}}:logs"
+        return f"{self.root}:{{{run}}}:logs"
 
     def members(self, run: int | str) -> str:
         """Hash: member (``host:pid``) -> msgpack {rank, local_rank, host, pid, attached_at, state}."""
-        return f"{self.prefix}:{{{run}}}:members"
+        return f"{self.root}:{{{run}}}:members"
 
     def heartbeats(self, run: int | str) -> str:
         """Hash: member -> last heartbeat (epoch ms) of that process's producer thread."""
-        return f"{self.prefix}:{{{run}}}:heartbeats"
+        return f"{self.root}:{{{run}}}:heartbeats"
 
     def dead(self, run: int | str) -> str:
         """Stream: entries that could not be decoded or were rejected, with the reason."""
-        return f"{self.prefix}:{{{run}}}:dead"
+        return f"{self.root}:{{{run}}}:dead"
 
     def ledger(self, run: int | str) -> str:
         """Hash: ``stored:<rank>`` / ``dead:<rank>`` -> entries the workers acknowledged as
         stored by the backend / dead-lettered (``dead:?`` for an unreadable rank), counted
         once per entry at XACK; ``step:<rank>`` / ``time:<rank>``: the newest step stored."""
-        return f"{self.prefix}:{{{run}}}:ledger"
+        return f"{self.root}:{{{run}}}:ledger"
 
     def run_of_stream(self, stream: str) -> int | None:
         """The run id in a ``P:{<id>}:metrics`` key, or None for any other key."""
-        head = f"{self.prefix}:{{"
+        head = f"{self.root}:{{"
         if not (stream.startswith(head) and stream.endswith("}:metrics")):
             return None
         inner = stream[len(head) : -len("}:metrics")]

@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import msgpack
 
-from pluto.protocol import COLUMNS_TYPE, json_value
+from pluto.protocol import COLUMNS_TYPE, REFUSED_HEADER, json_value
 
 from ._entries import Columns, record
 from ._settings import WorkerSettings
@@ -87,6 +87,7 @@ class Backend:
         self._retry_max = settings.retry_max
         self._msgpack = True  # until the backend answers 415 to a msgpack body
         self._columns = False  # until an ingest answer offers COLUMNS
+        self.tenant = settings.tenant
         headers = {"Authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
         self._http = httpx.Client(
             base_url=settings.api_url, headers=headers,
@@ -104,6 +105,8 @@ class Backend:
                    tags: Sequence[str]) -> tuple[int, bool]:
         body = {"runName": name or external_id, "projectName": project, "externalId": external_id,
                 "config": None if config is None else json.dumps(config), "tags": list(tags)}
+        if self.tenant:  # ours refuses a project of another tenant (403); others ignore it
+            body["tenant"] = self.tenant
         answer = self._json("POST", "/api/runs/create", f"create run {project}/{external_id}",
                             json=body)
         return int(answer["runId"]), bool(answer.get("resumed", False))
@@ -132,11 +135,16 @@ class Backend:
         return True
 
     def project_of(self, run: int) -> str | None:
-        """The run's project (for ``X-Project-Name``); None if the backend has no such run."""
+        """The run's project (for ``X-Project-Name``); None if the backend has no such run;
+        :class:`Rejected` (403) if it belongs to another tenant than this worker serves (our
+        backend says whose it is; a backend that records no tenant cannot be checked)."""
         try:
             answer = self._json("GET", f"/api/runs/{run}", f"read run {run}")
         except Rejected:
             return None
+        if "tenant" in answer and (answer["tenant"] or "") != self.tenant:
+            raise Rejected(f"run {run}", 403, f"its project belongs to another tenant than "
+                           f"{self.tenant or 'the default one'!r}; refused")
         return str(answer.get("project") or "") or None
 
     @property
@@ -220,7 +228,8 @@ class Backend:
             except httpx.TransportError as exc:
                 reason = f"{type(exc).__name__}: {exc}"
             else:
-                if resp.status_code < 500 and resp.status_code not in RETRY_STATUS:
+                if resp.status_code < 500 and (resp.status_code not in RETRY_STATUS
+                                               or resp.headers.get(REFUSED_HEADER) == "tenant"):
                     return resp
                 reason = f"HTTP {resp.status_code}: {resp.text[:200]}"
                 if resp.status_code in (401, 403):

@@ -134,9 +134,17 @@ class Control:
             pipe.expire(key, CREATED_TTL)
             pipe.execute()
 
+    def owned(self, run: int) -> None:
+        """A rank can put any run id on its tenant's control stream: one of another tenant's
+        runs is refused (:class:`Rejected`, so dead-lettered with the reason) before anything
+        of it is touched. Known runs (created here, or checked before) cost nothing."""
+        if self.backend.tenant and run not in self.projects:  # without tenants: no check
+            self.projects[run] = self.backend.project_of(run)
+
     def attach(self, msg: dict[str, Any]) -> None:
         run, member = msg["id"], msg["member"]
         info = msg.get("info") or {}
+        self.owned(run)
         self.backend.upsert_members(run, [member_row(member, info)])
         if self.activate(run):
             # The run had left the active set (it completed or failed before); a process has
@@ -147,11 +155,13 @@ class Control:
 
     def finish(self, msg: dict[str, Any]) -> None:
         run, member, state = msg["id"], msg["member"], msg.get("state") or "finished"
+        self.owned(run)
         info = member_info(self.r.hget(self.keys.members(run), member)) or {}
         self.backend.upsert_members(run, [member_row(member, info, state)])
         log.info("run %d: %s %s", run, member, state)
 
     def config(self, msg: dict[str, Any]) -> None:
+        self.owned(msg["id"])
         self.backend.update_config(msg["id"], msg.get("config") or {})
 
     def activate(self, run: int) -> bool:

@@ -146,3 +146,33 @@ class Metrics:
 def _ms(entry_id: bytes | str) -> int:
     text = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
     return int(text.partition("-")[0] or 0)
+
+
+class _Tenants:
+    """One exposition of several workers' registries, each sample labelled ``tenant`` (the
+    tenants are configured, not user input, so the label's cardinality stays bounded)."""
+
+    def __init__(self, workers: list[tuple[str, Metrics]]) -> None:
+        self.workers = workers
+
+    def collect(self) -> Any:
+        families: dict[str, Any] = {}
+        for tenant, metrics in self.workers:
+            for family in metrics.registry.collect() if metrics.registry else ():
+                merged = families.setdefault(family.name, family)
+                samples = [s._replace(labels={**s.labels, "tenant": tenant})
+                           for s in family.samples]
+                merged.samples = (merged.samples if merged is not family else []) + samples
+        return list(families.values())
+
+
+def serve_metrics(workers: list[tuple[str, Metrics]], port: int, host: str = "0.0.0.0") -> None:
+    """Serve one worker's metrics as before, or several (one per tenant) with a ``tenant``
+    label on every sample, on ``port`` (``/metrics``)."""
+    if len(workers) == 1:
+        workers[0][1].serve(port, host)
+    elif CollectorRegistry is not None:
+        registry = CollectorRegistry()
+        registry.register(_Tenants(workers))  # type: ignore[arg-type]
+        start_http_server(port, addr=host, registry=registry)
+

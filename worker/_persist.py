@@ -122,6 +122,9 @@ def deliver(backend: Backend, post: Post, projects: dict[int, str | None]) -> Po
         for i, part in enumerate(post.parts):
             _send(backend, post, part)
             post.parts[i] = Part([])  # sent: nothing of it is left to retry
+    except Rejected as exc:  # by project_of: another tenant's run, none of it is posted
+        post.bad += [(e, f"refused: {exc}") for part in post.parts for e in part.entries]
+        post.parts = []
     except (Unavailable, Interrupted) as exc:
         post.failed = str(exc)
     return post

@@ -15,7 +15,7 @@ from typing import Any
 
 from pluto._settings import env_flag as _flag
 from pluto._settings import env_number as _num
-from pluto._settings import redis_tls
+from pluto._settings import env_tenants, redis_tls
 from pluto.protocol import DEFAULT_API_URL, DEFAULT_REDIS_URL
 
 
@@ -30,6 +30,10 @@ class WorkerSettings:
     redis_url: str = DEFAULT_REDIS_URL
     cluster: bool = False
     prefix: str = "pluto"
+    tenants: tuple[str, ...] = ("",)
+    """Tenants this worker serves (``PLUTO_TENANTS=a,b``, or ``PLUTO_TENANT``; ``pluto worker
+    --tenant``): one :class:`Worker` each, on keys under ``<prefix>@<tenant>:``. ``("",)``:
+    no tenant, the keys under ``<prefix>:`` as before tenancy."""
     api_url: str = DEFAULT_API_URL
     api_key: str = ""
     name: str = ""
@@ -80,6 +84,7 @@ class WorkerSettings:
             redis_url=env.get("PLUTO_REDIS_URL") or DEFAULT_REDIS_URL,
             cluster=_flag(env, "PLUTO_REDIS_CLUSTER"),
             prefix=env.get("PLUTO_PREFIX") or "pluto",
+            tenants=env_tenants(env),
             api_url=(env.get("PLUTO_API_URL") or DEFAULT_API_URL).rstrip("/"),
             api_key=env.get("PLUTO_API_KEY") or "",
             name=env.get("PLUTO_WORKER_NAME") or f"{socket.gethostname()}:{os.getpid()}",
@@ -104,9 +109,21 @@ class WorkerSettings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
+    @property
+    def tenant(self) -> str:
+        """The one tenant a :class:`Worker` with these settings serves (see :meth:`each`)."""
+        return self.tenants[0] if self.tenants else ""
+
+    def each(self) -> list[WorkerSettings]:
+        """One settings object per tenant served; with several, names get ``@<tenant>``."""
+        if len(self.tenants) <= 1:
+            return [self]
+        return [self.replace(tenants=(t,), name=f"{self.name}@{t}") for t in self.tenants]
+
     def tls(self) -> dict[str, Any]:
         """redis-py TLS keyword arguments (none for ``redis://``)."""
         return redis_tls(self.redis_url, {}, self.redis_ca, self.redis_cert, self.redis_key)
 
     def replace(self, **changes: Any) -> WorkerSettings:
         return dataclasses.replace(self, **changes)
+

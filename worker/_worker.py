@@ -28,7 +28,7 @@ from pluto import __version__
 from pluto.protocol import GROUP, MAX_ID, Keys
 
 from ._acks import Acker, Acks
-from ._backend import Backend, Interrupted
+from ._backend import Backend, Interrupted, Rejected, Unavailable
 from ._control import Control
 from ._dispatch import Dispatcher
 from ._flow import Flow
@@ -65,7 +65,7 @@ class Worker:
 
     def __init__(self, settings: WorkerSettings | None = None, r: Any = None) -> None:
         self.settings = s = settings or WorkerSettings.from_env()
-        self.keys = Keys(s.prefix)
+        self.keys = Keys(s.prefix, s.tenant)
         self.name = s.name
         self.r = r if r is not None else connect(s)
         if not s.cluster:
@@ -78,7 +78,10 @@ class Worker:
         # one is retried later with back-off instead of holding the loop for the others.
         self.calls = Backend(s, self._stop, attempts=1)
         self.projects: dict[int, str | None] = {}
-        self.control = Dispatcher(Control(self.r, self.keys, self.calls, self.projects),
+        self.foreign: set[int] = set()  # runs of another tenant found in this tenant's runs set
+        control = Control(self.r, self.keys, self.calls, self.projects)
+        self._check_owner = control.owned
+        self.control = Dispatcher(control,
                                   self.keys, self.problems, s.retry_max)
         self.watcher = RunWatcher(self.r, self.keys, self.calls, s.heartbeat_timeout,
                                   s.retention, self.problems)
@@ -390,7 +393,28 @@ class Worker:
         """The runs set; when it cannot be read (e.g. WRONGTYPE) the runs known so far."""
         ids = self._guard("runs set", lambda: self.r.smembers(self.keys.runs))
         if ids is not None:
-            self.runs = sorted(int(x) for x in ids if x.isdigit() and 0 < int(x) <= MAX_ID)
+            runs = sorted(int(x) for x in ids if x.isdigit() and 0 < int(x) <= MAX_ID)
+            self.runs = self._owned(runs) if self.settings.tenant else runs
+
+    def _owned(self, runs: list[int]) -> list[int]:
+        """A tenant's runs set may still name another tenant's run (a rank that is not held
+        by ``pluto acl`` can add any id): its entries, members and ledger must not reach that
+        run. Each id is checked with the backend once (cached; refused ones reported); an
+        unavailable backend leaves the unchecked ones for a later iteration."""
+        out: list[int] = []
+        for run in runs:
+            if run not in self.projects and run not in self.foreign:
+                try:
+                    self._check_owner(run)
+                except Rejected as exc:
+                    self.foreign.add(run)
+                    self.problems.report(f"foreign:{run}", f"run {run} in {self.keys.runs} is "
+                                         f"not served: {exc}", logging.WARNING)
+                except (Unavailable, Interrupted):
+                    return out
+            if run not in self.foreign:
+                out.append(run)
+        return out
 
     def _beat_quietly(self) -> None:
         """Heartbeat while the backend is being retried, so ``pluto status`` sees us alive."""
