@@ -5,10 +5,11 @@ The official SDK asks ``POST /files`` (headers ``X-Run-Id``; body ``{"files": [{
 fileSize, fileType, time, logName, step, sampleIndex, caption?}]}``) for one URL per file and
 PUTs the bytes there without its bearer header, as to S3. So each URL carries its own HMAC
 signature over method, run, file id and expiry (``/files/blob/<sig>/<run>/<id>?expires=``),
-and ``BearerAuth`` lets ``/files/blob/`` through. A file lives at
-``PLUTO_FILES_DIR/<run>/<id>`` (names are numbers: a client's file name never becomes a
-path); an upload streams to a temporary file and is renamed into place when complete, so a
-reader never sees half a file, and is listed only once complete. A second presign of the
+and ``BearerAuth`` lets ``/files/blob/`` through. The bytes live in ``_blobs``: at
+``PLUTO_FILES_DIR/<run>/<id>`` by default, or in an S3-compatible bucket
+(``PLUTO_FILES_URL``); an upload streams to a spool file and becomes the file's content when
+complete, so a reader never sees half a file, and is listed only once complete (a bucket that
+cannot be reached is a 503, which the client retries). A second presign of the
 same place (run, log name, step, sample, file name) reuses its row: a retry never duplicates.
 """
 
@@ -18,17 +19,18 @@ import hashlib
 import hmac
 import mimetypes
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response
+from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from . import _store_extra as extra
+from ._blobs import Blobs, Unavailable, open_blobs, spool_file
 from ._http import UNSIGNED_UPLOADS, in_thread, int64_of, json_body, run_id_of, store_of
 from ._query import iso, run_param, text_param
 
@@ -38,8 +40,13 @@ URL_LIFETIME = 3600
 MAX_TEXT = 1024
 
 
-def files_dir(request: Request) -> Path:
-    return Path(request.app.state.settings.files_dir).expanduser().resolve()
+def blobs(request: Request) -> Blobs:
+    return open_blobs(request.app.state.settings)
+
+
+def _unavailable(exc: Unavailable) -> Response:
+    """503 with Retry-After: the file store is down, the client retries later."""
+    return JSONResponse({"error": f"{exc}; try again"}, 503, headers={"Retry-After": "5"})
 
 
 def _signature(request: Request, method: str, run: int, file_id: int, expires: int) -> str:
@@ -128,15 +135,15 @@ def _checked(request: Request, method: str) -> tuple[int, int]:
 
 
 async def upload(request: Request) -> Response:
-    """The PUT target of :func:`presign`: the body streams to disk, then is renamed."""
+    """The PUT target of :func:`presign`: the body streams to a spool file, then is stored."""
     run, file_id = _checked(request, "PUT")
     limit = request.app.state.settings.max_file
     declared = request.headers.get("content-length", "").strip()
     if declared.isascii() and declared.isdigit() and int(declared) > limit:
         raise HTTPException(413, f"file of {declared} bytes exceeds PLUTO_MAX_FILE={limit}")
-    folder = files_dir(request) / str(run)
-    await in_thread(lambda: folder.mkdir(parents=True, exist_ok=True))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{file_id}.")
+    store = blobs(request)
+    folder = await in_thread(store.spool, run)
+    fd, tmp = spool_file(folder, file_id)
     size = 0
     try:
         with os.fdopen(fd, "wb") as out:
@@ -145,12 +152,16 @@ async def upload(request: Request) -> Response:
                 if size > limit:
                     raise HTTPException(413, f"file exceeds PLUTO_MAX_FILE={limit} bytes")
                 await in_thread(out.write, chunk)
-        await in_thread(os.replace, tmp, folder / str(file_id))
-    except BaseException:
+        await in_thread(store.put, run, file_id, tmp)
+    except Unavailable as exc:
+        return _unavailable(exc)
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
     if not await in_thread(extra.file_uploaded, store_of(request), run, file_id, size):
-        (folder / str(file_id)).unlink(missing_ok=True)
+        try:
+            await in_thread(store.delete, run, file_id)
+        except Unavailable:
+            pass  # an orphan object of no file record: never listed nor served, only space
         raise HTTPException(404, "no such file record (the run's file list has none)")
     return JSONResponse({"ok": True, "size": size})
 
@@ -158,11 +169,27 @@ async def upload(request: Request) -> Response:
 async def download(request: Request) -> Response:
     run, file_id = _checked(request, "GET")
     found = await in_thread(extra.get_file, store_of(request), run, file_id)
-    path = files_dir(request) / str(run) / str(file_id)
-    if found is None or found["uploaded_at"] is None or not path.is_file():
-        raise HTTPException(404, "file not uploaded (or removed from PLUTO_FILES_DIR)")
+    chunks = None
+    if found is not None and found["uploaded_at"] is not None:
+        try:
+            chunks = await in_thread(blobs(request).chunks, run, file_id)
+        except Unavailable as exc:
+            return _unavailable(exc)
+    if found is None or chunks is None:
+        raise HTTPException(404, "file not uploaded (or removed from the file store)")
     kind = mimetypes.guess_type(found["file_name"])[0] or "application/octet-stream"
-    return FileResponse(path, media_type=kind, filename=found["file_name"].rsplit("/")[-1])
+    name = found["file_name"].rsplit("/")[-1]
+    headers = {"Content-Length": str(found["size"]),
+               "Content-Disposition": _disposition(name)}
+    return StreamingResponse(chunks, media_type=kind, headers=headers)
+
+
+def _disposition(name: str) -> str:
+    """``attachment`` with the file's name, as Starlette's FileResponse spells it."""
+    quoted = quote(name)
+    if quoted != name:
+        return f"attachment; filename*=utf-8''{quoted}"
+    return f'attachment; filename="{name}"'
 
 
 def described(request: Request, run: int, f: dict[str, Any]) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from psycopg import errors as pg_errors
 
 from ._rows import MEMBER_FIELDS
 from ._store import Stored
+from ._store_extra import Dialect
 
 POINT_COLS = "name, step, value, ival, big, time, seq_ms, seq_n"
 PG_TYPES = ["int4", "int8", "float8", "int8", "text", "int8", "int8", "int8"]
@@ -66,8 +67,7 @@ RETRIED = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
 
 def stored(rows: list[tuple[Any, ...]]) -> list[tuple[int, Stored, int]]:
     """``(step, value, ival, big, time)`` rows as the SQLite store returns them."""
-    return [(s, i if i is not None else b if b is not None
-             else None if v is None or isnan(v) else v, t) for s, v, i, b, t in rows]
+    return [(r[0], _load(r[1:4]), r[4]) for r in rows]
 
 
 def split(values: Sequence[Any]) -> tuple[list[Any], list[Any], list[Any]]:
@@ -81,6 +81,34 @@ def split(values: Sequence[Any]) -> tuple[list[Any], list[Any], list[Any]]:
         elif type(v) is str:
             bigs[i] = v
     return floats, ints, bigs
+
+
+def _load(row: Sequence[Any]) -> Stored:
+    v, i, b = row[0], row[1], row[2]
+    return i if i is not None else b if b is not None else None if v is None or isnan(v) else v
+
+
+_NUMBER = "coalesce(value, ival::float8)"
+DIALECT = Dialect(value="value, ival, big", load=_load, number=_NUMBER,
+                  finite=f"{_NUMBER} BETWEEN -1.7976931348623157e308 AND 1.7976931348623157e308",
+                  text_order=' COLLATE "C"')
+"""``_store_extra``'s SQL in PostgreSQL: NaN sorts above every float8, so the BETWEEN of
+``finite`` leaves out NaN, ±inf and NULL (a big int) alike."""
+
+
+class Qmark:
+    """A psycopg connection that takes the SQLite store's ``?`` placeholders, so the SQL of
+    ``_store_extra`` serves both stores (none of it holds a literal ``?`` or ``%``)."""
+
+    def __init__(self, db: psycopg.Connection[Any]) -> None:
+        self.db = db
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> psycopg.Cursor[Any]:
+        return self.db.execute(sql.replace("?", "%s"), args)
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> None:
+        with self.db.cursor() as cur:
+            cur.executemany(sql.replace("?", "%s"), rows)
 
 
 class Pool:

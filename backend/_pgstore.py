@@ -41,6 +41,7 @@ from psycopg import errors as pg_errors
 
 from . import _json, _rows
 from ._pgsql import (
+    DIALECT,
     INGEST,
     M4,
     PG_TYPES,
@@ -52,6 +53,7 @@ from ._pgsql import (
     UPSERT_LEDGER,
     UPSERT_MEMBER,
     Pool,
+    Qmark,
     split,
     stored,
 )
@@ -64,6 +66,8 @@ T = TypeVar("T")
 
 class PgStore:
     """The backend's database in PostgreSQL. Thread-safe; one per process, ``close()`` it."""
+
+    dialect = DIALECT  # console logs, data, files and the read API: ``_store_extra``
 
     def __init__(self, url: str, pool_size: int = 8, ingest: str = "copy") -> None:
         if ingest not in ("unnest", "copy"):
@@ -88,11 +92,24 @@ class PgStore:
                 yield db
             except pg_errors.UntranslatableCharacter as exc:
                 raise Unstorable(f"text PostgreSQL cannot store: {exc}") from None
+            except pg_errors.ProgramLimitExceeded as exc:  # a key too long for its index
+                raise Unstorable(f"a value too long for PostgreSQL: {exc}") from None
             except psycopg.DataError as exc:
                 if "NUL" in str(exc):
                     raise Unstorable("text holds a NUL character, which PostgreSQL cannot "
                                      "store") from None
                 raise
+
+    @contextmanager
+    def _read(self) -> Iterator[Qmark]:
+        with self._db() as db:
+            yield Qmark(db)
+
+    @contextmanager
+    def _write(self) -> Iterator[Qmark]:
+        """One transaction, for ``_store_extra`` (which writes with the SQLite store's SQL)."""
+        with self._db() as db, db.transaction():
+            yield Qmark(db)
 
     def _transaction(self, body: Callable[[psycopg.Connection[Any]], T]) -> T:
         """``body`` in one transaction, retried when PostgreSQL chose it as a deadlock victim."""
@@ -285,7 +302,7 @@ class PgStore:
                 known.update(found)
         return known
 
-    def _write(self, run: int, cols: list[list[Any]], name_ids: set[int]) -> int:
+    def _write_cols(self, run: int, cols: list[list[Any]], name_ids: set[int]) -> int:
         """Upsert the point columns (``POINT_COLS`` order) of one run in one transaction."""
         n = len(cols[0])
         if not n:
@@ -333,7 +350,7 @@ class PgStore:
             sms_col += [seq_ms] * k
             sn_col += [seq_n] * k
         cols[2], cols[3], cols[4] = split(values)
-        return self._write(run, cols, set(name_col))
+        return self._write_cols(run, cols, set(name_col))
 
     def write_columns(self, run: int, names: list[str], name_idx: list[int], values: list[Any],
                       counts: list[int], steps: list[int], times: list[int], seq_ms: list[int],
@@ -351,7 +368,7 @@ class PgStore:
         cols: list[list[Any]] = [list(map(ids.__getitem__, name_idx)), each(steps),
                 [v if type(v) is float else None for v in values], ints, [None] * len(values),
                 each(times), each(seq_ms), each(seq_n)]
-        return self._write(run, cols, {ids[i] for i in set(name_idx)})
+        return self._write_cols(run, cols, {ids[i] for i in set(name_idx)})
 
     def metric_names(self, run: int) -> list[str]:
         if not _in_range(run):

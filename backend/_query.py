@@ -40,7 +40,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from . import _rows, _runfilter
+from . import _openapi, _rows, _runfilter
 from . import _store_extra as extra
 from ._http import in_thread, int64_of, store_of
 from ._json import Problem, loads
@@ -425,4 +425,5 @@ def routes() -> list[Route]:
         Route("/api/runs/statistics", statistics),
         Route("/api/runs/compare", compare),
         Route("/api/runs/leaderboard", leaderboard),
+        Route("/api/openapi.json", _openapi.openapi),
     ]

@@ -95,6 +95,23 @@ def db_path(db_url: str, cwd: Path | None = None) -> str:
     return str(path)
 
 
+def _files_url(env: Mapping[str, str]) -> str:
+    """``PLUTO_FILES_URL``, checked now: an ``s3://bucket[/prefix]`` URL, with boto3 present."""
+    url = env.get("PLUTO_FILES_URL", "").strip()
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    if parts.scheme != "s3" or not parts.netloc:
+        raise ConfigError(f"PLUTO_FILES_URL={url!r} must look like s3://bucket/prefix (or be "
+                          "unset, to keep files in PLUTO_FILES_DIR)")
+    import importlib.util
+
+    if importlib.util.find_spec("boto3") is None:
+        raise ConfigError("PLUTO_FILES_URL is an s3:// URL but boto3 is missing: "
+                          "pip install 'pluto-stream[server,s3]'")
+    return url
+
+
 @dataclass(frozen=True)
 class ServerSettings:
     """What ``pluto server`` needs; DESIGN.md §2 lists the variables."""
@@ -128,6 +145,12 @@ class ServerSettings:
     """Where uploaded files (``PLUTO_FILES_DIR``) are kept, one file per upload."""
     max_file: int = DEFAULT_MAX_FILE
     """Largest file upload in bytes (``PLUTO_MAX_FILE``); streamed to disk, not held."""
+    files_url: str = ""
+    """``s3://bucket/prefix``: keep files in an S3-compatible bucket (``PLUTO_FILES_URL``, the
+    ``s3`` extra) rather than ``files_dir`` (which then only spools uploads)."""
+    s3_endpoint: str = ""
+    """The bucket's endpoint for an S3-compatible server (``PLUTO_S3_ENDPOINT_URL``); empty:
+    AWS. Credentials and region come from boto3's usual chain (``AWS_*``, profile, role)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> ServerSettings:
@@ -166,6 +189,8 @@ class ServerSettings:
             tls_key=_tls_file(env, "PLUTO_TLS_KEY"),
             files_dir=env.get("PLUTO_FILES_DIR", "").strip() or DEFAULT_FILES_DIR,
             max_file=max_file,
+            files_url=_files_url(env),
+            s3_endpoint=env.get("PLUTO_S3_ENDPOINT_URL", "").strip(),
         )
         if bool(settings.tls_cert) != bool(settings.tls_key):
             raise ConfigError("HTTPS needs both PLUTO_TLS_CERT and PLUTO_TLS_KEY (PEM files)")

@@ -75,3 +75,41 @@ def test_official_sdk_logs_every_point(backend: Backend, tmp_path: Path) -> None
     assert [p[1] for p in loss] == [1.0 / i for i in range(1, STEPS + 1)]
     assert [p[:2] for p in acc] == [[i, i * 0.1 + 1e-9] for i in range(1, STEPS + 1)]
     assert all(isinstance(p[2], int) and p[2] > 0 for p in loss)
+
+
+CONTRACT = """
+    import json, os, httpx
+    from pluto import query as q
+
+    spec = httpx.get(os.environ["PLUTO_URL_API"] + "/api/openapi.json", timeout=30,
+                     headers={"Authorization": "Bearer " + os.environ["PLUTO_API_KEY"]}).json()
+    grammar = spec["components"]["schemas"]["RunFilterGrammar"]["properties"]
+    listed = {p["name"] for p in spec["paths"]["/api/runs/list"]["get"]["parameters"]}
+    client = {"booleanOperators": q._FILTER_BOOL_OPS, "leafOperators": q._FILTER_LEAF_OPS,
+              "fields": q._FILTER_FIELDS, "fieldPrefixes": set(q._FILTER_FIELD_PREFIXES)}
+    print("RESULT " + json.dumps({
+        "drift": {k: sorted(set(grammar[k]["items"]["enum"]) ^ v) for k, v in client.items()},
+        "list_params": sorted(listed)}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_published_filter_grammar_is_the_official_clients(backend: Backend,
+                                                           tmp_path: Path) -> None:
+    """What the official SDK's tests/test_contract.py checks: /api/openapi.json documents
+    /api/runs/list's parameters and a RunFilterGrammar equal to the client's vocabulary."""
+    script = tmp_path / "contract.py"
+    script.write_text(textwrap.dedent(CONTRACT))
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PLUTO_", "MLOP_", "PYTHON", "VIRTUAL_ENV"))}
+    env.update(HOME=str(tmp_path), PLUTO_API_KEY=backend.key, PLUTO_URL_API=backend.url)
+    proc = subprocess.run([str(official_python()), str(script)], env=env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=100,
+                          stdin=subprocess.DEVNULL, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    [result] = [json.loads(line[7:]) for line in proc.stdout.splitlines()
+                if line.startswith("RESULT ")]
+    assert result["drift"] == {"booleanOperators": [], "leafOperators": [], "fields": [],
+                               "fieldPrefixes": []}
+    assert {"filter", "projectName", "limit", "sort", "offset"} <= set(result["list_params"])

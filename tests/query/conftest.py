@@ -1,5 +1,6 @@
-"""Fixtures for the read-API tests: a backend process of its own (files under the test's
-temporary directory) and a runner for scripts under either SDK's interpreter.
+"""Fixtures for the read-API tests: a database URL of each store in turn (``db_url``), a
+backend process of its own on it (files under the test's temporary directory) and a runner
+for scripts under either SDK's interpreter.
 
 The official SDK (``pluto-ml`` 0.0.29) runs in its own virtualenv, as in
 ``tests/backend/test_official_sdk.py``: ``PLUTO_ML_PYTHON`` names the interpreter (``make test``
@@ -26,17 +27,33 @@ from tests.conftest import ROOT, Backend
 HERE = Path(__file__).resolve().parent
 
 
+@pytest.fixture(scope="module",
+                params=["sqlite", pytest.param("postgresql", marks=pytest.mark.e2e)])
+def db_url(request: pytest.FixtureRequest,
+           tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A fresh database of each store for the module: a SQLite file, then a PostgreSQL
+    database on the session's cluster (tests/conftest.py ``pg_server``), dropped afterwards."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('query-db') / 'pluto.db'}"
+        return
+    from tests.storage.pgcluster import drop_database, new_database
+
+    server = request.getfixturevalue("pg_server")
+    url = new_database(server, "query")
+    yield url
+    drop_database(server, url)
+
+
 @pytest.fixture(scope="module")
-def query_backend(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
-    """A backend whose PLUTO_FILES_DIR is this module's temporary directory."""
+def query_backend(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Backend]:
+    """A backend on ``db_url`` whose PLUTO_FILES_DIR is this module's temporary directory."""
     tmp = tmp_path_factory.mktemp("query-backend")
     port = _servers.free_port()
     url = f"http://127.0.0.1:{port}"
     key = "test-" + secrets.token_hex(8)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PLUTO_")}
     env["PLUTO_FILES_DIR"] = str(tmp / "files")
-    child = _servers.start_backend(url, f"sqlite:///{tmp / 'pluto.db'}", key, tmp, env=env,
-                                   name="query-backend")
+    child = _servers.start_backend(url, db_url, key, tmp, env=env, name="query-backend")
     yield Backend(url, key, child)
     child.stop()
 

@@ -1,5 +1,6 @@
 """The read API and the extra uploads in-process (the fast tier): any query or body is a 2xx
-or a 4xx JSON answer naming the problem, never a 5xx; what was accepted reads back."""
+or a 4xx JSON answer naming the problem, never a 5xx; what was accepted reads back. Every test
+using ``c`` runs on SQLite and again on PostgreSQL."""
 
 from __future__ import annotations
 
@@ -45,9 +46,10 @@ JSON = st.recursive(SCALAR, lambda inner: st.lists(inner, max_size=3)
 
 
 @pytest.fixture(scope="module")
-def c(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+def c(db_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    """The app in-process on each store in turn (``db_url``, tests/query/conftest.py)."""
     tmp = tmp_path_factory.mktemp("query-inproc")
-    app = create_app(ServerSettings(api_keys=(KEY,), db_url=f"sqlite:///{tmp / 'pluto.db'}",
+    app = create_app(ServerSettings(api_keys=(KEY,), db_url=db_url,
                                     max_body=1 << 20, files_dir=str(tmp / "files"),
                                     max_file=64))
     with TestClient(app, headers={"Authorization": f"Bearer {KEY}"},
@@ -203,3 +205,48 @@ def test_a_version_1_database_gains_the_new_tables(tmp_path: Path) -> None:
             "project_tenants"} <= tables
     assert _schema.migrate(db) == _schema.VERSION  # idempotent
     db.close()
+
+
+def test_text_sorts_by_code_point_on_either_store(c: TestClient) -> None:
+    run = new_run(c, "order")
+    body = json.dumps({"step": 1, "data": {"b": 1, "B": 2, "é": 3, "a": 4, "_": 5}}) + "\n"
+    assert c.post("/ingest/metrics", content=body.encode(),
+                  headers={"X-Run-Id": str(run)}).status_code == 200
+    names = c.get("/api/runs/metric-names", params={"projectName": "order"}).json()
+    assert names["metricNames"] == ["B", "_", "a", "b", "é"]
+    found = c.get("/api/runs/metric-names", params={"projectName": "order", "search": "É"})
+    assert found.json()["metricNames"] == ["é"]
+    data = "".join(json.dumps({"logName": n, "dataType": "TEXT", "step": 1, "data": n}) + "\n"
+                   for n in ("z", "Z", "é"))
+    assert c.post("/ingest/data", content=data.encode(),
+                  headers={"X-Run-Id": str(run)}).status_code == 200
+    got = c.get("/api/runs/data", params={"runId": run}).json()["data"]
+    assert [d["logName"] for d in got] == ["Z", "z", "é"]
+    stats = c.get("/api/runs/statistics", params={"runId": run, "logName": "B"}).json()
+    assert [(s["count"], s["min"], s["max"]) for s in stats["statistics"]] == [(1, 2, 2)]
+
+
+def test_text_a_store_cannot_hold_is_refused_with_a_reason(c: TestClient, db_url: str) -> None:
+    """SQLite holds NUL and index keys of any length; PostgreSQL refuses both. Either way the
+    client is answered (a 400 naming why, never a 5xx) and what was accepted reads back whole."""
+    pg = db_url.startswith("postgresql")
+    run = new_run(c, "odd-text")
+    nul = json.dumps({"time": 1, "message": "a\x00b", "lineNumber": 1}) + "\n"
+    resp = c.post("/ingest/logs", content=nul.encode(), headers={"X-Run-Id": str(run)})
+    assert resp.status_code == (400 if pg else 200), resp.text
+    logs = c.get("/api/runs/logs", params={"runId": run}).json()["logs"]
+    assert [x["message"] for x in logs] == ([] if pg else ["a\x00b"])
+    if pg:
+        assert "NUL" in resp.json()["error"]
+    # 4 KiB of UTF-8 that does not compress: beyond a PostgreSQL index entry (~2.7 KB)
+    wide = "".join(chr(0x10000 + i * 7919 % 50000) for i in range(1024))
+    files = c.post("/files", json={"files": [{"fileName": wide, "logName": wide}]},
+                   headers={"X-Run-Id": str(run)})
+    data = c.post("/ingest/data", headers={"X-Run-Id": str(run)}, content=(json.dumps(
+        {"logName": wide, "dataType": "TEXT", "data": "x"}) + "\n").encode())
+    for resp in (files, data):
+        assert resp.status_code == (400 if pg else 200), resp.text
+        if pg:
+            assert "too long" in resp.json()["error"]
+    got = c.get("/api/runs/data", params={"runId": run}).json()["data"]
+    assert [d["logName"] for d in got] == ([] if pg else [wide])
