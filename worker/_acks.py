@@ -11,6 +11,7 @@ tag, so the script runs on one Cluster slot.
 from __future__ import annotations
 
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,9 @@ return 1
 """
 
 
+_RANK, _STEP, _TIME = K.F_RANK.encode(), K.F_STEP.encode(), K.F_TIME.encode()
+
+
 def head(flat: list[bytes] | None) -> tuple[str, int | None, int | None]:
     """``(rank text, step, time)`` of an entry: rank ``?`` when unreadable, None for the rest."""
     found: dict[bytes, bytes] = {}
@@ -80,12 +84,34 @@ class Acks:
         self.ids[stream].append((entry_id, ""))
 
     def stored(self, stream: str, entry_id: bytes, flat: list[bytes]) -> None:
-        rank, step, time_ms = head(flat)
-        self.ids[stream].append((entry_id, f"{K.LEDGER_STORED}:{rank}"))
-        if step is not None and time_ms is not None:
-            best = self.newest[stream].get(rank)
-            if best is None or step > best[0]:
-                self.newest[stream][rank] = (step, time_ms)
+        self.stored_all(stream, [(entry_id, flat)])
+
+    def stored_all(self, stream: str, entries: Iterable[tuple[bytes, list[bytes] | None]]
+                   ) -> None:
+        """Acknowledge stored entries, each counted for its rank, and keep each rank's newest
+        step. The worker's hottest loop (once per point batch): entries in the SDK's layout
+        (``_rank, _step, _time`` first, as the backend's grammar already checked) take a
+        short path; :func:`head` reads any other."""
+        ids, newest = self.ids[stream], self.newest[stream]
+        labels: dict[bytes, tuple[str, str]] = {}  # rank as sent -> (rank text, ledger field)
+        step: int | None
+        time_ms: int | None
+        for entry_id, flat in entries:
+            f = flat or []
+            usual = len(f) >= 6 and f[0] == _RANK and f[2] == _STEP and f[4] == _TIME
+            if usual and f[1] in labels and INT_TEXT.match(f[3]) and INT_TEXT.match(f[5]):
+                rank, label = labels[f[1]]
+                step, time_ms = int(f[3]), int(f[5])
+            else:
+                rank, step, time_ms = head(f)
+                label = f"{K.LEDGER_STORED}:{rank}"
+                if usual and rank != "?":
+                    labels[f[1]] = (rank, label)
+            ids.append((entry_id, label))
+            if step is not None and time_ms is not None:
+                best = newest.get(rank)
+                if best is None or step > best[0]:
+                    newest[rank] = (step, time_ms)
 
     def bury(self, dead_stream: str, stream: str, entry_id: bytes, flat: list[bytes],
              reason: str, count: bool = True) -> None:

@@ -97,6 +97,9 @@ class Worker:
         self.stored = 0  # metric points the backend confirmed, for the periodic log line
         self._ready = False
         self._control_from = "0"  # this consumer's pending control entries first
+        self._found = True
+        """The last read returned entries: read again at once, even with posts in flight, so
+        batch N+1 is read and decoded while batch N is being posted."""
         self._poster = ThreadPoolExecutor(s.posters, thread_name_prefix="poster")
         self._checker = ThreadPoolExecutor(1, thread_name_prefix="checks")
         self._check: Future[None] | None = None
@@ -216,13 +219,15 @@ class Worker:
         count = max(100, self.settings.batch // max(1, len(self.runs)))
         block = self.settings.block_ms if block_ms is None else block_ms
         coming: list[Future[Any]] = [*self.flow.flight.values(), *self.control.futures()]
-        if coming:  # answers are coming: wait for one, not for Redis
-            wait(coming, timeout=min(block / 1000, WAIT_S), return_when=FIRST_COMPLETED)
+        if coming:  # answers are coming: never block on Redis; if it had nothing, wait for one
+            if not self._found:
+                wait(coming, timeout=min(block / 1000, WAIT_S), return_when=FIRST_COMPLETED)
             block = 0
         starts = {self.keys.control: self._control_from}
         starts.update({self.keys.metrics(run): ">" for run in new})
         starts.update({self.keys.metrics(run): "0" for run in old})
         batch = self.reader.read(starts, count, block or None)
+        self._found = any(batch.values())
         for stream, entries in batch.items():
             self.metrics.on_read(self._kind(stream), len(entries))
             if starts.get(stream) == "0" or (stream == self.keys.control
@@ -286,8 +291,7 @@ class Worker:
 
     def _settle_post(self, post: Post, acks: Acks) -> None:
         run, stream, dead = post.run, post.stream, self.keys.dead(post.run)
-        for entry_id, flat in post.stored:
-            acks.stored(stream, entry_id, flat or [])
+        acks.stored_all(stream, post.stored)
         for (entry_id, flat), reason in post.bad:
             acks.bury(dead, stream, entry_id, flat or [], reason)
         points = sum((len(flat or []) - 6) // 2 for _, flat in post.stored)
