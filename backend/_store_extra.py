@@ -109,43 +109,32 @@ def read_logs(store: SqlStore, run: int, log_type: str | None, rank: int | None,
             (*args, limit, offset)).fetchall()
 
 
-def logs_page_query(run: int, rank: int | None, text: str | None, after: int | None,
-                    before: int | None, limit: int, mark: str = "?") -> tuple[str, list[Any]]:
-    """The SQL (placeholders ``mark``: ``?`` SQLite, ``%s`` PostgreSQL) and arguments of one
-    page of the dashboard's console view (:func:`page_logs`): ``limit + 1`` rows, so the caller
-    knows whether there are more. ``text`` matches a substring, ASCII case folded."""
-    where, args = [f"run = {mark}"], list[Any]([run])
+def page_logs(store: SqlStore, run: int, rank: int | None, text: str | None,
+              after: int | None, before: int | None, limit: int
+              ) -> tuple[list[tuple[Any, ...]], bool]:
+    """One page of the dashboard's console view: ``(rows, more)``, rows ``(id, rank, time,
+    line_number, log_type, step, message)`` by id (arrival order, a stable cursor). With
+    ``after``: the oldest ``limit`` lines past it (live polling; ``more``: newer ones remain).
+    Else the newest ``limit`` before ``before`` (or the end; ``more``: older ones remain), so
+    a long run opens on its tail. ``text``: lines containing it, case folded by the engine's
+    ``lower`` on both sides (SQLite folds ASCII only), ``%``/``_``/``\\`` taken literally."""
+    where, args = ["run = ?"], list[Any]([run])
     if rank is not None:
-        where.append(f"rank = {mark}")
+        where.append("rank = ?")
         args.append(rank)
     if text:
-        escaped = text.translate(_ASCII_LOWER).replace("\\", "\\\\").replace(
-            "%", "\\%").replace("_", "\\_")
-        where.append(f"lower(message) LIKE {mark} ESCAPE '\\'")
-        args.append(f"%{escaped}%")
-    if after is not None:
-        where.append(f"id > {mark}")
-        args.append(after)
-    elif before is not None:
-        where.append(f"id < {mark}")
-        args.append(before)
+        pattern = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        where.append("lower(message) LIKE lower(?) ESCAPE '\\'")
+        args.append(f"%{pattern}%")
+    if after is not None or before is not None:
+        where.append("id > ?" if after is not None else "id < ?")
+        args.append(after if after is not None else before)
     order = "id" if after is not None else "id DESC"
-    return (f"SELECT id, rank, time, line_number, log_type, step, message FROM console_logs "
-            f"WHERE {' AND '.join(where)} ORDER BY {order} LIMIT {mark}", [*args, limit + 1])
-
-
-_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
-
-
-def page_logs(store: Store, run: int, rank: int | None, text: str | None, after: int | None,
-              before: int | None, limit: int) -> tuple[list[tuple[Any, ...]], bool]:
-    """``(rows, more)``: rows ``(id, rank, time, line_number, log_type, step, message)`` by id
-    (arrival order, a stable cursor). With ``after``: the oldest ``limit`` lines past it (live
-    polling; ``more``: newer ones remain). Else the newest ``limit`` before ``before`` (or
-    the end; ``more``: older ones remain), so a long run opens on its tail."""
-    sql, args = logs_page_query(run, rank, text, after, before, limit)
     with store._read() as db:
-        rows = db.execute(sql, args).fetchall()
+        rows = db.execute(
+            "SELECT id, rank, time, line_number, log_type, step, message FROM console_logs "
+            f"WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?", (*args, limit + 1)
+        ).fetchall()
     more = len(rows) > limit
     rows = rows[:limit]
     return (rows if after is not None else rows[::-1]), more
