@@ -46,7 +46,7 @@ def test_pages_newest_first_then_older_then_after(run_with_lines: Any) -> None:
                                   "logType": "ERROR", "step": None,
                                   "message": "line 700 of rank 1"}
     older = _page(c, run, before=got[0]["id"])
-    assert [x["message"] for x in older["lines"]][0] == "line 200 of rank 2"
+    assert older["lines"][0]["message"] == "line 200 of rank 2" and older["more"] is True
     oldest = _page(c, run, before=older["lines"][0]["id"])
     assert len(oldest["lines"]) == 200 and oldest["more"] is False
     everything = oldest["lines"] + older["lines"] + got

@@ -79,10 +79,10 @@ def test_console_of_real_ranks_with_rank_and_text_filters(stack: Stack, tmp_path
     wait_until(lambda: stack.backend.run(run)["status"] == "COMPLETED", 60, "run COMPLETED")
 
     page = ui.open(f"run={run}")
-    page.locator('.console[data-lines="%d"]' % expected).wait_for()
+    page.locator(f'.console[data-lines="{expected}"]').wait_for()
     shown = _lines_shown(page)
     by_rank = {r: [x["msg"] for x in shown if x["rank"] == str(r)] for r in (0, 1)}
-    assert [m for m in by_rank[0]] == [f"step {i} on rank 0" for i in range(5)]
+    assert by_rank[0] == [f"step {i} on rank 0" for i in range(5)]
     assert by_rank[1][-len(HOSTILE):] == HOSTILE  # markup shown as the text it is
     [error] = [x for x in shown if x["stream"] == "stderr"]
     assert (error["rank"], error["stderr"], error["msg"]) == (
@@ -106,7 +106,7 @@ def test_console_of_real_ranks_with_rank_and_text_filters(stack: Stack, tmp_path
                "rank 0 printed no NCCL error")
     page.locator("#console-rank").select_option("")
     page.locator("#console-q").fill("")
-    page.locator('.console[data-lines="%d"]' % expected).wait_for()
+    page.locator(f'.console[data-lines="{expected}"]').wait_for()
     ui.shot("console-all-ranks")
     assert page.evaluate("window.pwned") is None and not ui.dialogs
 

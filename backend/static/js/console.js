@@ -71,56 +71,53 @@ export class Console {
     return out;
   }
 
-  async fetch(extra) {
-    return getJSON(`/api/runs/${this.runId}/logs`, this.params(extra));
+  /** GET a page and ``apply`` it, unless a filter changed meanwhile (the answer is stale then);
+   * false when not applied (stale, or failed: the reason is shown in the section). */
+  async page(extra, gen, apply) {
+    try {
+      const body = await getJSON(`/api/runs/${this.runId}/logs`, this.params(extra));
+      if (gen !== this.generation) return false;
+      apply(body);
+      this.state.textContent = "";
+      return true;
+    } catch (e) {
+      this.failed(e);
+      return false;
+    }
   }
 
   /** The newest page under the current filters, replacing what is shown. */
   async reload() {
-    const gen = ++this.generation;
-    try {
-      const body = await this.fetch({});
-      if (gen !== this.generation) return;
+    await this.page({}, ++this.generation, (body) => {
       this.lines.replaceChildren();
       this.first = this.last = null;
       this.older = body.more;
       this.add(body.lines, false);
       this.lines.scrollTop = this.lines.scrollHeight;
-      this.state.textContent = "";
-    } catch (e) {
-      this.failed(e);
-    }
+    });
   }
 
   async loadOlder() {
     if (this.first === null) return this.reload();
-    const gen = this.generation;
-    try {
-      const body = await this.fetch({before: String(this.first)});
-      if (gen !== this.generation) return;
+    await this.page({before: String(this.first)}, this.generation, (body) => {
       const height = this.lines.scrollHeight;
       this.older = body.more;
       this.add(body.lines, true);
       this.lines.scrollTop += this.lines.scrollHeight - height;  // the view stays where it was
-    } catch (e) {
-      this.failed(e);
-    }
+    });
   }
 
   /** Lines after the newest shown; a few requests at most when many are waiting. */
   async poll() {
     if (this.last === null) return this.reload();
     const gen = this.generation;
-    try {
-      for (let i = 0; i < CATCH_UP; i++) {
-        const body = await this.fetch({after: String(this.last)});
-        if (gen !== this.generation) return;
+    let more = true;
+    for (let i = 0; i < CATCH_UP && more; i++) {
+      const applied = await this.page({after: String(this.last)}, gen, (body) => {
         this.add(body.lines, false);
-        if (!body.more) break;
-      }
-      this.state.textContent = "";
-    } catch (e) {
-      this.failed(e);
+        more = body.more;
+      });
+      if (!applied) return;
     }
   }
 
