@@ -6,11 +6,18 @@ carries its members row to the backend, and the count the backend shows — the 
 
 from __future__ import annotations
 
+import io
 import re
 from typing import Any
 
 import pytest
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
+from pluto import _servers
+from pluto._console import Console, _Tee
+from pluto._producer import Ledger
 from tests.conftest import Stack
 from tests.helpers import finish_rank, json_lines, start_rank, wait_until, write_script
 
@@ -77,3 +84,22 @@ def test_console_lines_a_rank_dropped_are_in_the_ledger(stack: Stack, tmp_path: 
     numbers = [int(x["message"].rsplit(" ", 1)[1]) for x in lines]
     assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
     assert numbers[-1] == LINES - 1  # the oldest are dropped, the newest kept
+
+
+def test_the_ledger_reads_the_consoles_final_count_and_entries_stay_apart() -> None:
+    dead = redis.Redis(host="127.0.0.1", port=_servers.free_port(), socket_connect_timeout=0.2,
+                       retry=Retry(NoBackoff(), 0))
+    console = Console(dead, "nowhere:{1}:logs", rank=0, buffer=50, interval=0.02)
+    ledger = Ledger(sent=5, console=lambda: console.dropped)
+    assert ledger.as_fields(0)["drops"] == {}  # nothing lost: no reason listed
+    console._thread.start()
+    shown = io.StringIO()
+    tee = _Tee(shown, "stdout", console)
+    for i in range(300):
+        tee.write(f"line {i}\n")
+    console.close(0.5)
+    assert ledger.as_fields(0) == {"logged": 5, "sent": 5, "dropped": 0,
+                                   "drops": {"console": 300}}
+    tee.write("written to a stale tee after finish\n")  # still shown, no longer counted
+    assert shown.getvalue().endswith("after finish\n")
+    assert ledger.as_fields(0)["drops"] == {"console": 300} and console.dropped == 300
