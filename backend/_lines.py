@@ -25,7 +25,7 @@ from starlette.routing import Route
 
 from . import _json
 from . import _store_extra as extra
-from ._http import in_thread, int64_of, read_body, run_id_of, store_of
+from ._http import in_thread, int64_of, path_run_id, read_body, run_id_of, store_of
 from ._ingest import BadLines
 from ._json import READ_DEPTH, Problem, loads
 from ._query import int_param, iso, run_param, text_param
@@ -145,7 +145,8 @@ async def ingest_data(request: Request) -> Response:
     return await _ingest(request, data_item, extra.write_data)
 
 
-# -- reading them back (the Pluto read API's /api/runs/logs, and our /api/runs/data) -------
+# -- reading them back (the Pluto read API's /api/runs/logs, our /api/runs/data, and the
+#    dashboard's /api/runs/{id}/logs) ------------------------------------------------------
 
 async def logs(request: Request) -> Response:
     log_type = text_param(request, "logType")
@@ -162,6 +163,36 @@ async def logs(request: Request) -> Response:
                 for i, r, t, n, k, s, m in extra.read_logs(store, run, log_type, rank, limit,
                                                            offset, after)]
     return JSONResponse({"logs": await in_thread(work)})
+
+
+PAGE = 500
+"""Console lines per page of the dashboard's view when ``limit`` is not given."""
+MAX_PAGE = 5000
+
+
+async def page(request: Request) -> Response:
+    """``GET /api/runs/{id}/logs?after=&before=&rank=&q=&limit=``: the dashboard's console view.
+
+    Without a cursor the newest ``limit`` lines (a long run opens on its tail); ``before=<id>``
+    the ``limit`` lines before it ("load older"); ``after=<id>`` the lines past it, oldest
+    first (live polling). ``rank`` keeps one rank's lines, ``q`` those containing the text.
+    ``{"lines": [{id, rank, time (ms), lineNumber, logType, step, message}], "more": bool}``,
+    lines in id (arrival) order; ``more`` says older lines remain (no ``after``) or newer
+    ones do (``after``: poll again at once). Bad parameters are a 400 naming them."""
+    run = path_run_id(request)
+    after, before = int_param(request, "after", None), int_param(request, "before", None)
+    if after is not None and before is not None:
+        raise HTTPException(400, "query parameters after and before exclude each other")
+    rank = int_param(request, "rank", None, -(2**63))
+    text = text_param(request, "q")
+    limit = int_param(request, "limit", PAGE, 1, MAX_PAGE) or PAGE
+    store = store_of(request)
+    if not await in_thread(store.run_exists, run):
+        raise HTTPException(404, f"no run with id {run}")
+    rows, more = await in_thread(extra.page_logs, store, run, rank, text, after, before, limit)
+    return JSONResponse({"lines": [
+        {"id": i, "rank": r, "time": t, "lineNumber": n, "logType": k, "step": s, "message": m}
+        for i, r, t, n, k, s, m in rows], "more": more})
 
 
 def _data_value(kind: str, text: str) -> Any:
@@ -190,4 +221,5 @@ async def data(request: Request) -> Response:
 
 
 def routes() -> list[Route]:
-    return [Route("/api/runs/logs", logs), Route("/api/runs/data", data)]
+    return [Route("/api/runs/logs", logs), Route("/api/runs/data", data),
+            Route("/api/runs/{run_id:int}/logs", page)]

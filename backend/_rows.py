@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from pluto.protocol import DROPS_CONSOLE
+
 from . import _json
 
 FINAL = frozenset(("COMPLETED", "FAILED", "TERMINATED"))
@@ -103,28 +105,45 @@ def lost(status: str, sent: int, dropped: int, stored: int, dead: int) -> tuple[
     return missing, dropped + dead + missing
 
 
+def console_dropped(drops: Any) -> int:
+    """Console lines a member lost on its rank (``drops["console"]``, ``DROPS_CONSOLE``), from
+    its ``drops`` as a dict or as the stored JSON text; 0 when it has none or they cannot be
+    read (``get_run`` reports an unreadable row itself)."""
+    if isinstance(drops, str):
+        try:
+            drops = _json.loads(drops, "drops")
+        except _json.Problem:
+            return 0
+    value = drops.get(DROPS_CONSOLE) if isinstance(drops, dict) else None
+    return value if type(value) is int and value > 0 else 0
+
+
 def ledger(status: str, members: list[dict[str, Any]], ranks: list[dict[str, Any]]
             ) -> dict[str, int]:
-    """The run's loss ledger (ledger.md §3); a member without counts (an older SDK) adds 0."""
+    """The run's loss ledger (ledger.md §3); a member without counts (an older SDK) adds 0.
+    ``console_dropped`` counts console lines, not entries, so ``lost`` leaves it out."""
     total = {k: sum(m[k] or 0 for m in members) for k in ("logged", "sent", "dropped")}
     total |= {k: sum(r[k] or 0 for r in ranks) for k in ("stored", "dead")}
     total["missing"], total["lost"] = lost(status, total["sent"], total["dropped"],
                                             total["stored"], total["dead"])
+    total["console_dropped"] = sum(console_dropped(m.get("drops")) for m in members)
     return total
 
 
 def listed(rows: list[tuple[Any, ...]], members: list[tuple[Any, ...]],
            ranks: list[tuple[Any, ...]]) -> list[dict[str, Any]]:
-    """``list_runs`` items from run rows, ``(run, sent, dropped)`` member rows and
-    ``(run, stored, dead)`` rank rows: each with ``members`` (count) and ``lost``."""
-    counts: dict[int, list[int]] = {}  # run -> [members, sent, dropped, stored, dead]
-    for run, sent, dropped in members:
-        c = counts.setdefault(run, [0, 0, 0, 0, 0])
+    """``list_runs`` items from run rows, ``(run, sent, dropped[, drops])`` member rows and
+    ``(run, stored, dead)`` rank rows: each with ``members`` (count), ``lost`` and
+    ``console_dropped`` (0 from a store whose member rows leave out ``drops``)."""
+    counts: dict[int, list[int]] = {}  # run -> [members, sent, dropped, stored, dead, console]
+    for run, sent, dropped, *drops in members:
+        c = counts.setdefault(run, [0, 0, 0, 0, 0, 0])
         c[0] += 1
         c[1] += sent or 0
         c[2] += dropped or 0
+        c[5] += console_dropped(drops[0]) if drops else 0
     for run, stored, dead in ranks:
-        c = counts.setdefault(run, [0, 0, 0, 0, 0])
+        c = counts.setdefault(run, [0, 0, 0, 0, 0, 0])
         c[3] += stored or 0
         c[4] += dead or 0
     out: list[dict[str, Any]] = []
@@ -134,9 +153,10 @@ def listed(rows: list[tuple[Any, ...]], members: list[tuple[Any, ...]],
         except BrokenRow as exc:
             out.append({"id": row[0], "error": str(exc)})
             continue
-        n, sent, dropped, stored, dead = counts.get(row[0], (0, 0, 0, 0, 0))
+        n, sent, dropped, stored, dead, console = counts.get(row[0], (0, 0, 0, 0, 0, 0))
         item["members"] = n
         item["lost"] = lost(item["status"], sent, dropped, stored, dead)[1]
+        item["console_dropped"] = console
         out.append(item)
     return out
 

@@ -340,13 +340,14 @@ class Store:
         return {str(status): int(n) for status, n in rows}
 
     def list_runs(self, project: str | None) -> list[dict[str, Any]]:
-        """Runs newest first, without members (``get_run`` has them) but with their count
-        and ``lost``. A row that cannot be returned is an item ``{"id", "error"}``."""
+        """Runs newest first, without members (``get_run`` has them) but with their count,
+        ``lost`` and ``console_dropped``. A row that cannot be returned is an item ``{"id", "error"}``."""
         where, args = ("", ()) if project is None else (" WHERE r.project = ?", (project,))
         with self._read() as db:
             rows = db.execute(f"SELECT {_RUN_COLUMNS} FROM runs r{where} ORDER BY id DESC",
                               args).fetchall()
-            members = db.execute("SELECT m.run, m.sent, m.dropped FROM members m JOIN runs r "
+            members = db.execute("SELECT m.run, m.sent, m.dropped, m.drops FROM members m "
+                                 "JOIN runs r "
                                  f"ON r.id = m.run{where}", args).fetchall()
             ranks = db.execute("SELECT l.run, l.stored, l.dead FROM rank_ledger l JOIN runs r "
                                f"ON r.id = l.run{where}", args).fetchall()

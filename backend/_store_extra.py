@@ -109,6 +109,37 @@ def read_logs(store: SqlStore, run: int, log_type: str | None, rank: int | None,
             (*args, limit, offset)).fetchall()
 
 
+def page_logs(store: SqlStore, run: int, rank: int | None, text: str | None,
+              after: int | None, before: int | None, limit: int
+              ) -> tuple[list[tuple[Any, ...]], bool]:
+    """One page of the dashboard's console view: ``(rows, more)``, rows ``(id, rank, time,
+    line_number, log_type, step, message)`` by id (arrival order, a stable cursor). With
+    ``after``: the oldest ``limit`` lines past it (live polling; ``more``: newer ones remain).
+    Else the newest ``limit`` before ``before`` (or the end; ``more``: older ones remain), so
+    a long run opens on its tail. ``text``: lines containing it, case folded by the engine's
+    ``lower`` on both sides (SQLite folds ASCII only), ``%``/``_``/``\\`` taken literally."""
+    where, args = ["run = ?"], list[Any]([run])
+    if rank is not None:
+        where.append("rank = ?")
+        args.append(rank)
+    if text:
+        pattern = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        where.append("lower(message) LIKE lower(?) ESCAPE '\\'")
+        args.append(f"%{pattern}%")
+    if after is not None or before is not None:
+        where.append("id > ?" if after is not None else "id < ?")
+        args.append(after if after is not None else before)
+    order = "id" if after is not None else "id DESC"
+    with store._read() as db:
+        rows = db.execute(
+            "SELECT id, rank, time, line_number, log_type, step, message FROM console_logs "
+            f"WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?", (*args, limit + 1)
+        ).fetchall()
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return (rows if after is not None else rows[::-1]), more
+
+
 # -- structured data (histograms, tables, graphs, string series) ---------------------------------
 
 def write_data(store: SqlStore, run: int, items: Sequence[DataItem]) -> int:

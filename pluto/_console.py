@@ -10,7 +10,9 @@ backend's ``/ingest/logs``; ``pluto tail <run> --logs [--rank N]`` follows them 
 
 Bounded like the metrics buffer: while Redis is unreachable, lines wait in memory up to
 ``PLUTO_CONSOLE_BUFFER`` pieces; beyond it the oldest are dropped and counted
-(``dropped``), never blocking a ``print``. ``PLUTO_CAPTURE_CONSOLE=0`` turns it off. Only
+(``dropped``), never blocking a ``print``. The count is part of the process's loss ledger
+(``drops["console"]`` in the members hash, ``protocol.DROPS_CONSOLE``), so the backend's
+runs list shows it next to the entries lost. ``PLUTO_CAPTURE_CONSOLE=0`` turns it off. Only
 Python-level writes are seen (``print``, ``logging``, tracebacks), not C code writing to fd 1/2.
 """
 
@@ -84,14 +86,21 @@ class Console:
         self._lost = 0  # lines dropped by the thread (its queue full, or unsent at close)
         self._fed = 0  # pieces written (by any thread); the deque drops the oldest when full
         self._taken = 0  # pieces the thread took out of the deque
+        self._closed = False
 
     @property
     def dropped(self) -> int:
-        """Lines (and pieces written but never taken: a piece is a line for ``print``) lost."""
-        return self._lost + self._fed - self._taken - len(self._pieces)
+        """Lines lost, plus pieces written but never taken (a piece is one ``write``: a
+        ``print`` makes one or two). Read from other threads while the counts move, it may be
+        off by a piece for a moment (never below 0); once :meth:`close` returned it is exact."""
+        return max(0, self._lost + self._fed - self._taken - len(self._pieces))
 
     def feed(self, name: str, text: str) -> None:
-        """Called by the tee on the writing thread: one count and one append, nothing else."""
+        """Called by the tee on the writing thread: one count and one append, nothing else.
+        After :meth:`close` a stale tee (still wrapped by someone) only writes through, so
+        the count the ledger reported at finish stays the final one."""
+        if self._closed:
+            return
         self._fed += 1
         self._pieces.append((name, text, int(time.time() * 1000)))
 
@@ -119,12 +128,14 @@ class Console:
             if getattr(sys, name) is tee:  # someone else may have wrapped it since
                 setattr(sys, name, original)
         self._tees.clear()
+        self._closed = True
         self._stop.set()
         deadline = time.monotonic() + max(timeout, 0.1)
         if self._thread.is_alive():
             self._thread.join(timeout / 2)
         if self._thread.is_alive():
-            lost = len(self._unsent)  # (pieces still in the deque count by themselves)
+            lost = len(self._unsent)
+            self._pieces.clear()  # never to be taken now: counted by ``dropped`` as such
         else:
             self._drain(final=True)
             self._send(deadline)

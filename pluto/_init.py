@@ -114,6 +114,8 @@ def _capture_console(run: Run, client: Any, stream: str, starts: list[Callable[[
                              run.settings.console_buffer, starts, _NO_SETINFO)
     if console is None:
         return
+    if run._producer is not None:  # its losses go in this process's ledger (members hash)
+        run._producer.ledger.console = lambda: console.dropped
     run.on_finishing = lambda r: console.close(min(1.0, r.settings.finish_timeout))
 
 

@@ -35,7 +35,7 @@ from redis.exceptions import RedisClusterException
 
 from ._io import Wire
 from ._resp import Replies, XaddPacker, count_entries, transient, whole_entries
-from .protocol import ENTRY_HEAD, pack
+from .protocol import DROPS_CONSOLE, ENTRY_HEAD, pack
 
 log = logging.getLogger("pluto")
 
@@ -80,6 +80,9 @@ class Ledger:
 
     sent: int = 0
     drops: dict[str, int] = field(default_factory=dict)
+    console: Callable[[], int] | None = None
+    """Console lines this process lost (``_console``), read whenever the ledger is written: it
+    goes in ``drops`` as ``DROPS_CONSOLE``, in the same ledger as the entries but not among them."""
 
     def drop(self, reason: str, count: int = 1) -> None:
         self.drops[reason] = self.drops.get(reason, 0) + count
@@ -90,9 +93,12 @@ class Ledger:
 
     def as_fields(self, in_memory: int) -> dict[str, Any]:
         """The members-hash fields of DESIGN §3: logged, sent, dropped, drops."""
-        dropped = self.dropped
+        dropped, drops = self.dropped, dict(self.drops)
+        console = self.console() if self.console is not None else 0
+        if console:
+            drops[DROPS_CONSOLE] = console
         return {"logged": self.sent + dropped + in_memory, "sent": self.sent,
-                "dropped": dropped, "drops": dict(self.drops)}
+                "dropped": dropped, "drops": drops}
 
 
 class _Busy(Exception):

@@ -89,6 +89,11 @@ LEDGER_DEAD = "dead"
 LEDGER_STEP = "step"
 LEDGER_TIME = "time"
 
+DROPS_CONSOLE = "console"
+"""The reason, in a member's ``drops`` (members hash, ``POST /api/runs/{id}/members``), under
+which its console lines lost on the rank side are counted: console lines, not entries, so the
+member's ``dropped`` leaves them out and the backend's ledger shows them as ``console_dropped``."""
+
 CREATE_REFUSED = "error:"
 """``created(token)`` value when the backend refused the create: ``error:<why>``."""
 
@@ -203,7 +208,8 @@ class Keys:
         return f"{self.root}:{{{run}}}:logs"
 
     def members(self, run: int | str) -> str:
-        """Hash: member (``host:pid``) -> msgpack {rank, local_rank, host, pid, attached_at, state}."""
+        """Hash: member (``host:pid``) -> msgpack {rank, local_rank, host, pid, attached_at, state,
+        and its ledger: logged, sent, dropped, drops (reason -> count; see ``DROPS_CONSOLE``)}."""
         return f"{self.root}:{{{run}}}:members"
 
     def heartbeats(self, run: int | str) -> str:

@@ -88,7 +88,7 @@ def test_an_old_database_is_migrated(tmp_path: Path) -> None:
                                        sent=None, dropped=None, drops=None, stored=None,
                                        dead=None)]
         assert run["ledger"] == {"logged": 0, "sent": 0, "dropped": 0, "stored": 0, "dead": 0,
-                                 "missing": 0, "lost": 0}
+                                 "missing": 0, "lost": 0, "console_dropped": 0}
         assert c.post("/api/runs/1/members", json=[{"member": "h:1", "sent": 5}]).status_code \
             == 200
         assert c.post("/api/runs/1/ledger", json=[{"rank": 0, "stored": 3, "dead": 0}]
@@ -118,7 +118,7 @@ def test_a_fresh_database_has_the_same_schema_as_a_migrated_one(tmp_path: Path) 
 def test_members_carry_the_ledger_and_runs_add_it_up(c: TestClient) -> None:
     run = inproc.new_run(c)
     members = [member("a:1", 0, logged=100, sent=90, dropped=10, drops={"overflow": 10}),
-               member("b:2", 1, logged=50, sent=50, dropped=0, drops={}),
+               member("b:2", 1, logged=50, sent=50, dropped=0, drops={"console": 7}),
                member("c:3", 1),  # rank 1 twice: the worker's counts cannot be split
                member("d:4", 2)]  # an older SDK: no counts
     assert c.post(f"/api/runs/{run}/members", json=members).json() == {"ok": True}
@@ -133,10 +133,10 @@ def test_members_carry_the_ledger_and_runs_add_it_up(c: TestClient) -> None:
     assert by_name["d:4"]["logged"] is None and by_name["d:4"]["stored"] is None
     assert got["ranks"] == [ledger[2], ledger[0], ledger[1]]  # by rank, the unreadable last
     running = {"logged": 150, "sent": 140, "dropped": 10, "stored": 125, "dead": 3,
-               "missing": 0, "lost": 13}
+               "missing": 0, "lost": 13, "console_dropped": 7}  # lines, not entries
     assert got["ledger"] == running  # still running: what is not stored yet may be in flight
     [listed] = c.get("/api/runs").json()["runs"]
-    assert (listed["lost"], listed["members"]) == (13, 4)
+    assert (listed["lost"], listed["members"], listed["console_dropped"]) == (13, 4, 7)
     assert c.post("/api/runs/status/update", json={"runId": run, "status": "COMPLETED"}
                   ).status_code == 200
     assert c.get(f"/api/runs/{run}").json()["ledger"] == dict(running, missing=12, lost=25)
@@ -149,7 +149,7 @@ def test_members_carry_the_ledger_and_runs_add_it_up(c: TestClient) -> None:
     assert final["ranks"][0] == {"rank": 0, "stored": 90, "dead": 0, "last_step": 7,
                                  "last_time": 900}
     assert final["ledger"] == {"logged": 150, "sent": 140, "dropped": 10, "stored": 139,
-                               "dead": 1, "missing": 0, "lost": 11}
+                               "dead": 1, "missing": 0, "lost": 11, "console_dropped": 7}
     # a member update without counts keeps them (null keeps the stored value)
     assert c.post(f"/api/runs/{run}/members", json=[{"member": "a:1", "state": "finished"}]
                   ).status_code == 200
@@ -186,7 +186,7 @@ def test_ledger_through_the_real_backend(backend: Backend, api: httpx.Client,
                     json={"runId": run, "status": "FAILED"}).status_code == 200
     got = backend.run(run)
     assert got["ledger"] == {"logged": 10, "sent": 10, "dropped": 0, "stored": 7, "dead": 1,
-                             "missing": 2, "lost": 3}
+                             "missing": 2, "lost": 3, "console_dropped": 0}
     assert got["members"][0]["stored"] == 7
     [listed] = backend.runs(project)
     assert (listed["lost"], listed["members"]) == (3, 1)

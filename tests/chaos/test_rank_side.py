@@ -319,7 +319,8 @@ def test_the_ledger_read_back_from_the_api_equals_what_the_ranks_logged(
     done = wait_until(lambda: (x := stack.backend.run(run))["status"] == "COMPLETED"
                       and x["ledger"]["stored"] == 1999 and x, 30, "COMPLETED with its ledger")
     assert done["ledger"] == {"logged": 2000, "sent": 1999, "dropped": 1, "stored": 1999,
-                              "dead": 0, "missing": 0, "lost": 1}, done["ledger"]
+                              "dead": 0, "missing": 0, "lost": 1, "console_dropped": 0
+                              }, done["ledger"]
     by_rank = {m["rank"]: m for m in done["members"]}
     assert {k: (m["logged"], m["sent"], m["dropped"]) for k, m in by_rank.items()} == {
         0: (500, 500, 0), 1: (500, 499, 1), 2: (500, 500, 0), 3: (500, 500, 0)}

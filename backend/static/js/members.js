@@ -44,7 +44,7 @@ export class Members {
           (slowest === null || step < last.get(slowest))) slowest = m.rank;
     }
     const cols = ["rank", "host", "pid", "state", "last step", "steps/s", "behind",
-                  "logged", "sent", "dropped", "stored", "dead"];
+                  "logged", "sent", "dropped", "stored", "dead", "console lost"];
     const head = el("tr", {}, ...cols.map((c) => el("th", {text: c})));
     const rows = members.map((m) => {
       const step = last.get(m.rank);
@@ -54,11 +54,11 @@ export class Members {
                            data: {rank: m.rank ?? "", behind: behind ?? ""}});
       const cells = [m.rank ?? "?", m.host, m.pid, m.state, step === undefined ? null : step,
         rate === null ? null : Math.round(rate * 10) / 10, behind, m.logged, m.sent, m.dropped,
-        m.stored, m.dead];
+        m.stored, m.dead, m.drops && typeof m.drops.console === "number" ? m.drops.console : 0];
       cells.forEach((v, i) => {
         const td = el("td", {text: typeof v === "number" ? num(v) : (v ?? "–")});
         if (i === 9 && v > 0) td.className = "bad";
-        if (i === 11 && v > 0) td.className = "bad";
+        if ((i === 11 || i === 12) && v > 0) td.className = "bad";
         tr.append(td);
       });
       return tr;

@@ -1,9 +1,11 @@
 // The run page: the run's header, config and tags, its members, then its charts in sections.
 // Opening reads the overview of every chart (server-side M4, the first chart alone so it draws
 // first, the rest a few requests of many series each); while the run is RUNNING the page polls
-// every POLL_MS for points after each chart's last step and appends only those.
+// every POLL_MS for points after each chart's last step and appends only those, and for the
+// console lines after the last one shown (console.js).
 import {fetchSeries, getRun, metricNames, MAX_POINTS, AuthError} from "./api.js";
 import {Chart} from "./chart.js";
+import {Console} from "./console.js";
 import {$, el, duration, num, showError, statusBadge, FINAL} from "./dom.js";
 import {groupNames, matcher} from "./groups.js";
 import {Members} from "./members.js";
@@ -20,6 +22,7 @@ export class RunPage {
     this.charts = new Map();      // key -> Chart
     this.sections = new Map();    // section name -> {details, box, count}
     this.members = new Members();
+    this.console = new Console(runId);
     this.stopped = false;
     this.ticks = 0;
     this.finalSeen = false;
@@ -28,7 +31,8 @@ export class RunPage {
     this.meta = el("div", {cls: "run-meta"});
     this.controls = this.makeControls();
     this.chartsBox = el("div", {cls: "sections"});
-    this.root.append(this.header, this.meta, this.members.root, this.controls, this.chartsBox);
+    this.root.append(this.header, this.meta, this.members.root, this.console.root, this.controls,
+                     this.chartsBox);
     this.onResize = () => { clearTimeout(this.resizing); this.resizing = setTimeout(() => {
       for (const c of this.charts.values()) c.resize(); }, 150); };
     window.addEventListener("resize", this.onResize);
@@ -83,12 +87,14 @@ export class RunPage {
     this.addNames(names);
     await this.loadOverview([...this.charts.values()], true);
     this.showRun(run);
+    await this.console.reload();
     this.schedule();
   }
 
   stop() {
     this.stopped = true;
     clearTimeout(this.timer);
+    this.console.stop();
     window.removeEventListener("resize", this.onResize);
     this.observer.disconnect();
     for (const c of this.charts.values()) c.destroy();
@@ -110,6 +116,12 @@ export class RunPage {
       el("span", {cls: "kv", text: `duration ${duration(end - run.createdAt)}`}),
       el("span", {cls: "kv" + (lost > 0 ? " bad" : ""), attrs: {id: "run-lost"},
                   text: lost === null ? "lost –" : `lost ${num(lost)}`}));
+    const consoleLost = ledger && typeof ledger.console_dropped === "number" ? ledger.console_dropped : null;
+    if (consoleLost !== null) {
+      this.header.append(el("span", {cls: "kv" + (consoleLost > 0 ? " bad" : ""),
+        attrs: {id: "run-console-lost"}, title: "console lines the ranks could not send",
+        text: `console lost ${num(consoleLost)}`}));
+    }
     if (ledger) {
       this.header.append(el("span", {cls: "kv muted", text: ["logged", "sent", "stored", "dropped",
         "dead", "missing"].map((k) => `${k} ${num(ledger[k] ?? null)}`).join(" · ")}));
@@ -119,6 +131,7 @@ export class RunPage {
     this.meta.replaceChildren(el("div", {cls: "tags"}, el("b", {text: "tags "}), ...tags),
       el("details", {}, el("summary", {text: "config"}), config));
     this.members.update(run, this.derivedRankSteps());
+    this.console.setRanks(run.members);
     $("live").textContent = FINAL.has(run.status) ? "finished: not updating"
       : `live · ${new Date().toLocaleTimeString()}`;
   }
@@ -301,6 +314,7 @@ export class RunPage {
         if (fresh.length) await this.loadOverview(fresh);
       }
       await this.poll();
+      await this.console.poll();
       this.showRun(run);
       showError("");
     } catch (e) {

@@ -1,5 +1,6 @@
 // The runs list: project filter (asked of the server), name and status filters (applied here),
-// newest first, with members, last step, duration and the run's loss total (red when > 0).
+// newest first, with members, last step, duration and the run's loss total (red when > 0):
+// entries lost, plus the console lines its ranks lost.
 import {listRuns} from "./api.js";
 import {el, duration, num, statusBadge, FINAL} from "./dom.js";
 import {matcher} from "./groups.js";
@@ -68,13 +69,17 @@ export class RunsPage {
         : Array.isArray(r.members) ? r.members.length : null;
       const end = FINAL.has(r.status) ? r.updatedAt : now;
       const lost = typeof r.lost === "number" ? r.lost : null;
+      const consoleLost = typeof r.console_dropped === "number" ? r.console_dropped : 0;
+      const lostText = (lost === null ? "–" : num(lost)) +
+        (consoleLost > 0 ? ` + ${num(consoleLost)} console` : "");
       return el("tr", {cls: "run-row", data: {run: r.id, status: r.status}},
         el("td", {text: r.id}), el("td", {text: r.project}),
         el("td", {}, link, ext), el("td", {}, statusBadge(r.status)),
         el("td", {text: members === null ? "–" : members}),
         el("td", {text: num(r.lastStep ?? null)}),
         el("td", {text: duration(end - r.createdAt)}),
-        el("td", {cls: lost > 0 ? "bad lost" : "lost", text: lost === null ? "–" : num(lost)}));
+        el("td", {cls: lost > 0 || consoleLost > 0 ? "bad lost" : "lost", text: lostText,
+                  data: {consoleLost}, title: "entries lost, + console lines the ranks lost"}));
     }));
   }
 }
