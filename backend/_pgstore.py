@@ -279,7 +279,8 @@ class PgStore:
         with self._db() as db, db.transaction():
             rows = db.execute(f"SELECT {RUN_COLUMNS} FROM runs r{where} ORDER BY id DESC",
                               args).fetchall()
-            members = db.execute("SELECT m.run, m.sent, m.dropped FROM members m JOIN runs r "
+            members = db.execute("SELECT m.run, m.sent, m.dropped, m.drops FROM members m "
+                                 "JOIN runs r "
                                  f"ON r.id = m.run{where}", args).fetchall()
             ranks = db.execute("SELECT l.run, l.stored, l.dead FROM rank_ledger l JOIN runs r "
                                f"ON r.id = l.run{where}", args).fetchall()

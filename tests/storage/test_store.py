@@ -57,7 +57,8 @@ def test_status_config_tags_and_unknown_ids(store: Any) -> None:
 def test_members_and_ledger_upsert_keep_what_is_not_given(store: Any) -> None:
     run, _ = store.create_run("p", "m", "n", None, None)
     assert store.upsert_members(run, [{"member": "h:2", "rank": 1, "host": "h", "pid": 2,
-                                       "state": "running", "logged": 5, "drops": {"x": 1}},
+                                       "state": "running", "logged": 5,
+                                       "drops": {"x": 1, "console": 4}},
                                       {"member": "h:1", "rank": 0, "state": "running"}])
     assert store.upsert_members(run, [{"member": "h:2", "state": "finished", "sent": 5}])
     assert store.upsert_ledger(run, [{"rank": 1, "stored": 4, "dead": 1, "last_step": 9},
@@ -69,12 +70,14 @@ def test_members_and_ledger_upsert_keep_what_is_not_given(store: Any) -> None:
     assert by["h:2"] | {} == {"member": "h:2", "rank": 1, "local_rank": None, "node": None,
                               "attempt": None, "host": "h",
                               "pid": 2, "state": "finished", "logged": 5, "sent": 5,
-                              "dropped": None, "drops": {"x": 1}, "stored": 5, "dead": 1}
+                              "dropped": None, "drops": {"x": 1, "console": 4}, "stored": 5,
+                              "dead": 1}
     assert got["ranks"][0] == {"rank": 1, "stored": 5, "dead": 1, "last_step": 9,
                                "last_time": None}
     assert got["ledger"]["stored"] == 5 and got["ledger"]["dead"] == 3
     listed = next(r for r in store.list_runs("p") if r["id"] == run)
     assert listed["members"] == 2 and listed["lost"] == 3
+    assert listed["console_dropped"] == got["ledger"]["console_dropped"] == 4  # lines, apart
 
 
 def test_values_round_trip_exactly(store: Any) -> None:
