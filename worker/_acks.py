@@ -23,20 +23,22 @@ from pluto.protocol import GROUP, INT_TEXT, Keys
 from ._problems import Problems
 from ._streams import is_weather
 
-# KEYS[1] stream, KEYS[2] ledger. ARGV: group, n, then n pairs (id, ledger field or ""), then
-# quadruples (step field, time field, step, time): the newest step stored per rank, raised to
-# the max (idempotent, so it needs no XACK guard).
+ACK_GROUP = 1000
+"""Ids per XACK inside the ack script (Lua's ``unpack`` allows a few thousand values)."""
+
+# KEYS[1] stream, KEYS[2] ledger. ARGV: group, g, then g groups (ledger field or "", k, k ids),
+# then quadruples (step field, time field, step, time): the newest step stored per rank, raised
+# to the max (idempotent, so it needs no XACK guard). One XACK per group (at most ACK_GROUP ids,
+# within Lua's unpack limit): what it returns is exactly how many of them it acknowledged.
 _ACK = """
-local n = tonumber(ARGV[2])
-local counts = {}
-for i = 0, n - 1 do
-  local f = ARGV[4 + 2 * i]
-  if redis.call('XACK', KEYS[1], ARGV[1], ARGV[3 + 2 * i]) == 1 and f ~= '' then
-    counts[f] = (counts[f] or 0) + 1
-  end
+local g = tonumber(ARGV[2])
+local j = 3
+for _ = 1, g do
+  local f, k = ARGV[j], tonumber(ARGV[j + 1])
+  local acked = redis.call('XACK', KEYS[1], ARGV[1], unpack(ARGV, j + 2, j + 1 + k))
+  if acked > 0 and f ~= '' then redis.call('HINCRBY', KEYS[2], f, acked) end
+  j = j + 2 + k
 end
-for f, c in pairs(counts) do redis.call('HINCRBY', KEYS[2], f, c) end
-local j = 3 + 2 * n
 while j + 3 <= #ARGV do
   local old = redis.call('HGET', KEYS[2], ARGV[j])
   if not old or tonumber(ARGV[j + 2]) > tonumber(old) then
@@ -147,9 +149,15 @@ class Acker:
             if run is None:
                 pipe.xack(stream, GROUP, *(entry_id for entry_id, _ in pairs))
                 continue
-            args: list[Any] = [GROUP, len(pairs)]
+            args: list[Any] = [GROUP, 0]
+            by_field: dict[str, list[bytes]] = defaultdict(list)
             for entry_id, ledger_field in pairs:
-                args += [entry_id, ledger_field]
+                by_field[ledger_field].append(entry_id)
+            for ledger_field, ids in by_field.items():
+                for i in range(0, len(ids), ACK_GROUP):
+                    part = ids[i:i + ACK_GROUP]
+                    args += [ledger_field, len(part), *part]
+                    args[1] += 1
             for rank, (step, time_ms) in acks.newest.get(stream, {}).items():
                 args += [f"{K.LEDGER_STEP}:{rank}", f"{K.LEDGER_TIME}:{rank}", step, time_ms]
             if isinstance(self.r, redis.RedisCluster):  # no scripts in a cluster pipeline
