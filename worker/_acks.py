@@ -101,8 +101,8 @@ class Acks:
         for entry_id, flat in entries:
             f = flat or []
             usual = len(f) >= 6 and f[0] == _RANK and f[2] == _STEP and f[4] == _TIME
-            if usual and f[1] in labels and INT_TEXT.match(f[3]) and INT_TEXT.match(f[5]):
-                rank, label = labels[f[1]]
+            if usual and f[1] in labels and f[3].isdigit() and f[5].isdigit():
+                rank, label = labels[f[1]]  # (plain digits: the grammar's non-negative ints)
                 step, time_ms = int(f[3]), int(f[5])
             else:
                 rank, step, time_ms = head(f)
