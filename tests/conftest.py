@@ -21,7 +21,7 @@ import pytest
 import redis
 
 from pluto import _servers
-from pluto._settings import env_flag
+from pluto.env import env_flag
 from pluto.protocol import Keys
 from tests import helpers
 

@@ -12,7 +12,7 @@ import msgpack
 import pytest
 
 import pluto_worker
-from pluto._settings import redact
+from pluto.env import redact
 from pluto.errors import ConfigError
 from pluto.protocol import decode_entry
 from pluto_worker import WorkerSettings
