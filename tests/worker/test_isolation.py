@@ -96,13 +96,19 @@ def test_values_outside_the_grammar_are_dead_lettered(worker: Any, r: redis.Redi
                                                       text: str) -> None:
     run = _create(worker, r, keys, project, "grammar")
     produce(r, keys, run, [entry(1, {"a": 1.5}), {**entry(2, {}), "a": text},
-                           {**entry(3, {}), K.F_STEP: f" {3}", "a": "3"}, entry(4, {"a": 4})])
-    spin(worker, lambda: r.xlen(keys.dead(run)) == 2, what="two dead letters")
+                           {**entry(3, {}), K.F_STEP: f" {3}", "a": "3"},
+                           {K.F_RANK: "0", K.F_TIME: "1", "a": "3"},  # no _step at all
+                           entry(4, {"a": 4})])
+    bad_ids = [entry_id for entry_id, _ in r.xrange(keys.metrics(run))][1:4]
+    spin(worker, lambda: r.xlen(keys.dead(run)) == 3, what="three dead letters")
     dead = r.xrange(keys.dead(run))
+    assert [d[1][K.F_DEAD_ID.encode()] for d in dead] == bad_ids  # each names its entry
     assert b"not a number" in dead[0][1][b"reason"] and dead[0][1][b"a"] == text.encode()
     assert b"_step is not an integer" in dead[1][1][b"reason"]
+    assert b"_step" in dead[2][1][b"reason"] and dead[2][1][b"a"] == b"3"
     spin(worker, lambda: [p[:2] for p in backend.points(run, "a")] == [[1, 1.5], [4, 4]],
          what="the good neighbours stored")
+    spin(worker, lambda: pending(r, keys.metrics(run)) == 0, what="every entry acknowledged")
 
 
 def test_ledger_counts_each_entry_once(worker: Any, r: redis.Redis, keys: Keys, project: str,
