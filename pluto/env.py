@@ -91,8 +91,10 @@ def redis_tls(url: str, env: Mapping[str, str] | None = None, ca: str = "", cert
     arguments win over ``env`` (none: only the arguments count); a ``redis://`` URL gets none
     (plain connections reject them).
 
-    >>> redis_tls("rediss://h:6380/0", {"PLUTO_REDIS_CA": "/ca.pem"})
-    {'ssl_cert_reqs': 'required', 'ssl_ca_certs': '/ca.pem'}
+    >>> redis_tls("rediss://h:6380/0", {})
+    {'ssl_cert_reqs': 'required'}
+    >>> redis_tls("redis://h:6379/0", {"PLUTO_REDIS_CA": "/ca.pem"})
+    {}
     """
     env = {} if env is None else env
     if not url.lower().startswith("rediss://"):
