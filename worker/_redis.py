@@ -2,7 +2,8 @@
 
 Every worker module takes a :class:`RedisClient`, so mypy checks each call against this list
 and a new command is a visible change here. ``redis.Redis`` and ``redis.RedisCluster`` both
-satisfy it (checked at the bottom of this module, and by ``tests/worker/test_units.py``).
+satisfy it (mypy checks that at the bottom of this module; ``tests/test_boundaries.py`` checks
+that both take every command, by name).
 
 Parameter types are redis-py's own (``KeyT`` is ``bytes | str | memoryview``); replies are
 what redis-py's synchronous client declares. Three are ``Any`` on purpose: XREADGROUP's
