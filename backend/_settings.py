@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from pluto._settings import env_number
+from pluto.env import env_number
 from pluto.errors import ConfigError
 from pluto.protocol import DEFAULT_API_URL, DEFAULT_DB_URL
 

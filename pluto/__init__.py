@@ -10,7 +10,7 @@ Importing this package does no I/O and pulls in neither the worker nor the backe
 
 from __future__ import annotations
 
-from . import errors, integrations, protocol
+from . import env, errors, integrations, protocol, streams
 from ._init import finish, init, log
 from ._run import Run
 from ._settings import Settings
@@ -33,6 +33,7 @@ __all__ = [
     "RunFinished",
     "Settings",
     "State",
+    "env",
     "errors",
     "finish",
     "init",
@@ -40,6 +41,7 @@ __all__ = [
     "log",
     "protocol",
     "run",
+    "streams",
 ]
 
 

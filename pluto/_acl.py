@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from ._settings import env_tenants, redact, redis_tls
+from .env import env_tenants, redact, redis_tls
 from .errors import ConfigError, PlutoError
 from .protocol import DEFAULT_REDIS_URL, Keys, glob_escape
 

@@ -19,7 +19,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from . import _acl, _servers
-from ._settings import env_tenant, redact, redis_tls
+from .env import env_tenant, redact, redis_tls
 from .errors import PlutoError
 from .protocol import (
     DEFAULT_API_URL,
@@ -182,7 +182,7 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         try:
             redis.Redis.from_url(s.redis_url, socket_connect_timeout=1,
-                                 **redis_tls(s.redis_url)).ping()
+                                 **redis_tls(s.redis_url, os.environ)).ping()
             print(f"pluto up: using the Redis at {redact(s.redis_url)}", flush=True)
             if urlsplit(s.redis_url).password and _open_to_anyone(s.redis_url):
                 print("pluto up: WARNING: that Redis accepts connections without a password "
@@ -226,7 +226,7 @@ def _open_to_anyone(url: str) -> bool:
     parts = urlsplit(url)
     bare = parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl()
     client = redis.Redis.from_url(bare, socket_connect_timeout=1, socket_timeout=2,
-                                  **redis_tls(url))
+                                  **redis_tls(url, os.environ))
     try:
         return bool(client.ping())
     except (redis.RedisError, OSError):
@@ -302,7 +302,7 @@ def cmd_tail(args: argparse.Namespace) -> int:
     s = CliSettings.from_env()
     keys = Keys(s.prefix, s.tenant)
     client: Any = redis.Redis.from_url(s.redis_url, decode_responses=True,
-                                       **redis_tls(s.redis_url))
+                                       **redis_tls(s.redis_url, os.environ))
     run = args.run if args.run.isdigit() else client.get(keys.run(args.project, args.run))
     if run is None or not str(run).isdigit():
         print(f"pluto tail: no run {args.run!r} in project {args.project!r} at "
@@ -402,7 +402,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     except httpx.HTTPError as exc:
         backend = {"url": s.api_url, "ok": False, "error": str(exc)}
     client = redis.Redis.from_url(s.redis_url, socket_connect_timeout=3, socket_timeout=5,
-                                  **redis_tls(s.redis_url))
+                                  **redis_tls(s.redis_url, os.environ))
     report = _ops.status(client, Keys(s.prefix, s.tenant), backend, args.max_pending_age)
     client.close()
     report.redis["url"] = redact(s.redis_url)
@@ -441,7 +441,7 @@ def cmd_dead(args: argparse.Namespace) -> int:
 
     s = CliSettings.from_env()
     client = redis.Redis.from_url(s.redis_url, socket_connect_timeout=3, socket_timeout=10,
-                                  **redis_tls(s.redis_url))
+                                  **redis_tls(s.redis_url, os.environ))
     keys = Keys(s.prefix, s.tenant)
     try:
         if args.action == "replay":

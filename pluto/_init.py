@@ -29,9 +29,10 @@ from ._launch import member_name  # issue 20 (H4)
 from ._preflight import check_workers  # issue 20 (H4)
 from ._producer import Producer, Target
 from ._run import Run
-from ._settings import Settings, redact
+from ._settings import Settings
 from ._sysmetrics import start_sampler  # issue 20 (H4)
 from ._values import PlutoWarning, clean_config, user_stacklevel
+from .env import redact
 from .errors import ConfigError, ConnectionFailed
 from .protocol import RUN_KEY_TTL, Keys, State
 

@@ -16,6 +16,7 @@ from typing import Any
 import redis
 
 from .protocol import F_DEAD_ID, F_DEAD_REASON, F_RANK, GROUP, Keys, unpack
+from .streams import group_state
 
 WORKER_ALIVE_S = 15.0
 """A worker whose heartbeat is older than this counts as gone (it beats every second)."""
@@ -42,34 +43,6 @@ class Report:
 
 def _text(value: Any) -> str:
     return value.decode(errors="replace") if isinstance(value, bytes) else str(value)
-
-
-def _id_ms(entry_id: Any) -> int:
-    return int(_text(entry_id).partition("-")[0] or 0)
-
-
-def group_state(r: Any, stream: str) -> dict[str, Any]:
-    """Lag, pending and the age of the oldest pending entry of the workers' group on ``stream``
-    (Redis's own ``lag`` counts only undelivered entries; pending ones are what a stalled
-    worker holds, so an operator needs both, and the oldest one's age)."""
-    out: dict[str, Any] = {"length": 0, "lag": 0, "pending": 0, "oldest_pending_s": None,
-                           "consumers": 0}
-    try:
-        out["length"] = int(r.xlen(stream))
-        groups = [g for g in r.xinfo_groups(stream) if _text(g.get("name")) == GROUP]
-    except redis.ResponseError:  # no such stream (or not a stream): nothing waits on it
-        return out
-    if not groups:
-        out["lag"] = out["length"]
-        return out
-    group = groups[0]
-    out["lag"], out["pending"] = group.get("lag"), int(group.get("pending") or 0)
-    out["consumers"] = int(group.get("consumers") or 0)
-    if out["pending"]:
-        oldest = r.xpending(stream, GROUP).get("min")
-        if oldest:
-            out["oldest_pending_s"] = round(max(0.0, time.time() - _id_ms(oldest) / 1000), 1)
-    return out
 
 
 def status(r: Any, keys: Keys, backend: dict[str, Any], max_pending_age: float) -> Report:

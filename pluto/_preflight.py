@@ -17,7 +17,8 @@ from typing import Any
 
 import redis
 
-from ._settings import Settings, redact
+from ._settings import Settings
+from .env import redact
 from .errors import InitTimeout
 from .protocol import GROUP, Keys
 

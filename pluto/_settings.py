@@ -9,113 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from ._launch import launch_fields  # issue 20 (H4): ranks from every launcher
 from ._sysmetrics import sysmetrics_fields  # issue 20 (H4): PLUTO_SYSTEM_METRICS*
+from .env import env_flag, env_number, env_tenant, redis_tls
 from .errors import ConfigError
-from .protocol import DEFAULT_REDIS_URL, tenant_problem
-
-
-def env_number(env: Mapping[str, str], name: str, default: float, low: float = 0.0) -> float:
-    """A finite number above ``low`` from ``env[name]``, or one ``ConfigError`` naming it.
-
-    Shared by the SDK, the worker and the backend settings, so every variable fails alike.
-    """
-    raw = env.get(name)
-    if raw is None or raw.strip() == "":
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not a number; unset it or give seconds") from None
-    if not value > low or value != value or value == float("inf"):
-        raise ConfigError(f"{name}={raw!r} must be a finite number above {low}")
-    return value
-
-
-def _int(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name, "").strip()
-    if not raw:
-        return default
-    try:
-        return int(raw)
-    except ValueError:
-        raise ConfigError(f"{name}={raw!r} is not an integer") from None
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    try:
-        parts = urlsplit(url)
-        if parts.password:
-            netloc = f"{parts.username or ''}:***@{parts.hostname or ''}" + (
-                f":{parts.port}" if parts.port else "")
-            return urlunsplit(parts._replace(netloc=netloc))
-    except ValueError:
-        pass
-    return url
-
-
-def redis_tls(url: str, env: Mapping[str, str] | None = None, ca: str = "", cert: str = "",
-              key: str = "") -> dict[str, Any]:
-    """redis-py keyword arguments for a ``rediss://`` URL: the CA to verify the server with
-    (``PLUTO_REDIS_CA``; else the system's) and a client certificate and key
-    (``PLUTO_REDIS_CERT`` / ``PLUTO_REDIS_KEY``) for servers that require one. Explicit
-    arguments win over ``env``; a ``redis://`` URL gets none (plain connections reject them).
-
-    >>> redis_tls("rediss://h:6380/0", {"PLUTO_REDIS_CA": "/ca.pem"})
-    {'ssl_cert_reqs': 'required', 'ssl_ca_certs': '/ca.pem'}
-    """
-    env = os.environ if env is None else env
-    if not url.lower().startswith("rediss://"):
-        return {}
-    ca = ca or env.get("PLUTO_REDIS_CA", "").strip()
-    cert = cert or env.get("PLUTO_REDIS_CERT", "").strip()
-    key = key or env.get("PLUTO_REDIS_KEY", "").strip()
-    if bool(cert) != bool(key):
-        raise ConfigError("a Redis client certificate needs both PLUTO_REDIS_CERT and "
-                          "PLUTO_REDIS_KEY (PEM files)")
-    for name, path in (("PLUTO_REDIS_CA", ca), ("PLUTO_REDIS_CERT", cert),
-                       ("PLUTO_REDIS_KEY", key)):
-        if path and not os.access(path, os.R_OK):
-            raise ConfigError(f"{name}={path!r} is not a readable file")
-    kwargs: dict[str, Any] = {"ssl_cert_reqs": "required"}
-    if ca:
-        kwargs["ssl_ca_certs"] = ca
-    if cert:
-        kwargs.update(ssl_certfile=cert, ssl_keyfile=key)
-    return kwargs
-
-
-def env_tenant(env: Mapping[str, str], name: str = "PLUTO_TENANT") -> str:
-    """The tenant (team) named by ``env[name]`` (``""``: none), or one ``ConfigError``."""
-    tenant = env.get(name, "").strip()
-    problem = tenant_problem(tenant)
-    if problem:
-        raise ConfigError(f"{name}={tenant[:40]!r}: {problem}")
-    return tenant
-
-
-def env_tenants(env: Mapping[str, str], given: Sequence[str] | None = None) -> tuple[str, ...]:
-    """The tenants a worker (or ``pluto acl``) serves: ``given`` (``--tenant``), else
-    ``PLUTO_TENANTS`` (comma-separated), else ``PLUTO_TENANT``, else ``("",)`` (no tenant);
-    each validated, duplicates dropped."""
-    if given:
-        names, source = list(given), "--tenant"
-    else:
-        names, source = env.get("PLUTO_TENANTS", "").split(","), "PLUTO_TENANTS"
-    names = [t.strip() for t in names if t.strip()]
-    if not names:
-        return (env_tenant(env),)
-    return tuple(dict.fromkeys(env_tenant({source: t}, source) for t in names))
-
-
-def env_flag(env: Mapping[str, str], name: str) -> bool:
-    return env.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+from .protocol import DEFAULT_REDIS_URL
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import weakref
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any
 
+from .env import env_number
 from .protocol import name_problem
 
 if TYPE_CHECKING:
@@ -34,8 +35,6 @@ _samplers: weakref.WeakKeyDictionary[Any, Sampler] = weakref.WeakKeyDictionary()
 
 def sysmetrics_fields(env: Mapping[str, str]) -> dict[str, Any]:
     """The ``Settings`` fields of this module: ``system_metrics``, ``system_metrics_interval``."""
-    from ._settings import env_number  # here: _settings imports this module
-
     raw = env.get("PLUTO_SYSTEM_METRICS", "").strip().lower()
     return {"system_metrics": raw not in ("0", "false", "no", "off"),
             "system_metrics_interval": max(

@@ -21,11 +21,11 @@ import pytest
 import redis
 
 from pluto import _servers
-from pluto._settings import env_flag
+from pluto.env import env_flag
 from pluto.protocol import Keys
 from tests import helpers
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = helpers.ROOT
 # System metrics (on by default for users) would add sys/* entries to every test's runs; the
 # tests that want them turn them on (tests/integrations/test_sysmetrics.py).
 os.environ.setdefault("PLUTO_SYSTEM_METRICS", "0")

@@ -21,6 +21,7 @@ from pluto import protocol as K
 from pluto.protocol import GROUP, INT_TEXT, Keys
 
 from ._problems import Problems
+from ._redis import RedisClient
 from ._streams import is_weather
 
 ACK_GROUP = 1000
@@ -129,7 +130,7 @@ class Acks:
 class Acker:
     """Writes :class:`Acks` to Redis in one pipelined round trip."""
 
-    def __init__(self, r: Any, keys: Keys, retention: int, problems: Problems) -> None:
+    def __init__(self, r: RedisClient, keys: Keys, retention: int, problems: Problems) -> None:
         self.r = r
         self.problems = problems
         self.keys = keys

@@ -14,6 +14,7 @@ from pluto import protocol as K
 from pluto.protocol import CREATED_TTL, INT64_MAX, RUN_KEY_TTL, Keys, State, unpack
 
 from ._backend import Backend, Interrupted, Rejected, Unavailable
+from ._redis import RedisClient
 from ._streams import ensure_group, is_weather
 
 log = logging.getLogger("worker.control")
@@ -23,9 +24,10 @@ log = logging.getLogger("worker.control")
 _INT64 = INT64_MAX
 
 
-def member_info(raw: bytes | None) -> dict[str, Any] | None:
-    """A members-hash value as the SDK writes it (a msgpack map); None for anything else."""
-    if raw is None:
+def member_info(raw: bytes | str | None) -> dict[str, Any] | None:
+    """A members-hash value as the SDK writes it (a msgpack map); None for anything else
+    (a ``str`` only comes from a client that decodes replies, which the worker's does not)."""
+    if not isinstance(raw, bytes):
         return None
     try:
         info = unpack(raw)
@@ -77,7 +79,7 @@ class Control:
     """Applies one decoded control message to the backend and to Redis (:meth:`call`, on a
     helper thread of :class:`worker._dispatch.Dispatcher`, which keeps the stream order)."""
 
-    def __init__(self, r: Any, keys: Keys, backend: Backend,
+    def __init__(self, r: RedisClient, keys: Keys, backend: Backend,
                  projects: dict[int, str | None]) -> None:
         self.r = r
         self.keys = keys

@@ -252,6 +252,7 @@ class Columns:
         return len(self.value)
 
     def pack(self) -> bytes:
-        return msgpack.packb({"names": self.names, "name": self.name, "value": self.value,
-                              "count": self.count, "step": self.step, "time": self.time,
-                              "seq_ms": self.seq_ms, "seq_n": self.seq_n})
+        blob: bytes = msgpack.packb({"names": self.names, "name": self.name, "value": self.value,
+                                     "count": self.count, "step": self.step, "time": self.time,
+                                     "seq_ms": self.seq_ms, "seq_n": self.seq_n})
+        return blob  # msgpack is untyped: its packb returns Any

@@ -18,6 +18,7 @@ from pluto.protocol import INT64_MAX, Keys
 
 from ._backend import Backend, Rejected
 from ._control import member_row
+from ._redis import RedisClient
 
 _INT64 = INT64_MAX
 
@@ -45,7 +46,7 @@ def ledger_rows(raw: dict[bytes, bytes]) -> list[dict[str, Any]]:
 
 
 class LedgerSync:
-    def __init__(self, r: Any, keys: Keys, backend: Backend, interval: float = 2.0) -> None:
+    def __init__(self, r: RedisClient, keys: Keys, backend: Backend, interval: float = 2.0) -> None:
         self.r = r
         self.keys = keys
         self.backend = backend

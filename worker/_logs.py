@@ -26,6 +26,7 @@ from typing import Any
 from pluto.protocol import GROUP, Keys
 
 from ._backend import Backend, Unavailable
+from ._redis import RedisClient
 from ._streams import ensure_group
 
 log = logging.getLogger("worker")
@@ -49,7 +50,7 @@ def _int(value: Any) -> int | None:
 class LogShipper:
     """Moves console lines of the runs a worker serves into the backend."""
 
-    def __init__(self, r: Any, keys: Keys, backend: Backend, consumer: str,
+    def __init__(self, r: RedisClient, keys: Keys, backend: Backend, consumer: str,
                  claim_idle_ms: int = 15_000) -> None:
         self.r = r
         self.keys = keys

@@ -9,7 +9,7 @@ import sys
 import threading
 from types import FrameType
 
-from pluto._settings import env_tenants, redact
+from pluto.env import env_tenants, redact
 
 from ._metrics import serve_metrics
 from ._settings import WorkerSettings

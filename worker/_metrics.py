@@ -21,7 +21,7 @@ try:
 except ImportError:  # pragma: no cover - the worker runs without metrics then
     CollectorRegistry = None  # type: ignore[assignment,misc]
 
-from pluto._ops import group_state
+from pluto.streams import GroupReader, group_state
 
 BATCH_BUCKETS = (1, 10, 100, 500, 1000, 2500, 5000, 10000, 25000)
 DURATION_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -120,7 +120,7 @@ class Metrics:
     def on_failed(self, outcome: str) -> None:
         self.batches.labels(outcome).inc()
 
-    def sample(self, r: Any, control: str, streams: list[str], group: str) -> None:
+    def sample(self, r: GroupReader, control: str, streams: list[str], group: str) -> None:
         """Stream-group gauges, read from Redis (a few commands per run; call it seldom)."""
         if not self.enabled:
             return

@@ -14,10 +14,12 @@ import time
 from typing import Any
 
 import redis
+from redis.typing import KeyT, StreamIdT
 
 from pluto.protocol import GROUP
 
 from ._problems import Problems
+from ._redis import RedisClient
 from ._streams import Entry, ensure_group, is_nogroup, is_weather, stream_entries
 
 log = logging.getLogger("worker")
@@ -28,7 +30,7 @@ SKIP_S = 30.0
 
 
 class Reader:
-    def __init__(self, r: Any, name: str, cluster: bool, problems: Problems) -> None:
+    def __init__(self, r: RedisClient, name: str, cluster: bool, problems: Problems) -> None:
         self.r = r
         self.name = name
         self.cluster = cluster
@@ -38,22 +40,23 @@ class Reader:
     def read(self, starts: dict[str, str], count: int, block: int | None) -> Batch:
         """Entries by stream, from each stream's start id (``>`` new, ``0`` own pending)."""
         now = time.monotonic()
-        starts = {k: v for k, v in starts.items() if self._skip.get(k, 0.0) <= now}
+        ready: dict[KeyT, StreamIdT] = {k: v for k, v in starts.items()
+                                        if self._skip.get(k, 0.0) <= now}
         try:
             if self.cluster:  # one slot per run: no multi-stream reads on a cluster
                 reply: list[Any] = []
-                for stream, start in starts.items():
+                for stream, start in ready.items():
                     reply += self.r.xreadgroup(GROUP, self.name, {stream: start},
                                                count=count) or []
                 if not reply and block:
                     time.sleep(block / 1000)
             else:
-                reply = self.r.xreadgroup(GROUP, self.name, starts, count=count,
+                reply = self.r.xreadgroup(GROUP, self.name, ready, count=count,
                                           block=block) or []
         except redis.ResponseError as exc:
             if is_weather(exc):
                 raise
-            self._repair(list(starts), exc)
+            self._repair([k for k in starts if k in ready], exc)
             return {}
         return stream_entries(reply)
 

@@ -21,6 +21,7 @@ from ._backend import Backend, Interrupted, Rejected, Unavailable
 from ._control import member_info, member_row
 from ._ledger import LedgerSync
 from ._problems import Problems
+from ._redis import RedisClient
 from ._streams import drained, is_weather, trim
 
 log = logging.getLogger("worker.runs")
@@ -75,7 +76,7 @@ class RunWatcher:
     value that is not a msgpack map, a heartbeat that is not a number, a hash of the wrong
     type is reported and ignored; a backend call that fails backs that run's checks off."""
 
-    def __init__(self, r: Any, keys: Keys, backend: Backend, heartbeat_timeout: float,
+    def __init__(self, r: RedisClient, keys: Keys, backend: Backend, heartbeat_timeout: float,
                  retention: int, problems: Problems | None = None) -> None:
         self.r = r
         self.keys = keys

@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from pluto._settings import env_flag as _flag
-from pluto._settings import env_number as _num
-from pluto._settings import env_tenants, redis_tls
+from pluto.env import env_flag as _flag
+from pluto.env import env_number as _num
+from pluto.env import env_tenants, redis_tls
 from pluto.protocol import DEFAULT_API_URL, DEFAULT_REDIS_URL
 
 

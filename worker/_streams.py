@@ -6,15 +6,15 @@ Everything here is a small function over a redis-py client; the key names come f
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 import redis
 
 from pluto.protocol import GROUP
 
+from ._redis import RedisClient
 from ._settings import WorkerSettings
 
-Client = Union["redis.Redis", "redis.RedisCluster"]
 Entry = tuple[bytes, "list[bytes] | None"]
 """One stream entry: (id, [field, value, field, value, ...]); None for a deleted entry."""
 
@@ -44,7 +44,7 @@ def as_entry(entry: Any) -> Entry:
     return entry_id, fields
 
 
-def connect(settings: WorkerSettings) -> Any:
+def connect(settings: WorkerSettings) -> RedisClient:
     """A client for ``PLUTO_REDIS_URL``; its socket timeout outlasts the blocking read."""
     timeout = max(10.0, settings.block_ms / 1000 + 5)
     if settings.cluster:
@@ -78,7 +78,7 @@ def is_weather(exc: BaseException) -> bool:
     return isinstance(exc, redis.ResponseError) and error_code(exc) in WEATHER
 
 
-def ensure_group(r: Any, stream: str) -> None:
+def ensure_group(r: RedisClient, stream: str) -> None:
     """Create the ``workers`` group reading from the start (``0``): after Redis lost the group,
     re-reading is harmless (the backend upserts) while starting at ``$`` could skip entries."""
     try:
@@ -94,7 +94,7 @@ def parse_id(entry_id: bytes | str) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def _group(r: Any, stream: str) -> dict[str, Any] | None:
+def _group(r: RedisClient, stream: str) -> dict[str, Any] | None:
     for info in r.xinfo_groups(stream):
         name = info.get("name")
         if name in (GROUP, GROUP.encode()):
@@ -102,7 +102,7 @@ def _group(r: Any, stream: str) -> dict[str, Any] | None:
     return None
 
 
-def drained(r: Any, stream: str) -> bool:
+def drained(r: RedisClient, stream: str) -> bool:
     """True when the group has delivered every entry of ``stream`` and nothing is pending."""
     try:
         last_generated = r.xinfo_stream(stream)["last-generated-id"]
@@ -116,7 +116,7 @@ def drained(r: Any, stream: str) -> bool:
     return parse_id(group["last-delivered-id"]) >= parse_id(last_generated)
 
 
-def oldest_needed(r: Any, stream: str) -> tuple[bool, bytes] | None:
+def oldest_needed(r: RedisClient, stream: str) -> tuple[bool, bytes] | None:
     """Where the entries someone still needs begin: ``(inclusive, id)``, or None without groups.
 
     Needed are the entries pending in any group (from the oldest pending id, inclusive) and the
@@ -138,7 +138,7 @@ def oldest_needed(r: Any, stream: str) -> tuple[bool, bytes] | None:
     return inclusive, entry_id
 
 
-def trim(r: Any, stream: str, retention: int) -> int:
+def trim(r: RedisClient, stream: str, retention: int) -> int:
     """Trim ``stream`` below what any group still needs, keeping ``retention`` entries below
     that point for live viewing. Returns how many entries were removed. Never removes an entry
     that is pending or undelivered: MINID only drops ids below a bound taken from the group."""
@@ -150,7 +150,7 @@ def trim(r: Any, stream: str, retention: int) -> int:
     inclusive, entry_id = bound
     top = b"(" + entry_id if inclusive else entry_id  # entries strictly below what is needed
     if retention > 0:
-        tail = r.xrevrange(stream, max=top, min="-", count=retention)
+        tail = r.xrevrange(stream, max=top, min="-", count=retention) or []
         if len(tail) < retention:
             return 0
         minid = tail[-1][0]

@@ -37,6 +37,7 @@ from ._metrics import Metrics
 from ._persist import NO_PROJECT, Post, decode, deliver
 from ._problems import Problems
 from ._reader import Batch, Reader
+from ._redis import RedisClient
 from ._runs import RunWatcher
 from ._settings import WorkerSettings
 from ._streams import (
@@ -63,7 +64,7 @@ class Worker:
     >>> Worker(WorkerSettings.from_env()).run()  # doctest: +SKIP
     """
 
-    def __init__(self, settings: WorkerSettings | None = None, r: Any = None) -> None:
+    def __init__(self, settings: WorkerSettings | None = None, r: RedisClient | None = None) -> None:
         self.settings = s = settings or WorkerSettings.from_env()
         self.keys = Keys(s.prefix, s.tenant)
         self.name = s.name

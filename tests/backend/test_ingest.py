@@ -148,6 +148,9 @@ def test_undecodable_bodies_are_400(api: httpx.Client, run: int) -> None:
     not_a_list = msgpack.packb({"not": "a list"})
     assert ingest(api, run, not_a_list, "application/msgpack").status_code == 400
     assert ingest(api, run, b"\xff\xfe", "application/x-ndjson").status_code == 400
+    assert ingest(api, run, b"[1, 2", "application/x-ndjson").status_code == 400  # cut array
+    assert ingest(api, run, b"\xff\xfe{", "application/x-ndjson").status_code == 400
+    assert api.get(f"/api/runs/{run}/metrics").json() == {"names": []}  # nothing stored
 
 
 def test_wrong_content_type_is_415(api: httpx.Client, run: int) -> None:

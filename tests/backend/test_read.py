@@ -129,12 +129,11 @@ def test_bad_query_params_are_400(api: httpx.Client, project: str) -> None:
     assert points(api, run, "m", step_min=-(2**63), step_max=2**63 - 1, max_points=10) == []
 
 
-def test_dashboard_files_carry_a_csp(backend: Backend) -> None:
+def test_dashboard_files_are_served_and_nothing_beside_them(backend: Backend) -> None:
+    """The files and nothing else (their headers, the CSP included: tests/security/test_http.py)."""
     with httpx.Client(base_url=backend.url) as client:
         page = client.get("/")
         assert page.status_code == 200 and "<script" in page.text
-        csp = page.headers["content-security-policy"]
-        assert "script-src 'self'" in csp and "unsafe-inline" not in csp.split("script-src")[1]
         js = client.get("/static/js/main.js")
         assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
         for bad in ("/static/../_app.py", "/static/%2e%2e/_app.py", "/static/nope.js",

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import uuid
 from pathlib import Path
@@ -13,7 +12,7 @@ import httpx
 from pluto import _servers
 from pluto.protocol import Keys
 from tests.conftest import ROOT
-from tests.helpers import PYTHON, finish_rank, json_lines, start_rank, wait_until
+from tests.helpers import PYTHON, PlutoUp, finish_rank, json_lines, start_rank, up_env, wait_until
 
 
 def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -22,23 +21,10 @@ def _cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
 
 
 def test_pluto_up_embedded_redis_then_runs_and_tail(tmp_path: Path) -> None:
-    redis_port, api_port = _servers.free_port(), _servers.free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PLUTO_", "MLOP_"))}
-    env.update(PLUTO_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
-               PLUTO_API_URL=f"http://127.0.0.1:{api_port}", PLUTO_HOME=str(tmp_path / "home"),
-               PLUTO_DB_URL=f"sqlite:///{tmp_path / 'home' / 'db.sqlite'}", PYTHONPATH=str(ROOT),
-               PLUTO_PREFIX=f"up{uuid.uuid4().hex[:6]}")
-    up = subprocess.Popen([PYTHON, "-m", "pluto._cli", "up"], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-    try:
-        assert up.stdout is not None
-        lines = []
-        for line in up.stdout:
-            lines.append(line)
-            if "ready" in line or "pluto up:" not in line:
-                break
-        text = "".join(lines)
-        assert "started an embedded Redis" in text and "ready" in text, text
+    env = up_env(tmp_path)
+    with PlutoUp(env) as up:
+        text = up.wait_ready()
+        assert "started an embedded Redis" in text, text
         key = (tmp_path / "home" / "api_key").read_text().strip()
         assert key and oct((tmp_path / "home" / "api_key").stat().st_mode)[-3:] == "600"
 
@@ -64,12 +50,9 @@ def test_pluto_up_embedded_redis_then_runs_and_tail(tmp_path: Path) -> None:
         assert tail.returncode == 0, tail.stderr
         assert Keys(env["PLUTO_PREFIX"]).metrics(run) in tail.stdout
         assert tail.stdout.count("train/loss/rank0=") == 50
-    finally:
-        up.send_signal(signal.SIGINT)
-        rest, _ = up.communicate(timeout=30)
-    assert up.returncode == 0 and "stopped" in rest
-    assert not _servers.port_open("127.0.0.1", redis_port)  # the embedded Redis is gone too
-    assert not _servers.port_open("127.0.0.1", api_port)
+    assert up.proc.returncode == 0 and "stopped" in up.text(), up.text()
+    assert not _servers.port_open("127.0.0.1", up.redis_port)  # the embedded Redis is gone too
+    assert not _servers.port_open("127.0.0.1", up.api_port)
 
 
 def test_runs_without_a_key_says_what_to_do(tmp_path: Path) -> None:

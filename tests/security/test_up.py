@@ -5,10 +5,8 @@ start, a loose key file is refused, and no secret reaches the output or the logs
 from __future__ import annotations
 
 import os
-import signal
 import stat
 import subprocess
-import threading
 import uuid
 from pathlib import Path
 
@@ -16,11 +14,16 @@ import httpx
 import pytest
 import redis
 
-from pluto import _servers
-from tests.conftest import ROOT
-from tests.helpers import PYTHON, finish_rank, json_lines, start_rank, wait_until, write_script
-
-from .conftest import clean_env
+from tests.helpers import (
+    PYTHON,
+    PlutoUp,
+    finish_rank,
+    json_lines,
+    start_rank,
+    up_env,
+    wait_until,
+    write_script,
+)
 
 RANK = """
 import json, sys
@@ -34,15 +37,6 @@ print("RESULT " + json.dumps({"id": run.id, "lost": run.finish()}), flush=True)
 PASSWORD = "s3cret pass:word/@%"  # spaces and URL characters survive into redis.conf
 
 
-def _env(tmp_path: Path, userinfo: str) -> dict[str, str]:
-    redis_port, api_port = _servers.free_port(), _servers.free_port()
-    home = tmp_path / "home"
-    return clean_env(PLUTO_REDIS_URL=f"redis://{userinfo}@127.0.0.1:{redis_port}/0",
-                     PLUTO_API_URL=f"http://127.0.0.1:{api_port}", PLUTO_HOME=str(home),
-                     PLUTO_DB_URL=f"sqlite:///{home / 'db.sqlite'}", PYTHONPATH=str(ROOT),
-                     PLUTO_PREFIX=f"up{uuid.uuid4().hex[:6]}", PLUTO_INIT_TIMEOUT="60")
-
-
 def _quoted(text: str) -> str:
     from urllib.parse import quote
 
@@ -52,18 +46,11 @@ def _quoted(text: str) -> str:
 @pytest.mark.e2e  # real backend, worker, Redis or CLI processes
 @pytest.mark.parametrize("user", ["", "alice"])
 def test_up_requires_the_url_password_and_keeps_files_private(tmp_path: Path, user: str) -> None:
-    env = _env(tmp_path, f"{user}:{_quoted(PASSWORD)}")
-    port = int(env["PLUTO_REDIS_URL"].rsplit(":", 1)[1].split("/")[0])
+    env = up_env(tmp_path, f"{user}:{_quoted(PASSWORD)}")
     home = Path(env["PLUTO_HOME"])
-    up = subprocess.Popen([PYTHON, "-m", "pluto._cli", "up"], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(up.stdout or []), daemon=True)
-    reader.start()
-    text = lambda: "".join(lines)  # noqa: E731
-    try:
-        wait_until(lambda: "ready" in text() or up.poll() is not None, 60, "pluto up ready")
-        assert "ready" in text(), text()
+    with PlutoUp(env) as up:
+        text, port = up.text, up.redis_port
+        up.wait_ready()
         assert "requiring the password" in text() and "protected mode on" in text()
 
         # Without the password (or with a wrong one) Redis refuses everything.
@@ -108,13 +95,7 @@ def test_up_requires_the_url_password_and_keeps_files_private(tmp_path: Path, us
         loose = [(str(p), oct(p.stat().st_mode)) for p in [home, *home.rglob("*")]
                  if p.stat().st_mode & 0o077]
         assert loose == []
-    finally:
-        up.send_signal(signal.SIGINT)
-        up.wait(60)
-        reader.join(5)
-        if up.stdout is not None:
-            up.stdout.close()
-    assert up.returncode == 0, text()
+    assert up.proc.returncode == 0, text()
     # No secret in what up printed or in any log.
     logs = "".join(p.read_text(errors="replace") for p in (home / "logs").glob("*.log"))
     for secret in (PASSWORD, _quoted(PASSWORD), key):
@@ -123,7 +104,7 @@ def test_up_requires_the_url_password_and_keeps_files_private(tmp_path: Path, us
 
 @pytest.mark.e2e  # real backend, worker, Redis or CLI processes
 def test_up_refuses_a_loose_key_file(tmp_path: Path) -> None:
-    env = _env(tmp_path, ":pw")
+    env = up_env(tmp_path, ":pw")
     home = Path(env["PLUTO_HOME"])
     home.mkdir(mode=0o700)
     (home / "api_key").write_text("pluto_old\n")
@@ -157,21 +138,10 @@ def test_up_warns_when_a_running_redis_ignores_the_password(redis_url: str,
     """The URL carries a password but the Redis already running there needs none (Redis then
     accepts any AUTH): up uses it and says so, without printing the password."""
     port = redis_url.rsplit(":", 1)[1].split("/")[0]
-    env = _env(tmp_path, ":nope-" + uuid.uuid4().hex[:6])
+    env = up_env(tmp_path, ":nope-" + uuid.uuid4().hex[:6])
     env["PLUTO_REDIS_URL"] = env["PLUTO_REDIS_URL"].rsplit("@", 1)[0] + f"@127.0.0.1:{port}/0"
-    up = subprocess.Popen([PYTHON, "-m", "pluto._cli", "up"], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(up.stdout or []), daemon=True)
-    reader.start()
-    try:
-        wait_until(lambda: "ready" in "".join(lines) or up.poll() is not None, 60, "up ready")
-    finally:
-        up.send_signal(signal.SIGINT)
-        up.wait(60)
-        reader.join(5)
-        if up.stdout is not None:
-            up.stdout.close()
-    out = "".join(lines)
+    with PlutoUp(env) as up:
+        up.wait_ready()
+    out = up.text()
     assert "accepts connections without a password" in out, out
     assert "using the Redis at redis://:***@" in out and "nope-" not in out

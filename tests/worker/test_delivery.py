@@ -1,4 +1,5 @@
-"""Exactly-once in effect: exact values, crashes, a backend outage, bad entries, shutdown."""
+"""Exactly-once in effect: exact values, crashes, a backend outage, shutdown (bad entries: in
+process, tests/worker/test_isolation.py)."""
 
 from __future__ import annotations
 
@@ -57,23 +58,6 @@ def test_values_arrive_bit_identical(stack: Stack, project: str, r: redis.Redis,
     assert [p[2] for p in points] == [1000 + i for i in range(len(values))]
     assert [p[1] for p in stack.backend.points(run, "nested/name")] == list(range(len(values)))
     wait_until(lambda: pending(r, keys.metrics(run)) == 0, 10, "all acked")
-
-
-def test_undecodable_entries_are_dead_lettered(stack: Stack, project: str, r: redis.Redis,
-                                               keys: Keys) -> None:
-    run = create(r, keys, project, "junk")
-    produce(r, keys, run, [entry(1, {"a": 1.5}),
-                           {"_rank": "0", "_step": "2", "_time": "1", "a": "not-a-number"},
-                           {"_rank": "0", "_time": "1", "a": "3"},  # no _step
-                           entry(4, {"a": 4.5})])
-    bad_ids = [e[0] for e in r.xrange(keys.metrics(run))][1:3]
-    points = all_points(stack.backend, run, "a", 2)
-    assert [(p[0], p[1]) for p in points] == [(1, 1.5), (4, 4.5)]
-    dead = wait_until(at_least(2, lambda: r.xrange(keys.dead(run))), 10, "two dead letters")
-    assert [d[1][b"id"] for d in dead] == bad_ids
-    assert b"not a number" in dead[0][1][b"reason"] and dead[0][1][b"a"] == b"not-a-number"
-    assert b"_step" in dead[1][1][b"reason"]
-    wait_until(lambda: pending(r, keys.metrics(run)) == 0, 10, "everything acked")
 
 
 def test_killed_worker_loses_and_duplicates_nothing(bare_stack: Stack, project: str,

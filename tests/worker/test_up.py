@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import re
 import signal
-import subprocess
-import threading
 import uuid
 from pathlib import Path
 
@@ -15,8 +13,7 @@ import httpx
 import redis
 
 from pluto import _servers
-from tests.conftest import ROOT
-from tests.helpers import PYTHON, finish_rank, json_lines, start_rank, wait_until
+from tests.helpers import PlutoUp, finish_rank, json_lines, start_rank, up_env, wait_until
 
 RANK = """
 import pluto
@@ -37,22 +34,11 @@ def _gone(pid: int) -> bool:
 
 
 def test_up_restarts_a_dead_worker_and_redis_and_stops_cleanly(tmp_path: Path) -> None:
-    redis_port, api_port = _servers.free_port(), _servers.free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PLUTO_", "MLOP_"))}
-    env.update(PLUTO_REDIS_URL=f"redis://127.0.0.1:{redis_port}/0",
-               PLUTO_API_URL=f"http://127.0.0.1:{api_port}", PLUTO_HOME=str(tmp_path / "home"),
-               PLUTO_DB_URL=f"sqlite:///{tmp_path / 'home' / 'db.sqlite'}", PYTHONPATH=str(ROOT),
-               PLUTO_PREFIX=f"up{uuid.uuid4().hex[:6]}", PLUTO_INIT_TIMEOUT="60")
-    up = subprocess.Popen([PYTHON, "-m", "pluto._cli", "up"], env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    assert up.stdout is not None
-    reader = threading.Thread(target=lambda: lines.extend(up.stdout or []), daemon=True)
-    reader.start()
-    text = lambda: "".join(lines)  # noqa: E731
+    env = up_env(tmp_path)
     pids: list[int] = []
-    try:
-        wait_until(lambda: "ready" in text(), 60, "pluto up ready")
+    with PlutoUp(env) as up:
+        text, redis_port = up.text, up.redis_port
+        up.wait_ready()
         worker = int(re.search(r"worker pid (\d+)", text()).group(1))  # type: ignore[union-attr]
         redis_pid = int(_info_pid(redis_port) or 0)
         pids += [worker, redis_pid]
@@ -82,14 +68,9 @@ def test_up_restarts_a_dead_worker_and_redis_and_stops_cleanly(tmp_path: Path) -
                    .json()["status"] == "COMPLETED", 60, "the run COMPLETED")
         points = httpx.get(f"{base}/api/runs/{result['id']}/metrics/x", headers=headers).json()
         assert [p[0] for p in points["points"]] == list(range(1, 101))
-    finally:
-        up.send_signal(signal.SIGINT)
-        up.wait(60)
-        reader.join(5)
-        up.stdout.close()
-    assert up.returncode == 0 and "stopped" in text(), text()
+    assert up.proc.returncode == 0 and "stopped" in text(), text()
     assert not _servers.port_open("127.0.0.1", redis_port)
-    assert not _servers.port_open("127.0.0.1", api_port)
+    assert not _servers.port_open("127.0.0.1", up.api_port)
     assert all(_gone(pid) for pid in pids), pids
 
 

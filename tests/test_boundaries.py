@@ -1,0 +1,144 @@
+"""What the three deployables share, and how the worker's Redis client is typed.
+
+The SDK, the worker and the server share only public ``pluto`` modules (``pluto.protocol``,
+``pluto.errors``, ``pluto.env``, ``pluto.streams``...): a private ``pluto._*`` module may
+change with the SDK alone. The worker names every Redis command it sends in one protocol
+(``worker/_redis.py``); mypy checks the calls, these tests check the two redis-py clients.
+"""
+
+from __future__ import annotations
+
+import ast
+import inspect
+from pathlib import Path
+
+import pytest
+import redis
+import redis.client
+import redis.cluster
+import redis.commands.core
+
+from pluto import streams
+from pluto.protocol import GROUP
+from tests.conftest import ROOT
+from worker import _redis
+
+SHARED_BY = ("worker", "backend")
+
+
+def private_pluto_imports(source: str) -> list[str]:
+    """Every import of a private ``pluto`` module (or a private name of ``pluto``) in ``source``,
+    including ``importlib.import_module("pluto._x")``; dunders such as ``__version__`` are fine."""
+    def private(dotted: str) -> bool:
+        parts = dotted.split(".")
+        return parts[0] == "pluto" and any(p.startswith("_") and not p.startswith("__")
+                                           for p in parts[1:])
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if private(a.name)]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            found += [node.module] if private(node.module) else [
+                f"{node.module}.{a.name}" for a in node.names if private(f"{node.module}.{a.name}")]
+        elif (isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+              and isinstance(node.args[0].value, str) and private(node.args[0].value)
+              and getattr(node.func, "attr", getattr(node.func, "id", "")) == "import_module"):
+            found.append(node.args[0].value)
+    return found
+
+
+def test_the_import_check_sees_every_form() -> None:
+    source = ("from pluto._settings import env_number\nimport pluto._ops\n"
+              "from pluto import _keys, __version__, protocol\nfrom pluto.env import redact\n"
+              "importlib.import_module('pluto._resp')\nfrom ._settings import x\n")
+    assert private_pluto_imports(source) == ["pluto._settings", "pluto._ops", "pluto._keys",
+                                             "pluto._resp"]
+
+
+@pytest.mark.parametrize("folder", SHARED_BY)
+def test_worker_and_backend_import_no_private_pluto_module(folder: str) -> None:
+    files = sorted((ROOT / folder).rglob("*.py"))
+    assert len(files) > 5, files  # the folder is really there
+    found = {str(f.relative_to(ROOT)): private_pluto_imports(f.read_text()) for f in files}
+    assert {f: names for f, names in found.items() if names} == {}
+
+
+def _members(proto: type) -> dict[str, inspect.Signature]:
+    """The methods a protocol class itself declares (not ``Protocol``'s machinery)."""
+    return {name: inspect.signature(value) for name, value in vars(proto).items()
+            if callable(value) and (not name.startswith("_") or name in
+                                    ("__call__", "__len__", "__enter__", "__exit__"))}
+
+
+def _accepts(impl: object, wanted: inspect.Signature) -> bool:
+    """Whether ``impl`` takes every parameter the protocol names, by name where it may be given so."""
+    have = inspect.signature(impl).parameters  # type: ignore[arg-type]
+    if any(p.kind is p.VAR_KEYWORD for p in have.values()):
+        return True
+    for name, p in wanted.parameters.items():
+        if name == "self":
+            continue
+        if p.kind is p.VAR_POSITIONAL:
+            if not any(q.kind is q.VAR_POSITIONAL for q in have.values()):
+                return False
+        elif name not in have:
+            return False
+    return True
+
+
+@pytest.mark.parametrize("proto,classes", [
+    (_redis.RedisClient, (redis.Redis, redis.RedisCluster)),
+    (streams.GroupReader, (redis.Redis, redis.RedisCluster)),
+    (_redis.Pipeline, (redis.client.Pipeline, redis.cluster.ClusterPipeline)),
+    (_redis.Script, (redis.commands.core.Script,)),
+])
+def test_both_redis_clients_take_every_command_the_worker_sends(proto: type,
+                                                                classes: tuple[type, ...]) -> None:
+    members = _members(proto)
+    assert members, proto
+    missing = {(cls.__name__, name) for cls in classes for name, sig in members.items()
+               if not hasattr(cls, name) or not _accepts(getattr(cls, name), sig)}
+    assert missing == set()
+
+
+def test_every_worker_redis_parameter_is_typed_by_the_protocol() -> None:
+    """A client passed as ``r`` is a ``RedisClient`` (or the narrower ``GroupReader``): never
+    ``Any`` or untyped, which would switch mypy's checking of its calls off."""
+    loose = []
+    for path in sorted((ROOT / "worker").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                for arg in node.args.args + node.args.kwonlyargs:
+                    text = ast.unparse(arg.annotation) if arg.annotation else "(none)"
+                    if arg.arg == "r" and text.split(" | ")[0] not in ("RedisClient", "GroupReader"):
+                        loose.append(f"{path.name}:{node.lineno} {node.name}(r: {text})")
+    assert loose == []
+
+
+def test_group_state_reads_lag_pending_and_age(r: redis.Redis, prefix: str) -> None:
+    stream = f"{prefix}:gs"
+    r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    for i in range(5):
+        r.xadd(stream, {"i": i})
+    r.xreadgroup(GROUP, "c1", {stream: ">"}, count=2)  # two delivered, not acknowledged
+    state = streams.group_state(r, stream)
+    assert {k: state[k] for k in ("length", "lag", "pending", "consumers")} == {
+        "length": 5, "lag": 3, "pending": 2, "consumers": 1}
+    assert state["oldest_pending_s"] is not None and 0 <= state["oldest_pending_s"] < 3600
+
+
+def test_group_state_of_odd_keys_is_empty_not_an_error(r: redis.Redis, prefix: str) -> None:
+    empty = {"length": 0, "lag": 0, "pending": 0, "oldest_pending_s": None, "consumers": 0}
+    assert streams.group_state(r, f"{prefix}:absent") == empty
+    r.set(f"{prefix}:plain", "x")  # not a stream: WRONGTYPE is refused, not raised
+    assert streams.group_state(r, f"{prefix}:plain") == empty
+    r.xadd(f"{prefix}:nogroup", {"a": 1})  # a stream no worker has grouped yet: all of it waits
+    assert streams.group_state(r, f"{prefix}:nogroup") == {**empty, "length": 1, "lag": 1}
+
+
+def test_the_protocol_module_holds_no_redis_call() -> None:
+    """``pluto.streams`` reads Redis; ``pluto.protocol`` only defines (keys, formats, rules)."""
+    tree = ast.parse(Path(ROOT / "pluto" / "protocol.py").read_text())
+    imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    assert not {m for m in imported if m == "redis" or m.startswith("redis.")}, imported
