@@ -122,8 +122,8 @@ def test_poison_values_and_control_entries(stack: Stack, own_redis: OwnRedis,
     assert all(b"not a number" in flat[3] for _, flat in letters)
     wait_until(lambda: {m["member"]: m["rank"] for m in stack.backend.run(victim)["members"]}
                .get("h:3", 0) is None, 20, "the out-of-range rank stored as unknown")
-    logs = stack.worker_logs()
-    assert "is not a msgpack map" in logs and "is not epoch ms" in logs
+    wait_until(lambda: "is not a msgpack map" in (logs := stack.worker_logs())
+               and "is not epoch ms" in logs, 20, "the poison hash values reported by the run checks")
     got = h.finish()
     # the ledger counted the grammar dead letters against rank 0, once each
     assert int(r.hget(keys.ledger(run), "dead:0") or 0) == len(bad_values)
