@@ -408,7 +408,7 @@ class Worker:
         unavailable backend leaves the unchecked ones for a later iteration."""
         out: list[int] = []
         for run in runs:
-            if run not in self.projects and run not in self.foreign:
+            if run not in self.foreign:  # (a run already known costs nothing: Control.owned)
                 try:
                     self._check_owner(run)
                 except Rejected as exc:
