@@ -65,13 +65,12 @@ class _Tee:
 class Console:
     """Captures this process's console into ``stream`` as ``rank``; :meth:`close` at finish."""
 
-    def __init__(self, connect: Callable[[], redis.Redis | redis.RedisCluster], stream: str,
-                 rank: int, buffer: int = 100_000, interval: float = INTERVAL,
-                 own_client: bool = False) -> None:
-        self._connect = connect
-        """Makes the client at the first send: building a redis-py client costs a millisecond
-        of CPU, which ``init`` should not spend while 64 ranks attach at once."""
-        self._conn: redis.Redis | redis.RedisCluster | None = None
+    def __init__(self, client: redis.Redis | Callable[[], redis.Redis], stream: str, rank: int,
+                 buffer: int = 100_000, interval: float = INTERVAL, own_client: bool = False
+                 ) -> None:
+        self._client_or_factory = client
+        """The client, or how to make it at the first send: building a redis-py client costs a
+        millisecond of CPU, which ``init`` should not spend while 64 ranks attach at once."""
         self._own_client = own_client
         self._stream = stream
         self._rank = rank
@@ -145,13 +144,13 @@ class Console:
         self._lost += lost
         if self.dropped:
             log.warning("pluto: %d console lines never reached Redis", self.dropped)
-        if self._own_client and self._conn is not None:
-            self._conn.close()
+        if self._own_client and isinstance(self._client_or_factory, redis.Redis):
+            self._client_or_factory.close()
 
-    def _client(self) -> redis.Redis | redis.RedisCluster:
-        if self._conn is None:
-            self._conn = self._connect()
-        return self._conn
+    def _client(self) -> redis.Redis:
+        if not isinstance(self._client_or_factory, (redis.Redis, redis.RedisCluster)):
+            self._client_or_factory = self._client_or_factory()
+        return self._client_or_factory  # type: ignore[return-value]
 
     # -- the thread --------------------------------------------------------------------------
 
@@ -223,8 +222,7 @@ def start(redis_url: str, client: Any, stream: str, rank: int, buffer: int,
     ``starts``: see :meth:`Console.install`; ``options`` go to the console's own client."""
     try:
         if isinstance(client, redis.RedisCluster):
-            return Console(lambda: client, stream, rank, buffer).install(starts)
-
+            return Console(client, stream, rank, buffer).install(starts)  # type: ignore[arg-type]
         def own() -> redis.Redis:
             return redis.Redis.from_url(redis_url, socket_timeout=2.0, socket_connect_timeout=2.0,
                                         retry=Retry(NoBackoff(), 0), **(options or {}))

@@ -89,7 +89,7 @@ def test_console_lines_a_rank_dropped_are_in_the_ledger(stack: Stack, tmp_path: 
 def test_the_ledger_reads_the_consoles_final_count_and_entries_stay_apart() -> None:
     dead = redis.Redis(host="127.0.0.1", port=_servers.free_port(), socket_connect_timeout=0.2,
                        retry=Retry(NoBackoff(), 0))
-    console = Console(lambda: dead, "nowhere:{1}:logs", rank=0, buffer=50, interval=0.02)
+    console = Console(dead, "nowhere:{1}:logs", rank=0, buffer=50, interval=0.02)
     ledger = Ledger(sent=5, console=lambda: console.dropped)
     assert ledger.as_fields(0)["drops"] == {}  # nothing lost: no reason listed
     console._thread.start()

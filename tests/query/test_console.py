@@ -98,7 +98,7 @@ def test_console_capture_is_opt_out(stack: Stack, r: Any, tmp_path: Any) -> None
 
 def _console(client: Any, stream: str, buffer: int) -> tuple[Any, io.StringIO, Any]:
     """A capture fed through its tee over a StringIO (sys.stdout stays pytest's)."""
-    console = Console(lambda: client, stream, rank=3, buffer=buffer, interval=0.02)
+    console = Console(client, stream, rank=3, buffer=buffer, interval=0.02)
     shown = io.StringIO()
     console._thread.start()
     return console, shown, _Tee(shown, "stdout", console)
