@@ -19,6 +19,7 @@ import logging
 import random
 import threading
 import time
+from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any
 
@@ -93,8 +94,11 @@ class Worker:
                                Backend(s, self._stop, attempts=s.http_attempts), self.name,
                                s.claim_idle_ms)
         self._log_thread = threading.Thread(target=self.logs.serve, name="logs", daemon=True,
-                                            args=(lambda: list(self.runs), self._stop))
+                                            args=(self._runs_for_logs, self._stop))
         self.runs: list[int] = []
+        self._joined: deque[int] = deque()
+        """Runs that entered ``runs`` since the log thread last looked: a run that starts and
+        completes between two of its rounds must still have its console lines shipped."""
         self.stored = 0  # metric points the backend confirmed, for the periodic log line
         self._ready = False
         self._control_from = "0"  # this consumer's pending control entries first
@@ -399,7 +403,15 @@ class Worker:
         ids = self._guard("runs set", lambda: self.r.smembers(self.keys.runs))
         if ids is not None:
             runs = sorted(int(x) for x in ids if x.isdigit() and 0 < int(x) <= MAX_ID)
-            self.runs = self._owned(runs) if self.settings.tenant else runs
+            runs = self._owned(runs) if self.settings.tenant else runs
+            if runs != self.runs:
+                self._joined.extend(set(runs).difference(self.runs))
+            self.runs = runs
+
+    def _runs_for_logs(self) -> list[int]:
+        """The active runs and every run that joined since the last call (the log thread)."""
+        joined = self._joined
+        return list(self.runs) + [joined.popleft() for _ in range(len(joined))]
 
     def _owned(self, runs: list[int]) -> list[int]:
         """A tenant's runs set may still name another tenant's run (a rank that is not held

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import redis
 
@@ -16,6 +17,7 @@ from tests.worker.conftest import (
     create,
     entry,
     finish,
+    in_process_worker,
     produce,
     request_create,
     run_id_of,
@@ -138,3 +140,20 @@ def test_unknown_control_messages_are_dropped(
     assert "attach without member" in reasons[1], reasons
     assert "unknown control op" in stack.worker_logs()
     json.dumps(stack.backend.run(run))
+
+
+def test_a_run_that_came_and_went_between_two_log_rounds_is_still_shipped(
+        redis_url: str, prefix: str, backend: Any, r: redis.Redis, keys: Keys) -> None:
+    """The log thread samples the active runs every 0.2 s; a rank that lives less than that
+    (init, a print, finish) completes in between, and its console lines must still go."""
+    w = in_process_worker(redis_url, prefix, backend)
+    try:
+        r.sadd(keys.runs, 41, 42)
+        w._refresh_runs()
+        r.srem(keys.runs, 41)
+        w._refresh_runs()
+        assert w.runs == [42]
+        assert sorted(w._runs_for_logs()) == [41, 42, 42]  # joined since: 41 and 42
+        assert w._runs_for_logs() == [42]  # each joined run is handed over once
+    finally:
+        w.close()
