@@ -236,6 +236,10 @@ def read_series(store: Store, run: int, name: str, low: int, high: int,
     if max_points is None or last - first < max_points \
             or not store.more_than(run, nid, first, last, max_points):
         return _json_rows(store.points_between(run, nid, first, last, ALL_POINTS))
+    if max_points <= 2:  # the last point, then the first (``_few``): two seeks, not a scan
+        ends = [last] if max_points == 1 else [first, last]
+        return _json_rows([row for step in ends
+                           for row in store.points_between(run, nid, step, step, 1)])
     if max_points < 4:
         return _few(_m4(store, run, nid, first, last, last - first + 1, version), max_points)
     return _m4(store, run, nid, first, last, _width(first, last, max_points), version)
