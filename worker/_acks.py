@@ -11,7 +11,6 @@ tag, so the script runs on one Cluster slot.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -72,45 +71,49 @@ def head(flat: list[bytes] | None) -> tuple[str, int | None, int | None]:
     return ("?" if rank is None else str(rank)), num(K.F_STEP), num(K.F_TIME)
 
 
+Fields = dict[str, list[bytes]]
+"""Ids to XACK by the ledger field each is counted in (``""``: not counted)."""
+
+
 @dataclass
 class Acks:
-    """What one iteration settled: ids to XACK per stream (with the ledger field each counts
+    """What one iteration settled: ids to XACK per stream (by the ledger field each counts
     in), entries to dead-letter first, and the newest stored step per stream and rank."""
 
-    ids: dict[str, list[tuple[bytes, str]]] = field(default_factory=lambda: defaultdict(list))
+    ids: dict[str, Fields] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
     dead: list[tuple[str, bytes, list[bytes], str]] = field(default_factory=list)
     newest: dict[str, dict[str, tuple[int, int]]] = field(
         default_factory=lambda: defaultdict(dict))
 
     def add(self, stream: str, entry_id: bytes) -> None:
         """Acknowledge without counting: a control entry, or one deleted while pending."""
-        self.ids[stream].append((entry_id, ""))
+        self.ids[stream][""].append(entry_id)
 
     def stored(self, stream: str, entry_id: bytes, flat: list[bytes]) -> None:
         self.stored_all(stream, [(entry_id, flat)])
 
-    def stored_all(self, stream: str, entries: Iterable[tuple[bytes, list[bytes] | None]]
+    def stored_all(self, stream: str, entries: list[tuple[bytes, list[bytes] | None]]
                    ) -> None:
         """Acknowledge stored entries, each counted for its rank, and keep each rank's newest
         step. The worker's hottest loop (once per point batch): entries in the SDK's layout
         (``_rank, _step, _time`` first, as the backend's grammar already checked) take a
         short path; :func:`head` reads any other."""
         ids, newest = self.ids[stream], self.newest[stream]
-        labels: dict[bytes, tuple[str, str]] = {}  # rank as sent -> (rank text, ledger field)
+        ranks: dict[bytes, tuple[str, list[bytes]]] = {}  # rank as sent -> (text, its ids)
         step: int | None
         time_ms: int | None
         for entry_id, flat in entries:
             f = flat or []
             usual = len(f) >= 6 and f[0] == _RANK and f[2] == _STEP and f[4] == _TIME
-            if usual and f[1] in labels and f[3].isdigit() and f[5].isdigit():
-                rank, label = labels[f[1]]  # (plain digits: the grammar's non-negative ints)
+            if usual and f[1] in ranks and f[3].isdigit() and f[5].isdigit():
+                rank, counted = ranks[f[1]]  # (plain digits: the grammar's non-negative ints)
                 step, time_ms = int(f[3]), int(f[5])
             else:
                 rank, step, time_ms = head(f)
-                label = f"{K.LEDGER_STORED}:{rank}"
+                counted = ids[f"{K.LEDGER_STORED}:{rank}"]
                 if usual and rank != "?":
-                    labels[f[1]] = (rank, label)
-            ids.append((entry_id, label))
+                    ranks[f[1]] = (rank, counted)
+            counted.append(entry_id)
             if step is not None and time_ms is not None:
                 best = newest.get(rank)
                 if best is None or step > best[0]:
@@ -121,10 +124,10 @@ class Acks:
         """Dead-letter ``flat`` with ``reason`` into ``dead_stream``, then acknowledge it."""
         self.dead.append((dead_stream, entry_id, flat, reason))
         rank = head(flat)[0]
-        self.ids[stream].append((entry_id, f"{K.LEDGER_DEAD}:{rank}" if count else ""))
+        self.ids[stream][f"{K.LEDGER_DEAD}:{rank}" if count else ""].append(entry_id)
 
     def count(self) -> int:
-        return sum(len(ids) for ids in self.ids.values())
+        return sum(len(ids) for fields in self.ids.values() for ids in fields.values())
 
 
 class Acker:
@@ -145,15 +148,12 @@ class Acker:
         for dead_stream, entry_id, flat, reason in acks.dead:
             pipe.execute_command("XADD", dead_stream, "MAXLEN", "~", self.cap, "*",
                                  K.F_DEAD_ID, entry_id, K.F_DEAD_REASON, reason, *flat)
-        for stream, pairs in acks.ids.items():
+        for stream, by_field in acks.ids.items():
             run = self.keys.run_of_stream(stream)
             if run is None:
-                pipe.xack(stream, GROUP, *(entry_id for entry_id, _ in pairs))
+                pipe.xack(stream, GROUP, *(i for ids in by_field.values() for i in ids))
                 continue
             args: list[Any] = [GROUP, 0]
-            by_field: dict[str, list[bytes]] = defaultdict(list)
-            for entry_id, ledger_field in pairs:
-                by_field[ledger_field].append(entry_id)
             for ledger_field, ids in by_field.items():
                 for i in range(0, len(ids), ACK_GROUP):
                     part = ids[i:i + ACK_GROUP]

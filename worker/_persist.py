@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from itertools import chain
 from typing import Any
 
 from ._backend import Backend, Interrupted, Rejected, Unavailable
@@ -61,6 +62,10 @@ def size(flat: list[bytes] | None) -> int:
 def decode(post: Post, entries: list[Entry], columns: bool, batch_bytes: int,
            bury: Bury) -> None:
     """Append ``entries`` to ``post`` as parts of at most ``batch_bytes`` raw bytes each."""
+    flats = [flat or () for _, flat in entries]
+    if sum(map(len, chain.from_iterable(flats))) + 4 * sum(map(len, flats)) <= batch_bytes:
+        _add_part(post, entries, columns, bury)  # the usual case, measured in C: one part
+        return
     chunk: list[Entry] = []
     used = 0
     for entry in entries:
@@ -153,7 +158,8 @@ def _send(backend: Backend, post: Post, part: Part) -> None:
         post.bad.append((entries[0], f"worker error posting it: {type(exc).__name__}: {exc}"))
         return None
     post.bad += [(entries[i], f"rejected: {why}") for i, why in result.bad.items()]
-    post.stored += [e for i, e in enumerate(entries) if i not in result.bad]
+    post.stored += [e for i, e in enumerate(entries) if i not in result.bad] if result.bad \
+        else entries
     return None
 
 

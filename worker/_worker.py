@@ -21,6 +21,7 @@ import threading
 import time
 from collections import deque
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from operator import itemgetter
 from typing import Any
 
 import redis
@@ -299,12 +300,13 @@ class Worker:
         acks.stored_all(stream, post.stored)
         for (entry_id, flat), reason in post.bad:
             acks.bury(dead, stream, entry_id, flat or [], reason)
-        points = sum((len(flat or []) - 6) // 2 for _, flat in post.stored)
+        stored = post.stored
+        points = (sum(map(len, filter(None, map(itemgetter(1), stored)))) - 6 * len(stored)) // 2
         self.stored += points
-        if post.stored:
+        if stored:
             took = time.monotonic() - self._submitted.pop(run, time.monotonic())
-            self.metrics.on_persisted(len(post.stored), points, took,
-                                      [entry_id for entry_id, _ in post.stored])
+            sample = stored[:: max(1, len(stored) // 20)]  # ~20 per batch: the ingest delay
+            self.metrics.on_persisted(len(stored), points, took, [i for i, _ in sample])
         if post.bad:
             self.problems.report(f"bad:{run}", f"run {run}: {len(post.bad)} entries "
                                  f"dead-lettered to {dead}: {post.bad[0][1][:300]}",

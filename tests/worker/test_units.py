@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import threading
 
 import httpx
@@ -15,6 +16,7 @@ import pluto_worker
 from pluto.errors import ConfigError
 from pluto.protocol import decode_entry
 from pluto_worker import WorkerSettings
+from pluto_worker._acks import Acks, head
 from pluto_worker._backend import Backend, Interrupted, Rejected
 from pluto_worker._entries import flatten, record
 
@@ -186,3 +188,40 @@ def test_a_413_split_halves_by_bytes(sizes: list[int], first: int) -> None:
     entries = [(b"%d-0" % i, [b"x" * n]) for i, n in enumerate(sizes)]
     a, b = halves(entries)  # type: ignore[arg-type]
     assert (len(a), a + b) == (first, entries)
+
+
+def _by_entry(entries: list[tuple[bytes, list[bytes] | None]]) -> Acks:
+    """The rule, entry by entry through ``head`` (``Acks.stored_all`` has a short path for the
+    SDK's layout): each id counted for its rank, the first of the largest steps kept."""
+    acks = Acks()
+    for entry_id, flat in entries:
+        rank, step, time_ms = head(flat)
+        acks.ids["s"][f"stored:{rank}"].append(entry_id)
+        best = acks.newest["s"].get(rank)
+        if step is not None and time_ms is not None and (best is None or step > best[0]):
+            acks.newest["s"][rank] = (step, time_ms)
+    return acks
+
+
+@pytest.mark.parametrize("seed", range(60))
+def test_stored_all_equals_the_rule_entry_by_entry(seed: int) -> None:
+    rng = random.Random(seed)
+    ranks = [b"0", b"1", b"07", b"12"][: rng.randint(1, 4)]
+    entries: list[tuple[bytes, list[bytes] | None]] = []
+    for i in range(rng.randint(1, 40)):
+        step = str(rng.choice([rng.randint(0, 50), 7])).encode()  # ties on purpose
+        flat = [b"_rank", rng.choice(ranks), b"_step", step, b"_time", str(1000 + i).encode(),
+                b"a", b"1.5"]
+        odd = rng.random()
+        if seed % 3 == 0 and odd < 0.1:  # now and then an entry off the SDK's layout
+            flat = rng.choice([[b"_step", step, b"_rank", b"1", b"_time", b"5", b"a", b"1"],
+                               [b"_rank", b"x", b"_step", step, b"_time", b"5"],
+                               [b"_rank", b"1", b"_step", b"-3", b"_time", b"5"], [b"a"]])
+        entries.append((f"{1000 + i}-0".encode(), flat))
+    got = Acks()
+    got.stored_all("s", entries)
+    want = _by_entry(entries)
+    assert {f: sorted(ids) for f, ids in got.ids["s"].items()} == \
+        {f: sorted(ids) for f, ids in want.ids["s"].items()}
+    assert got.newest == want.newest
+    assert got.count() == len(entries)
