@@ -18,7 +18,7 @@ import redis
 from pluto import _servers
 from pluto.protocol import GROUP
 from tests.conftest import ROOT, Backend, Stack
-from tests.helpers import finish_rank, json_lines, start_rank, wait_until, write_script
+from tests.helpers import finish_rank, json_lines, scrape, start_rank, wait_until, write_script
 
 RANK = """
 import json, sys, pluto
@@ -171,32 +171,55 @@ def _backend(tmp: Path, key: str, url: str, max_body: int) -> _servers.Child:
                                   name=f"backend-{max_body}")
 
 
+def _ledger(stack: Stack, run: int) -> tuple[int, int]:
+    members = stack.backend.run(run)["members"]
+    return (sum(m.get("stored") or 0 for m in members), sum(m.get("dead") or 0 for m in members))
+
+
 @pytest.mark.e2e
 def test_a_dead_letter_replayed_after_its_cause_is_fixed_is_stored_once(
         redis_url: str, prefix: str, tmp_path: Path) -> None:
     url, key = f"http://127.0.0.1:{_servers.free_port()}", "test-" + secrets.token_hex(8)
     child = _backend(tmp_path, key, url, 6000)  # one entry of 600 metrics is larger than this
     stack = Stack(redis_url, prefix, Backend(url, key, child), tmp_path / "logs")
+    port = _servers.free_port()
+    metrics_url = f"http://127.0.0.1:{port}/metrics"
     try:
-        stack.start_worker()
+        stack.start_worker(PLUTO_METRICS_PORT=str(port))
         _, run = _log(stack, tmp_path, width=600)
-        r = redis.Redis.from_url(redis_url)
+        r = redis.Redis.from_url(redis_url, decode_responses=True)
         wait_until(lambda: r.xlen(stack.keys.dead(run)) >= 1, 30, "a dead letter")
+        [(dead_id, fields)] = r.xrange(stack.keys.dead(run))
+        assert fields["_step"] == "5" and "413" in fields["reason"], fields
+        wait_until(lambda: _ledger(stack, run) == (9, 1), 30, "the ledger: 9 stored, 1 dead")
+        scraped = wait_until(lambda: (m := scrape(metrics_url)).get(
+            "pluto_worker_dead_letters_total{stream=metrics}") == 1 and m, 30, "counted")
+        assert scraped["pluto_worker_batches_total{outcome=rejected}"] >= 1, scraped
         listed = _cli(stack, "dead", "list", str(run))
-        assert listed.returncode == 0 and "413" in listed.stdout + listed.stderr, listed
+        assert listed.returncode == 0, listed
+        assert f"{dead_id}  (entry {fields['id']})  " in listed.stdout, listed.stdout
+        assert "413" in listed.stdout and "_step=5" in listed.stdout, listed.stdout
+        assert "1 dead letters" in listed.stderr
         child.stop()  # the fix: a larger PLUTO_MAX_BODY
         stack.backend.child = child = _backend(tmp_path, key, url, 64 << 20)
-        replayed = _cli(stack, "dead", "replay", str(run))
-        assert replayed.returncode == 0 and "replayed" in replayed.stdout, replayed
+        other = _cli(stack, "dead", "replay", str(run), "--id", "1-1")  # no such dead letter
+        assert other.returncode == 0 and "replayed 0" in other.stdout, other
+        assert r.xlen(stack.keys.dead(run)) == 1
+        replayed = _cli(stack, "dead", "replay", str(run), "--id", dead_id)
+        assert replayed.returncode == 0 and "replayed 1 " in replayed.stdout, replayed
         want = [[5, 5 + 7]]
         wait_until(lambda: [p[:2] for p in _points(stack, run, 7)] == want, 30,
                    "the replayed entry stored")
         wait_until(lambda: stack.backend.run(run)["status"] == "COMPLETED", 30, "COMPLETED")
         assert [p[0] for p in _points(stack, run, 0)] == list(range(1, 11))
+        assert [p[:2] for p in _points(stack, run, 599)] == [[5, 5 + 599]]
         assert r.xlen(stack.keys.dead(run)) == 0
+        wait_until(lambda: _ledger(stack, run) == (10, 0), 30, "the ledger: 10 stored, 0 dead")
         again = _cli(stack, "dead", "replay", str(run))
         assert "replayed 0" in again.stdout
-        assert _points(stack, run, 7)[0][:2] == [5, 12]  # once, not twice
+        assert [p[:2] for p in _points(stack, run, 7)] == want  # once, not twice
+        assert _ledger(stack, run) == (10, 0)
+        assert scrape(metrics_url)["pluto_worker_dead_letters_total{stream=metrics}"] == 1
     finally:
         stack.stop_workers()
         child.stop()

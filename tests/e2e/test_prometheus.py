@@ -10,14 +10,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import httpx
 import redis
-from prometheus_client.parser import text_string_to_metric_families
 
 from pluto import __version__, _servers
 from pluto.protocol import GROUP
 from tests.conftest import ROOT, Backend, Stack
-from tests.helpers import finish_rank, start_rank, wait_until, write_script
+from tests.helpers import finish_rank, prometheus_samples, scrape, start_rank, wait_until, write_script
 
 RANK = """
 import sys, pluto
@@ -27,23 +25,9 @@ with pluto.init(project="prom", run_id=sys.argv[1]) as run:
 """
 
 
-def _samples(url: str) -> list[Any]:
-    return [sample for family in text_string_to_metric_families(httpx.get(url, timeout=10).text)
-            for sample in family.samples]
-
-
-def _scrape(url: str) -> dict[str, float]:
-    """Samples by ``name{label=value,...}``, summed over nothing: each sample as it is."""
-    out: dict[str, float] = {}
-    for sample in _samples(url):
-        labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-        out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return out
-
-
 def _no_run_in_labels(url: str, run: int, run_id: str) -> None:
     """No run id, external or numeric, is a label value (nor a label named after runs)."""
-    for sample in _samples(url):
+    for sample in prometheus_samples(url):
         assert not {"run", "run_id", "id", "external_id"} & set(sample.labels), sample
         assert sample.labels.get("stream", "control") in ("control", "metrics"), sample
         for name, value in sample.labels.items():
@@ -63,9 +47,9 @@ def test_scraped_counters_agree_with_what_the_backend_stored(
         procs = [start_rank(script, stack.env(RANK=str(k)), run_id) for k in range(2)]
         wait_until(lambda: _servers.port_open("127.0.0.1", port), 20, "the metrics port")
         # Mid-run, both endpoints answer (the ranks are still running or just finished).
-        live = _scrape(worker_url)
+        live = scrape(worker_url)
         assert live[f"pluto_worker_info{{name=prom-worker,version={__version__}}}"] == 1, live
-        assert "pluto_backend_points_ingested_total" in _scrape(backend_url)
+        assert "pluto_backend_points_ingested_total" in scrape(backend_url)
         for p in procs:
             code, _, err = finish_rank(p)
             assert code == 0, err
@@ -78,7 +62,7 @@ def test_scraped_counters_agree_with_what_the_backend_stored(
         worker: dict[str, Any] = {}
 
         def settled() -> bool:
-            worker.update(_scrape(worker_url))
+            worker.update(scrape(worker_url))
             return worker.get("pluto_worker_entries_persisted_total") == 600 \
                 and "pluto_worker_active_runs" in worker
 
@@ -105,7 +89,7 @@ def test_scraped_counters_agree_with_what_the_backend_stored(
             for kind in ("control", "metrics"):
                 assert f"pluto_stream_group_{gauge}{{group={GROUP},stream={kind}}}" in worker
         assert "pluto_stream_length{stream=metrics}" in worker
-        backend = _scrape(backend_url)
+        backend = scrape(backend_url)
         assert backend["pluto_backend_points_ingested_total"] == 1200 \
             == worker["pluto_worker_points_persisted_total"]
         assert backend["pluto_backend_runs{status=COMPLETED}"] == 1  # this backend's one run
@@ -163,16 +147,16 @@ def test_claims_redeliveries_and_parking_are_counted(
                            PLUTO_CLAIM_IDLE_MS="500", PLUTO_WORKER_HTTP_ATTEMPTS="1")
         wait_until(lambda: _servers.port_open("127.0.0.1", port), 20, "the metrics port")
         metrics_url = f"http://127.0.0.1:{port}/metrics"
-        wait_until(lambda: _scrape(metrics_url).get("pluto_worker_runs_parked_total", 0) >= 1,
+        wait_until(lambda: scrape(metrics_url).get("pluto_worker_runs_parked_total", 0) >= 1,
                    60, "the run parked while the backend is down")
-        got = _scrape(metrics_url)
+        got = scrape(metrics_url)
         assert got["pluto_worker_batches_total{outcome=failed}"] >= 1, got
         assert got["pluto_worker_redeliveries_total"] >= 3, got
         stack.backend.child = child = _backend(tmp_path, url, key)  # back: it retries
         wait_until(lambda: [p[:2] for p in stack.backend.points(run, "late")]
                    == [[s, s] for s in range(301, 307)], 60, "the six entries stored once")
         wait_until(lambda: r.xpending(stream, GROUP)["pending"] == 0, 30, "all acknowledged")
-        got = _scrape(metrics_url)
+        got = scrape(metrics_url)
         assert got["pluto_worker_entries_claimed_total"] >= 3, got  # the ghost's three
         assert got["pluto_worker_entries_persisted_total"] >= 6, got
         assert got.get("pluto_worker_dead_letters_total{stream=metrics}", 0) == 0, got
