@@ -116,7 +116,8 @@ async def create_run(request: Request) -> Response:
     if problem:
         raise HTTPException(400, problem)
     try:
-        run, resumed = await in_thread(store_of(request).create_run, project,
+        run, resumed = await in_thread(request.app.state.metrics.timed_write, "create",
+                                       store_of(request).create_run, project,
                                        external_id or None, name, config, tags, tenant)
     except ForeignProject as exc:  # final: the worker does not retry it like a key refusal
         refused = error(403, str(exc))
@@ -148,7 +149,7 @@ async def update_tags(request: Request) -> Response:
 
 async def _updated(request: Request, change: Any, body: dict[str, Any], value: Any) -> Response:
     run = run_id_of(body.get("runId"))
-    if not await in_thread(change, run, value):
+    if not await in_thread(request.app.state.metrics.timed_write, "update", change, run, value):
         raise HTTPException(404, f"no run with id {run}")
     return JSONResponse({"ok": True})
 

@@ -31,7 +31,7 @@ class BackendMetrics:
         self.points = Counter("pluto_backend_points_ingested_total",
                               "Metric points written to the store", registry=self.registry)
         self.write_seconds = Histogram("pluto_backend_store_write_duration_seconds",
-                                       "Time of one store write (a batch, a create, an update)",
+                                       "Time of one store write, by op: ingest (a batch), create, update",
                                        ["op"], buckets=WRITE_BUCKETS, registry=self.registry)
         self.registry.register(_RunsCollector(runs_by_status))
 

@@ -14,11 +14,14 @@ import time
 from typing import Any, Protocol
 
 import redis
-from redis.typing import GroupT, KeyT
+from redis.typing import GroupT, KeyT, StreamIdT
 
 from .protocol import GROUP
 
 __all__ = ["GroupReader", "group_state"]
+
+LAG_SCAN = 10_000
+"""When Redis cannot tell the lag, at most this many undelivered entries are counted."""
 
 
 class GroupReader(Protocol):
@@ -29,6 +32,9 @@ class GroupReader(Protocol):
     def xinfo_groups(self, name: KeyT) -> list[dict[str, Any]]: ...
 
     def xpending(self, name: KeyT, groupname: GroupT) -> dict[str, Any]: ...
+
+    def xrange(self, name: KeyT, min: StreamIdT = "-", max: StreamIdT = "+",
+               count: int | None = None) -> Any: ...
 
 
 def _text(value: object) -> str:
@@ -55,6 +61,9 @@ def group_state(r: GroupReader, stream: str) -> dict[str, Any]:
         return out
     group = groups[0]
     out["lag"], out["pending"] = group.get("lag"), int(group.get("pending") or 0)
+    if out["lag"] is None:  # NULL after an XDEL/trim among undelivered entries: count them
+        after = "(" + _text(group.get("last-delivered-id") or "0-0")
+        out["lag"] = len(r.xrange(stream, after, "+", count=LAG_SCAN))
     out["consumers"] = int(group.get("consumers") or 0)
     if out["pending"]:
         oldest = r.xpending(stream, GROUP).get("min")

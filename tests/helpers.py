@@ -16,7 +16,9 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from pluto import _servers
 
@@ -132,3 +134,17 @@ class PlutoUp:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def prometheus_samples(url: str) -> list[Any]:
+    return [sample for family in text_string_to_metric_families(httpx.get(url, timeout=10).text)
+            for sample in family.samples]
+
+
+def scrape(url: str) -> dict[str, float]:
+    """A Prometheus endpoint's samples by ``name{label=value,...}`` (labels sorted), each as it is."""
+    out: dict[str, float] = {}
+    for sample in prometheus_samples(url):
+        labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+        out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return out

@@ -142,3 +142,17 @@ def test_the_protocol_module_holds_no_redis_call() -> None:
     imported = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     imported |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
     assert not {m for m in imported if m == "redis" or m.startswith("redis.")}, imported
+
+
+def test_group_state_counts_the_lag_redis_cannot(r: redis.Redis, prefix: str) -> None:
+    """After an XDEL among undelivered entries Redis answers ``lag`` NULL; the undelivered
+    entries are counted instead, so "entries wait" is never missed (pluto status, gauges)."""
+    stream = f"{prefix}:gs-null"
+    r.xgroup_create(stream, GROUP, id="0", mkstream=True)
+    ids = [r.xadd(stream, {"i": i}) for i in range(6)]
+    r.xreadgroup(GROUP, "c1", {stream: ">"}, count=2)
+    r.xdel(stream, ids[3])
+    [group] = r.xinfo_groups(stream)
+    assert group["lag"] is None  # what Redis says
+    state = streams.group_state(r, stream)
+    assert (state["length"], state["lag"], state["pending"]) == (5, 3, 2)

@@ -84,3 +84,38 @@ def test_konduktor_task() -> None:
     assert re.search(r"torchrun\b.*train\.py", task["run"], re.DOTALL)
     assert task["envs"]["PLUTO_REDIS_URL"].startswith("redis://")
     assert task["envs"]["PLUTO_RUN_ID"]
+
+
+def test_the_monitoring_profile_scrapes_both_and_alerts_on_real_metrics() -> None:
+    """``docker compose --profile monitoring``: a Prometheus scraping the backend and every worker
+    replica with deploy/alerts.yml; the default stays Redis, backend and workers. Every metric an
+    alert uses is one the worker or backend defines, and README "Operating" explains each alert."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {n for n, s in services.items() if "profiles" not in s} == {"redis", "backend", "worker"}
+    prom = services["prometheus"]
+    assert prom["profiles"] == ["monitoring"]
+    mounts = dict(v.split(":")[:2] for v in prom["volumes"])
+    assert set(mounts) == {"./deploy/prometheus.yml", "./deploy/alerts.yml"}
+    assert all((ROOT / src).is_file() for src in mounts)
+    config = yaml.safe_load((ROOT / "deploy/prometheus.yml").read_text())
+    assert config["rule_files"] == [mounts["./deploy/alerts.yml"]]
+    jobs = {j["job_name"]: j for j in config["scrape_configs"]}
+    assert jobs["pluto-backend"]["static_configs"] == [{"targets": ["backend:8080"]}]
+    assert services["backend"]["environment"]["PLUTO_API_URL"].endswith(":8080")
+    [sd] = jobs["pluto-worker"]["dns_sd_configs"]
+    assert sd["names"] == ["worker"]
+    assert sd["port"] == int(services["worker"]["environment"]["PLUTO_METRICS_PORT"])
+    defined = set(re.findall(r'"(pluto_[a-z_]+)"', (ROOT / "worker/_metrics.py").read_text()
+                             + (ROOT / "backend/_metrics.py").read_text()))
+    rules = [rule for group in _docs(ROOT / "deploy/alerts.yml")[0]["groups"]
+             for rule in group["rules"]]
+    names = {rule["alert"] for rule in rules}
+    assert {"PlutoNoLiveWorker", "PlutoBacklogGrowing", "PlutoDeadLetters"} <= names
+    operating = (ROOT / "README.md").read_text().split("## Operating", 1)[1].split("\n## ", 1)[0]
+    assert {m for m in defined if f"`{m}" not in operating} == set()  # every metric documented
+    for rule in rules:
+        used = set(re.findall(r"\b(pluto_[a-z_]+)", rule["expr"]))
+        assert used and used <= defined, (rule["alert"], used - defined)
+        assert rule["annotations"]["summary"], rule
+        assert rule["alert"] in operating, f"README Operating does not explain {rule['alert']}"
