@@ -363,6 +363,10 @@ def test_the_ledger_read_back_from_the_api_equals_what_the_ranks_logged(
                            capture_output=True, text=True, timeout=60)
     assert shown.returncode == 0 and "LOST 1 entries (dropped: 1 bad_entry)" in shown.stderr, \
         shown.stderr
+    printed = json.loads(shown.stdout)  # per member, as the API gave it
+    assert {m["rank"]: (m["logged"], m["sent"], m["dropped"], m["stored"], m["dead"])
+            for m in printed["members"]} == {0: (500, 500, 0, 500, 0), 1: (500, 499, 1, 499, 0),
+                                             2: (500, 500, 0, 500, 0), 3: (500, 500, 0, 500, 0)}
     listed = subprocess.run([sys.executable, "-m", "pluto._cli", "runs", "--project", "ledger"],
                             env=env, capture_output=True, text=True, timeout=60)
     assert f"{run_id}" in listed.stdout and "LOST 1" in listed.stdout, listed.stdout
