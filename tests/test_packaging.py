@@ -56,3 +56,24 @@ def test_spawned_services_ignore_the_callers_working_directory(tmp_path: Path,
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60)
     assert out.returncode == 0 and str(ROOT / "worker") in out.stdout, out
+
+
+def test_the_redis_py_floor_is_the_release_whose_api_the_producer_calls() -> None:
+    """The producer takes its raw socket with ``connection_pool.get_connection()`` — no
+    argument, which redis-py accepts from 5.3 on (5.0-5.2 require a command name), and reads
+    RESP2 or RESP3 replies (``protocol=`` exists from 5.0). pyproject must not allow older."""
+    import inspect
+    import re
+
+    import redis
+
+    text = (ROOT / "pyproject.toml").read_text()
+    floor = re.search(r'"redis(?:\[[^\]]*\])?>=([0-9.]+)', text)
+    assert floor is not None, "pyproject lists redis without a lower bound"
+    assert tuple(map(int, floor.group(1).split(".")))[:2] >= (5, 3), floor.group(0)
+    calls = re.findall(r"get_connection\(([^)]*)\)",
+                       (ROOT / "pluto" / "_producer.py").read_text())
+    assert calls == [""], calls  # the call the floor is for
+    params = list(inspect.signature(redis.ConnectionPool.get_connection).parameters.values())[1:]
+    assert all(p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+               for p in params), params  # the installed redis-py takes the call

@@ -127,6 +127,10 @@ def test_poison_values_and_control_entries(stack: Stack, own_redis: OwnRedis,
     got = h.finish()
     # the ledger counted the grammar dead letters against rank 0, once each
     assert int(r.hget(keys.ledger(run), "dead:0") or 0) == len(bad_values)
+    # ... and the worker forwarded them: GET /api/runs/{id} shows them per rank and in total
+    shown = wait_until(lambda: (x := stack.backend.run(run))["ledger"]["dead"] == len(bad_values)
+                       and x, 30, "the dead letters in the run's ledger")
+    assert {x["rank"]: x["dead"] for x in shown["ranks"]} == {0: len(bad_values), 1: 0}, shown
     per_rank: dict[bytes, int] = {}
     for _, fields in r.xrange(keys.metrics(run)):  # what the SDK sent (resends included)
         per_rank[fields[b"_rank"]] = per_rank.get(fields[b"_rank"], 0) + 1

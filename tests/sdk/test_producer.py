@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import math
 import random
+from typing import Any
 
 import pytest
 import redis
 
 from pluto import _io, _producer
 from pluto._producer import Producer, Target
-from pluto._resp import count_entries, whole_entries
+from pluto._resp import TRANSIENT, bulk, count_entries, whole_entries
 from pluto.protocol import Keys, decode_entry
+from tests.helpers import wait_until
 
 NAMES = [("a",), ("loss", "acc", "lr"), ("wéird name %s %d\"", "x/y"), ("n",)]
 
@@ -264,3 +266,194 @@ def test_an_entry_repr_cannot_write_is_dropped_alone(r: redis.Redis, keys: Keys)
     steps = [int(f[b"_step"]) for _, f in r.xrange(keys.metrics(13))]
     assert steps == [1, 2, 3, 4, 6, 7, 8, 9, 10]
     assert producer.ledger.sent == 9 and producer.ledger.drops == {"bad_entry": 1}
+
+
+class BusyProxy:
+    """A real TCP proxy in front of a real Redis. While ``code`` is set it rewrites every
+    ``XADD`` into an ``EVAL`` that makes Redis itself answer ``-<code> ...``, so the error
+    replies arrive in order, from a real server, among real replies to everything else (the
+    heartbeat's ``HSET`` goes through untouched). Replies flow back byte for byte."""
+
+    SCRIPT = b"return redis.error_reply(ARGV[1])"
+
+    def __init__(self, upstream_port: int) -> None:
+        import socket
+        import threading
+
+        self.upstream = upstream_port
+        self.code: str | None = None
+        self.rewritten = 0
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self._threads = threading
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        import socket
+
+        while True:
+            try:
+                near, _ = self.server.accept()
+            except OSError:
+                return
+            far = socket.create_connection(("127.0.0.1", self.upstream))
+            self._threads.Thread(target=self._up, args=(near, far), daemon=True).start()
+            self._threads.Thread(target=self._down, args=(far, near), daemon=True).start()
+
+    @staticmethod
+    def _down(far: Any, near: Any) -> None:
+        try:
+            while data := far.recv(65536):
+                near.sendall(data)
+        except OSError:
+            pass
+        near.close()
+
+    def _up(self, near: Any, far: Any) -> None:
+        pending = b""
+        try:
+            while data := near.recv(65536):
+                out, pending = self._rewrite(pending + data)
+                far.sendall(out)
+        except OSError:
+            pass
+        far.close()
+
+    def _rewrite(self, data: bytes) -> tuple[bytes, bytes]:
+        """Whole commands of ``data`` (rewritten while ``code`` is set), and the cut tail."""
+        out, at = [], 0
+        while at < len(data):
+            end, args = _command(data, at)
+            if end < 0:
+                break
+            code = self.code
+            if code is not None and args and args[0].upper() == b"XADD":
+                reply = f"{code} injected by the test proxy".encode()
+                if code in ("MOVED", "ASK"):
+                    reply = f"{code} 1234 127.0.0.1:{self.upstream}".encode()
+                out.append(b"*4\r\n" + b"".join(bulk(a) for a in (b"EVAL", self.SCRIPT, b"0",
+                                                                   reply)))
+                self.rewritten += 1
+            else:
+                out.append(data[at:end])
+            at = end
+        return b"".join(out), data[at:]
+
+    def close(self) -> None:
+        self.server.close()
+
+
+def _command(data: bytes, at: int) -> tuple[int, list[bytes]]:
+    """One RESP command (an array of bulk strings) at ``at``: (its end, its args); -1 if cut."""
+    line = data.find(b"\r\n", at)
+    if line < 0:
+        return -1, []
+    count, at, args = int(data[at + 1:line]), line + 2, []
+    for _ in range(count):
+        line = data.find(b"\r\n", at)
+        if line < 0:
+            return -1, []
+        size = int(data[at + 1:line])
+        if line + 2 + size + 2 > len(data):
+            return -1, []
+        args.append(data[line + 2:line + 2 + size])
+        at = line + 2 + size + 2
+    return at, args
+
+
+@pytest.mark.parametrize("code", [c.decode() for c in TRANSIENT])
+def test_each_busy_reply_keeps_the_entries_and_the_heartbeat_goes_on(r: redis.Redis, keys: Keys,
+                                                                     code: str) -> None:
+    """DESIGN §5, one case per busy reply: Redis answers ``-<code>`` to every XADD for a while.
+    Nothing is dropped or counted, the heartbeat keeps being written (a healthy rank is never
+    reported failed), and once Redis takes writes again every entry lands, once, in order."""
+    import time
+
+    assert set(TRANSIENT) == {b"LOADING", b"BUSY", b"TRYAGAIN", b"MOVED", b"ASK", b"READONLY",
+                              b"MASTERDOWN", b"CLUSTERDOWN", b"OOM"}
+    proxy = BusyProxy(int(r.connection_pool.connection_kwargs["port"]))
+    client = redis.Redis(port=proxy.port, socket_timeout=5)
+    target = _target(keys, 20)
+    try:
+        proxy.code = code
+        producer = Producer(client, target, 0, 0.01, 0.1, 100_000)
+        producer.start()
+        for step in range(1, 2001):
+            producer.queue.extend((step, 1.0, ("a",), float(step)))
+        assert not producer.flush(1.0)  # every XADD answered -<code>: nothing leaves memory
+        assert proxy.rewritten > 0 and r.xlen(target.stream) == 0
+        assert producer.ledger.drops == {} and producer.pending() == 2000
+        beat = int(r.hget(target.heartbeats, target.member) or 0)
+        assert beat > 0, "no heartbeat while Redis answered busy"
+        wait_until(lambda: int(r.hget(target.heartbeats, target.member) or 0) > beat, 5,
+                   f"the heartbeat going on while Redis answers {code}")
+        stuck = proxy.rewritten  # still retrying (with back-off, at most 1 s), not given up
+        wait_until(lambda: proxy.rewritten > stuck, 5, f"a retry after {code}")
+        healed = time.monotonic()
+        proxy.code = None
+        assert producer.flush(20)
+        print(f"{code}: all 2000 entries in Redis {time.monotonic() - healed:.2f} s after it "
+              "took writes again")
+        producer.stop()
+        steps = [int(f[b"_step"]) for _, f in r.xrange(target.stream)]
+        # A write cut by the switch back lands its tail and is re-sent whole from its first
+        # busy reply (order kept; the backend's upsert absorbs the repeats): the last 2000
+        # entries are every step, in order.
+        assert steps[-2000:] == list(range(1, 2001)), (len(steps), steps[:3])
+        assert producer.ledger.sent == 2000 and producer.ledger.drops == {}
+    finally:
+        client.close()
+        proxy.close()
+
+
+def test_a_resp3_connection_sends_and_counts_like_resp2(redis_url: str, keys: Keys) -> None:
+    """``PLUTO_REDIS_URL=...?protocol=3`` makes redis-py speak RESP3 on the socket the producer
+    writes raw XADDs to: its replies (and RESP3 errors) are read just the same."""
+    client = redis.Redis.from_url(redis_url + "?protocol=3")
+    try:
+        assert client.connection_pool.connection_kwargs.get("protocol") in (3, "3")
+        stream = keys.metrics(21)
+        producer = Producer(client, _target(keys, 21), 1, 0.01, 1.0, 100_000)
+        entries = _entries(2000)
+        for entry in entries:
+            producer.queue.extend(_flat([entry]))
+        assert producer._send_all()
+        got = [decode_entry(fields) for _, fields in client.xrange(stream)]
+        assert [(g[1], list(g[3])) for g in got] == [(e[0], list(e[2])) for e in entries]
+        assert producer.ledger.sent == 2000 and producer.ledger.drops == {}
+        client.delete(stream)
+        client.set(stream, "not a stream")  # refused for good: counted, on RESP3 too
+        for step in range(1, 101):
+            producer.queue.extend((step, 1.0, ("a",), 1.0))
+        assert producer._send_all() and producer.ledger.drops == {"refused": 100}
+        producer._disconnect()
+    finally:
+        client.close()
+
+
+def test_the_heartbeat_writes_the_ledger_while_the_run_goes_on(r: redis.Redis,
+                                                               keys: Keys) -> None:
+    """Before any finish(), the members hash holds what this process logged and sent (and
+    dropped, why), rewritten with the heartbeat as entries go out."""
+    from pluto.protocol import unpack
+
+    target = _target(keys, 22)
+    producer = Producer(r, target, 0, 0.01, 0.1, 100_000,
+                        register=lambda: {"rank": 0, "state": "running"})
+    producer.start()
+    try:
+        for step in range(1, 1001):
+            producer.queue.extend((step, 1.0, ("a",), step))
+        producer.queue.extend((1001, 1.0, ("a",), 10**5000))  # one bad entry: counted
+        assert producer.flush(20)
+
+        def ledger() -> Any:
+            raw = r.hget(target.members, target.member)
+            got = unpack(raw) if raw else {}
+            return got if got.get("logged") == 1001 else None
+
+        got = wait_until(ledger, 5, "the ledger in the members hash")
+        assert (got["sent"], got["dropped"], got["drops"]) == (1000, 1, {"bad_entry": 1})
+        assert got["state"] == "running"
+    finally:
+        producer.stop()

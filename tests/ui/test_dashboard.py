@@ -236,3 +236,45 @@ def test_the_page_asks_for_the_key_once(backend: Backend, keyless_ui: Page) -> N
     assert page.locator("#key").count() == 0
     with httpx.Client(base_url=backend.url) as c:
         assert "script-src 'self'" in c.get("/").headers["content-security-policy"]
+
+
+LOSSY = """
+import json, os, sys
+import pluto
+rank = int(os.environ["RANK"])
+with pluto.init(project=sys.argv[2], name="lossy", run_id=sys.argv[1]) as run:
+    for step in range(1, 301):  # rank 1's step 250 is an int repr() cannot write: dropped
+        run.log({f"loss/rank{rank}": 10**5000 if rank == 1 and step == 250 else step / 8})
+print("RESULT " + json.dumps({"id": run.id, "lost": run.lost}), flush=True)
+"""
+
+
+def test_a_completed_run_with_a_loss_shows_it_per_member_and_in_total(
+        stack: Stack, tmp_path: Path, ui: Page) -> None:
+    """Issue 13: a COMPLETED run that lost one entry cannot pass for a complete one — the runs
+    list and the run page show the total, the members table shows whose entry it was."""
+    project = f"ui-lossy-{uuid.uuid4().hex[:6]}"
+    script = write_script(tmp_path, LOSSY, "lossy.py")
+    run_id = f"lossy-{uuid.uuid4().hex[:6]}"
+    run = _joined([start_rank(script, stack.env(RANK=str(r)), run_id, project)
+                   for r in range(2)])
+    wait_until(lambda: (x := stack.backend.run(run))["status"] == "COMPLETED"
+               and x["ledger"]["stored"] == 599, 60, "COMPLETED with 599 stored")
+    page = ui.open(f"project={project}")
+    cell = page.locator(f'.run-row[data-run="{run}"] td.lost')
+    cell.wait_for()
+    assert cell.inner_text() == "1" and "bad" in (cell.get_attribute("class") or "")
+    page.locator(f'.run-row[data-run="{run}"] a').click()
+    lost = page.locator("#run-lost")
+    lost.wait_for()
+    assert lost.inner_text() == "lost 1" and "bad" in (lost.get_attribute("class") or "")
+    header = page.locator(".run-header").inner_text()
+    assert "logged 600 · sent 599 · stored 599 · dropped 1 · dead 0" in header, header
+    rows = page.locator(".members-table tbody tr")
+    wait_until(lambda: rows.count() == 2, 10, "two member rows")
+    cells = {r.get_attribute("data-rank"): r.locator("td").all_inner_texts() for r in rows.all()}
+    # logged, sent, dropped, stored, dead per member
+    assert {k: v[7:12] for k, v in cells.items()} == {
+        "0": ["300", "300", "0", "300", "0"], "1": ["300", "299", "1", "299", "0"]}, cells
+    assert "bad" in (rows.nth(1).locator("td").nth(9).get_attribute("class") or "")
+    ui.shot("run-page-with-a-loss")
