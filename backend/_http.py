@@ -87,9 +87,12 @@ class PathIds:
 
 
 async def http_error(request: Request, exc: Exception) -> Response:
-    """Starlette's HTTP errors (404 no route, 405, ours) as JSON ``{"error": ...}``."""
+    """Starlette's HTTP errors (404 no route, 405, ours) as JSON ``{"error": ...}``, with the
+    headers the exception carries (a 405's ``Allow``)."""
     assert isinstance(exc, HTTPException)
-    return error(exc.status_code, str(exc.detail))
+    resp = error(exc.status_code, str(exc.detail))
+    resp.headers.update(exc.headers or {})
+    return resp
 
 
 async def broken_row(request: Request, exc: Exception) -> Response:

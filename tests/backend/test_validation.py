@@ -371,3 +371,10 @@ def test_memory_per_request_is_bounded(private_backend: Backend) -> None:
         both = _peak_rss_mb(pid) - before
     assert nils < 3 * 40, f"+{nils:.0f} MB of peak RSS for a 3 MB body of nils"
     assert both < 3 * 40, f"+{both:.0f} MB of peak RSS for 3 MB bodies"
+
+
+def test_a_wrong_method_is_405_json_naming_the_allowed_ones(c: TestClient) -> None:
+    resp = c.delete("/api/runs")
+    assert resp.status_code == 405
+    assert "error" in resp.json()
+    assert "GET" in resp.headers["allow"]  # the exception's headers are kept (RFC 9110)
