@@ -153,11 +153,13 @@ class Pool:
 M4 = f"""
 WITH b AS (
     SELECT step, coalesce(value, ival::float8, big::float8) AS v,
-           (step - %(low)s) / %(width)s AS bucket
+           (step - %(origin)s) / %(width)s AS bucket,
+           nullif(coalesce(value, ival::float8, big::float8), 'NaN') AS n
     FROM points WHERE run = %(run)s AND name = %(name)s AND step BETWEEN %(low)s AND %(high)s
 ), picks AS (
     SELECT DISTINCT unnest(ARRAY[min(step), max(step),
-        (array_agg(step ORDER BY v, step))[1], (array_agg(step ORDER BY v DESC, step))[1]]) AS s
+        (array_agg(step ORDER BY v, step))[1],
+        (array_agg(step ORDER BY coalesce(n, 'Infinity') DESC, step))[1]]) AS s
     FROM b GROUP BY bucket
 )
 SELECT {POINT_OUT} FROM points

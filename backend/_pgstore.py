@@ -434,8 +434,9 @@ class PgStore:
 
     def points_m4(self, run: int, name_id: int, low: int, high: int, width: int
                   ) -> list[tuple[int, Stored, int]]:
-        """M4: of each bucket of ``width`` steps its first, last, minimum and maximum point
-        (NaN sorts above every number in PostgreSQL, so a bucket holding one shows it)."""
+        """M4: of each bucket (the multiples of ``width``, as ``Store.points_m4``) its first,
+        last, minimum and maximum point (NaN sorts above every number in PostgreSQL, so a
+        bucket holding one shows it)."""
         return stored(self._rows(M4, {"run": run, "name": name_id, "low": low, "high": high,
-                                        "width": width}))
+                                        "origin": low - low % width, "width": width}))
 

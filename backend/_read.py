@@ -24,6 +24,7 @@ import time
 import weakref
 from collections import OrderedDict
 from collections.abc import Sequence
+from itertools import groupby
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from starlette.routing import Route
 from pluto.protocol import INT64_MAX, INT64_MIN
 
 from ._http import in_thread, int64_of, store_of
+from ._schema import BLOCK_SHIFT
 from ._settings import DEFAULT_PAGE_SIZE as PAGE_SIZE
 from ._settings import MAX_PAGE_SIZE
 from ._store import Store, Stored, loaded
@@ -130,24 +132,17 @@ def downsample(rows: list[Any], max_points: int | None) -> list[Any]:
     (a test holds the two equal); this one states the rule."""
     if max_points is None or len(rows) <= max_points:
         return rows
-    if max_points < 4:
-        return _few(rows, max_points)
-    first, last = rows[0][0], rows[-1][0]
-    width = _width(first, last, max_points)
+    if max_points < 8:  # one bucket: its first, last, minimum and maximum
+        return _few(rows, min(max_points, 4))
+    width = grid(rows[0][0], rows[-1][0], max_points)
     picked: list[Any] = []
-    start = 0
-    while start < len(rows):
-        end = start
-        edge = first + ((rows[start][0] - first) // width + 1) * width
-        while end < len(rows) and rows[end][0] < edge:
-            end += 1
-        bucket = rows[start:end]
+    for _, group in groupby(rows, key=lambda row: row[0] // width):
+        bucket = list(group)
         numbers = [r for r in bucket if not math.isnan(_key(r))]
         high = max(bucket, key=_high)  # the first maximum, a NaN counting as +Infinity
         extremes = [min(numbers, key=_key)] if numbers else []
         picked += sorted({id(r): r for r in (bucket[0], bucket[-1], *extremes, high)}.values(),
                          key=lambda r: r[0])
-        start = end
     return picked
 
 
@@ -156,9 +151,20 @@ def _high(row: Any) -> float:
     return math.inf if math.isnan(value) else value
 
 
-def _width(first: int, last: int, max_points: int) -> int:
-    buckets = max_points // 4
-    return max(1, -(-(last - first + 1) // buckets))
+def grid(first: int, last: int, max_points: int) -> int:
+    """The bucket width for M4 of the steps ``[first, last]`` to at most ``max_points``
+    (>= 8): buckets are the multiples of the width, at most ``max_points // 4`` of them
+    overlap the range, and a width of 64 or more is a multiple of 64 so that every bucket is
+    whole blocks (``Store.points_m4`` then reads block summaries, not points). A fixed grid
+    also keeps a bucket's picks the same while a live run grows."""
+    buckets, block = max_points // 4, 1 << BLOCK_SHIFT
+    even = -(-(last - first + 1) // buckets)  # the width if the range began on the grid
+    for width in (even, max(1, -(-(last - first) // (buckets - 1)))):  # the second always fits
+        if width >= block:
+            width = -(-width // block) * block
+        if last // width - first // width < buckets:
+            break
+    return width
 
 
 def _few(rows: list[Any], k: int) -> list[Any]:
@@ -240,9 +246,10 @@ def read_series(store: Store, run: int, name: str, low: int, high: int,
         ends = [last] if max_points == 1 else [first, last]
         return _json_rows([row for step in ends
                            for row in store.points_between(run, nid, step, step, 1)])
-    if max_points < 4:
-        return _few(_m4(store, run, nid, first, last, last - first + 1, version), max_points)
-    return _m4(store, run, nid, first, last, _width(first, last, max_points), version)
+    if max_points < 8:  # at most two buckets, reduced to one's first, last, minimum, maximum
+        return _few(_m4(store, run, nid, first, last, last - first + 1, version),
+                    min(max_points, 4))
+    return _m4(store, run, nid, first, last, grid(first, last, max_points), version)
 
 
 def _read_many(store: Store, run: int, names: Sequence[str], low: int, high: int,

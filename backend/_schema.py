@@ -18,7 +18,7 @@ starting together migrate once: the second waits on the lock, then finds nothing
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 _BASE = """
@@ -193,9 +193,50 @@ _PROJECT_TENANTS = """
         tenant  TEXT NOT NULL
     )"""
 
+BLOCK_SHIFT = 6
+"""A block is the ``2**BLOCK_SHIFT`` (64) steps ``[64 k, 64 k + 63]`` of one series."""
+
+REFRESH_BLOCK = """
+INSERT OR REPLACE INTO point_blocks (run, name, block, first, last, lo, hi)
+SELECT ?1, ?2, ?3, min(step), max(step), min(value), max(ifnull(value, 9e999)) FROM points
+WHERE run = ?1 AND name = ?2 AND step BETWEEN ?4 AND ?5
+"""
+"""Summarise one block from its points, parameters ``(run, name, block, first step, last
+step)``: its first and last step, its minimum (``lo``, NULL when it holds only NaNs) and its
+maximum (``hi``, a NaN counting as +Infinity). One scan of at most 64 rows (~16 µs); which
+step holds ``lo``/``hi`` is looked up only when a chart needs it."""
+
+
+def block_rows(pairs: Iterable[tuple[int, int, int]]) -> Iterator[tuple[int, int, int, int, int]]:
+    """``REFRESH_BLOCK``'s parameters for ``(run, name, block)`` triples."""
+    size = 1 << BLOCK_SHIFT
+    for run, name, block in pairs:
+        yield run, name, block, block * size, block * size + size - 1
+
+
+def _v6_point_blocks(db: sqlite3.Connection) -> None:
+    """Each 64-step block of a series is summarised in ``point_blocks`` (issue 16), kept up to
+    date by every write, so M4 over 100,000 steps reads ~1,600 summaries instead of scanning
+    every point twice (~5 ms instead of ~30 ms a series; a 64-rank chart opens in well under a
+    second). A file with points gets its summaries here, once (~15 s per 20 million points)."""
+    db.execute("""
+        CREATE TABLE IF NOT EXISTS point_blocks (
+            run     INTEGER NOT NULL,
+            name    INTEGER NOT NULL,
+            block   INTEGER NOT NULL,
+            first   INTEGER NOT NULL,
+            last    INTEGER NOT NULL,
+            lo,
+            hi,
+            PRIMARY KEY (run, name, block)
+        ) WITHOUT ROWID""")
+    blocks = db.execute(f"SELECT DISTINCT run, name, step >> {BLOCK_SHIFT} FROM points").fetchall()
+    db.executemany(REFRESH_BLOCK, block_rows(blocks))
+
+
 _MIGRATIONS: list[Callable[[sqlite3.Connection], None]] = [
     _v1_loss_ledger, _v2_api_keys, _v3_logs_data_files, _v4_member_node_attempt,
-    _v5_project_tenants]
+    _v5_project_tenants, _v6_point_blocks]
 VERSION = len(_MIGRATIONS)
 
 

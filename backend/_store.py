@@ -27,19 +27,20 @@ Why it is shaped this way:
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from itertools import chain, repeat
+from itertools import chain, groupby, repeat
 from typing import Any
 
 from pluto.protocol import INT64_MAX, INT64_MIN
 
 from . import _json, _rows
 from ._rows import MEMBER_FIELDS, RANK_FIELDS
-from ._schema import migrate
+from ._schema import BLOCK_SHIFT, REFRESH_BLOCK, block_rows, migrate
 
 __all__ = ["Store", "Unstorable", "open_store"]
 
@@ -377,6 +378,8 @@ class Store:
             if not rows:
                 return 0
             db.executemany(_UPSERT_POINT, rows)
+            db.executemany(REFRESH_BLOCK, block_rows({(run, r[1], r[2] >> BLOCK_SHIFT)
+                                                      for r in rows}))
             new = {(run, names[n]) for n in used} - self._run_metrics
             if new:
                 db.executemany("INSERT OR IGNORE INTO run_metrics (run, name) VALUES (?, ?)",
@@ -413,6 +416,10 @@ class Store:
             db.executemany(_UPSERT_POINT, zip(repeat(run), map(ids.__getitem__, name_idx),
                                               each(steps), values, each(times), each(seq_ms),
                                               each(seq_n)))
+            blocks = [step >> BLOCK_SHIFT for step in steps]
+            touched = set(zip(name_idx, each(blocks)))
+            db.executemany(REFRESH_BLOCK, block_rows((run, ids[i], block)
+                                                     for i, block in sorted(touched)))
             new = {(run, ids[i]) for i in set(name_idx)} - self._run_metrics
             if new:
                 db.executemany("INSERT OR IGNORE INTO run_metrics (run, name) VALUES (?, ?)",
@@ -530,19 +537,28 @@ class Store:
 
     def points_m4(self, run: int, name_id: int, low: int, high: int, width: int
                   ) -> list[tuple[int, Stored, int]]:
-        """M4 downsampling in one statement: the steps ``[low, high]`` cut into buckets of
-        ``width`` steps, and of each bucket its first, last, minimum and maximum point (a NaN,
-        stored as NULL, counts as a maximum so a bucket holding one shows it). Each bucket is
-        read with range scans of the primary key, so SQLite never sorts the series."""
+        """M4 of the steps ``[low, high]``: the buckets are the multiples of ``width`` (bucket
+        ``k`` holds ``k * width <= step < (k + 1) * width``), and of each its first, last,
+        minimum and maximum point (a NaN, stored as NULL, counts as a maximum so a bucket
+        holding one shows it; of equal values the first). A ``width`` that is a multiple of
+        64 makes every bucket whole blocks, read from their summaries (``_m4_blocks``);
+        otherwise each bucket is read with range scans of the primary key."""
         with self._read() as db:
-            return db.execute(_M4, {"run": run, "name": name_id, "low": low, "high": high,
-                                    "width": width}).fetchall()
+            db.execute("BEGIN")  # one snapshot for every statement below
+            try:
+                if width % (1 << BLOCK_SHIFT) == 0:
+                    return _m4_blocks(db, run, name_id, low, high, width)
+                return db.execute(_M4, {"run": run, "name": name_id, "low": low, "high": high,
+                                        "origin": low - low % width, "width": width}).fetchall()
+            finally:
+                db.execute("COMMIT")
 
 
-_M4_BUCKET = "run = :run AND name = :name AND step >= lo AND step < lo + :width"
+_M4_BUCKET = ("run = :run AND name = :name AND step >= lo AND step < lo + :width"
+              " AND step BETWEEN :low AND :high")
 _M4 = f"""
 WITH RECURSIVE buckets(lo) AS (
-    SELECT :low UNION ALL SELECT lo + :width FROM buckets WHERE lo + :width <= :high
+    SELECT :origin UNION ALL SELECT lo + :width FROM buckets WHERE lo + :width <= :high
 ), picks(step) AS (
     SELECT (SELECT min(step) FROM points WHERE {_M4_BUCKET}) FROM buckets
     UNION SELECT (SELECT max(step) FROM points WHERE {_M4_BUCKET}) FROM buckets
@@ -554,3 +570,60 @@ WITH RECURSIVE buckets(lo) AS (
 SELECT step, value, time FROM points
 WHERE run = :run AND name = :name AND step IN (SELECT step FROM picks) ORDER BY step
 """
+
+
+_ATOMS_OF_POINTS = ("SELECT step, step, value, ifnull(value, 9e999) FROM points"
+                    " WHERE run = ? AND name = ? AND step BETWEEN ? AND ? ORDER BY step")
+_ATOMS_OF_BLOCKS = ("SELECT first, last, lo, hi FROM point_blocks"
+                    " WHERE run = ? AND name = ? AND block BETWEEN ? AND ? ORDER BY block")
+_HUNT = """
+SELECT (SELECT step FROM points WHERE run = ? AND name = ? AND step BETWEEN w.f AND w.l
+        AND (CASE WHEN w.h THEN ifnull(value, 9e999) ELSE value END) = w.v ORDER BY step LIMIT 1)
+FROM (SELECT column1 AS f, column2 AS l, column3 AS v, column4 AS h FROM (VALUES {})) AS w
+"""
+_PICKED = ("SELECT step, value, time FROM points WHERE run = ? AND name = ?"
+           " AND step IN (SELECT value FROM json_each(?)) ORDER BY step")
+
+
+def _order(value: Stored) -> tuple[bool, Any]:
+    """SQLite's order of the values a point holds: every number below every text."""
+    return isinstance(value, str), value
+
+
+def _m4_blocks(db: sqlite3.Connection, run: int, nid: int, low: int, high: int, width: int
+               ) -> list[tuple[int, Stored, int]]:
+    """``Store.points_m4`` over block summaries. Each block, and each point of the two partial
+    blocks at the ends, is an atom ``(first step, last step, lo, hi)``; a bucket's extremes are
+    those of its atoms (the first of equal ones), and the step holding an extreme inside a
+    block is looked up afterwards with one scan of that block."""
+    size = 1 << BLOCK_SHIFT
+    head, tail = low >> BLOCK_SHIFT, high >> BLOCK_SHIFT
+    atoms = db.execute(_ATOMS_OF_POINTS, (run, nid, low, min(high, head * size + size - 1))
+                       ).fetchall()
+    if tail > head:
+        atoms += db.execute(_ATOMS_OF_BLOCKS, (run, nid, head + 1, tail - 1)).fetchall()
+        atoms += db.execute(_ATOMS_OF_POINTS, (run, nid, tail * size, high)).fetchall()
+    picks: set[int] = set()
+    hunts: list[tuple[int, int, Stored, bool]] = []  # (first, last, value, is the maximum)
+
+    def pick(atom: tuple[Any, ...], value: Stored, is_high: bool) -> None:
+        if atom[0] == atom[1]:
+            picks.add(atom[0])
+        else:
+            hunts.append((atom[0], atom[1], value, is_high))
+
+    for _, group in groupby(atoms, key=lambda atom: atom[0] // width):
+        bucket = list(group)
+        picks.update((bucket[0][0], bucket[-1][1]))
+        numbers = [atom for atom in bucket if atom[2] is not None]
+        if numbers:  # min() and max() return the first of equal ones
+            low_atom = min(numbers, key=lambda atom: _order(atom[2]))
+            pick(low_atom, low_atom[2], False)
+        high_atom = max(bucket, key=lambda atom: _order(atom[3]))
+        pick(high_atom, high_atom[3], True)
+    for i in range(0, len(hunts), 2000):  # 4 parameters each, well within SQLite's 32,766
+        chunk = hunts[i:i + 2000]
+        sql = _HUNT.format(",".join(["(?, ?, ?, ?)"] * len(chunk)))
+        found = db.execute(sql, (run, nid, *chain.from_iterable(chunk))).fetchall()
+        picks.update(step for (step,) in found if step is not None)
+    return db.execute(_PICKED, (run, nid, json.dumps(sorted(picks)))).fetchall()

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 import random
+import sqlite3
 import time
+from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -161,3 +164,66 @@ def test_m4_in_sql_matches_the_rule_on_random_series() -> None:
             assert [p[0] for p in got] == [p[0] for p in want], (case, max_points)
             assert len(got) <= max_points
     store.close()
+
+
+def _series(rng: random.Random, n: int) -> list[tuple[int, Any, int]]:
+    """``n`` points on random steps with gaps, ties (values rounded), NaN (None), +-inf, -0.0,
+    ints and floats: what makes M4's choice of "first of equal ones" and "NaN is a maximum"
+    matter."""
+    steps = sorted(rng.sample(range(-3000, 3 * n), n))
+    special = [None, math.inf, -math.inf, 0.0, -0.0, 7, -7]
+    return [(s, rng.choice(special) if rng.random() < 0.03 else round(rng.gauss(0, 1), 1),
+             1000 + s) for s in steps]
+
+
+def _check_m4(store: Store, run: int, name: str, rows: list[tuple[int, Any, int]],
+              rng: random.Random) -> None:
+    wanted = [[s, math.nan if v is None else v, t] for s, v, t in rows]
+    ranges = [(-(2**63), 2**63 - 1)]
+    ranges += [tuple(sorted(rng.sample(range(-3100, rows[-1][0] + 100), 2))) for _ in range(6)]
+    for low, high in ranges:
+        inside = [r for r in wanted if low <= r[0] <= high]
+        for max_points in (8, 9, 40, 203, 1000):
+            got = read_series(store, run, name, low, high, max_points)
+            want = downsample(inside, max_points)
+            assert [p[0] for p in got] == [p[0] for p in want], (name, low, high, max_points)
+            assert len(got) <= max_points
+
+
+def test_m4_over_block_summaries_matches_the_rule(tmp_path: Path) -> None:
+    """Series long enough that buckets are whole 64-step blocks (``Store.points_m4`` then reads
+    ``point_blocks``): the same picks as the rule, over the full range and random zooms, after
+    writes by entries and by columns, after overwrites of single points (a block's extreme
+    moved or removed) and after the summaries are rebuilt by the migration."""
+    path = str(tmp_path / "blocks.db")
+    store = Store(path)
+    rng = random.Random(16)
+    run, _ = store.create_run("p", "blocks", "", None, None)
+    series = {f"s{i}": _series(rng, n) for i, n in enumerate((300, 2500, 9000, 30000))}
+    for name, rows in series.items():
+        half = len(rows) // 2
+        store.write_points(run, [(s, t, None, None, {name: v}) for s, v, t in rows[:half]])
+        rest = rows[half:]
+        store.write_columns(run, [name], [0] * len(rest), [v for _, v, _ in rest],
+                            [1] * len(rest), [s for s, _, _ in rest], [t for _, _, t in rest],
+                            [0] * len(rest), list(range(len(rest))))
+    for name, rows in series.items():
+        _check_m4(store, run, name, rows, rng)
+    for name, rows in series.items():  # overwrite ~2% of the points, the smallest among them
+        smallest = min(range(len(rows)), key=lambda i: (rows[i][1] is None, rows[i][1] or 0))
+        for i in rng.sample(range(len(rows)), len(rows) // 50) + [smallest]:
+            step, _, t = rows[i]
+            rows[i] = (step, rng.choice([None, 50.0, -50.0, 0.5]), t)
+            store.write_points(run, [(step, t, None, None, {name: rows[i][1]})])
+        _check_m4(store, run, name, rows, rng)
+    store.close()
+    db = sqlite3.connect(path, isolation_level=None)  # a version-5 file: no summaries yet
+    db.execute("DROP TABLE point_blocks")
+    db.execute("UPDATE schema_version SET version = 5")
+    db.close()
+    store = Store(path)
+    try:
+        for name, rows in series.items():
+            _check_m4(store, run, name, rows, rng)
+    finally:
+        store.close()

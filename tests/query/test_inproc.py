@@ -199,10 +199,10 @@ def test_a_version_1_database_gains_the_new_tables(tmp_path: Path) -> None:
     _schema._v1_loss_ledger(db)
     db.execute("INSERT INTO schema_version VALUES (1)")
     db.execute("COMMIT")
-    assert _schema.migrate(db) == _schema.VERSION == 5
+    assert _schema.migrate(db) == _schema.VERSION == 6
     tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     assert {"console_logs", "run_data", "run_files", "log_names", "api_keys",
-            "project_tenants"} <= tables
+            "project_tenants", "point_blocks"} <= tables
     assert _schema.migrate(db) == _schema.VERSION  # idempotent
     db.close()
 
