@@ -457,3 +457,33 @@ def test_the_heartbeat_writes_the_ledger_while_the_run_goes_on(r: redis.Redis,
         assert got["state"] == "running"
     finally:
         producer.stop()
+
+
+def test_an_idle_producer_sleeps_longer_and_still_sends_what_comes(r: redis.Redis,
+                                                                 keys: Keys) -> None:
+    """Idle, the wait doubles up to ``IDLE_WAIT`` (each wake costs CPU: 64 idle ranks waking
+    50 times a second took most of a core); an entry logged after the pause still lands, and
+    heartbeats go on."""
+    import threading
+    import time
+
+    class Counting(threading.Event):
+        wakes = 0
+
+        def set(self) -> None:
+            Counting.wakes += 1
+            super().set()
+
+    target = _target(keys, 23)
+    producer = Producer(r, target, 0, 0.02, 0.1, 100_000)
+    producer._drained = Counting()  # set once per loop round
+    producer.start()
+    try:
+        time.sleep(1.0)
+        assert Counting.wakes < 20, f"{Counting.wakes} wakes in 1 s idle (every 20 ms is 50)"
+        before = r.hget(target.heartbeats, target.member)
+        producer.queue.extend((1, 1.0, ("a",), 1.5))
+        wait_until(lambda: r.xlen(keys.metrics(23)) == 1, 5, "the entry after the pause")
+        wait_until(lambda: r.hget(target.heartbeats, target.member) != before, 5, "a heartbeat")
+    finally:
+        producer.stop()
