@@ -55,6 +55,27 @@ def test_m4_keeps_both_spikes_of_5000_steps(api: httpx.Client, project: str) -> 
     assert [p[0] for p in zoomed] == list(range(1000, 1400))  # full resolution in the zoom
 
 
+def test_m4_of_100k_steps_over_http_reads_block_summaries(api: httpx.Client,
+                                                          project: str) -> None:
+    """The dashboard's case: 100,000 steps to about 1,000 points, so every bucket is whole
+    64-step blocks and SQLite answers from ``point_blocks``; the spikes, the NaN and the ends
+    are there, and the picks are the rule's."""
+    run = create(api, project, "blocks")["runId"]
+    rng = random.Random(100)
+    values: dict[int, float] = {s: rng.uniform(0, 1) for s in range(1, 100_001)}
+    values[12_345], values[43_210], values[77_777] = -5.0, 9.0, math.nan
+    rows = [{"time": s, "step": s, "data": {"loss": v}} for s, v in values.items()]
+    for i in range(0, len(rows), 20_000):
+        assert ingest(api, run, ndjson(rows[i:i + 20_000])).status_code == 200
+    sampled = points(api, run, "loss", max_points=1000)
+    assert 800 <= len(sampled) <= 1000
+    assert [12_345, -5.0, 12_345] in sampled and [43_210, 9.0, 43_210] in sampled
+    assert [77_777, "NaN", 77_777] in sampled
+    assert sampled[0][0] == 1 and sampled[-1][0] == 100_000
+    want = downsample([[s, v, s] for s, v in values.items()], 1000)
+    assert [p[0] for p in sampled] == [p[0] for p in want]
+
+
 def test_m4_reread_after_a_write_sees_it(api: httpx.Client, project: str) -> None:
     """Downsampled reads of a quiet run are cached; a later write must show all the same."""
     run = create(api, project, "cache")["runId"]
