@@ -37,6 +37,9 @@ MAX_BLOCK = 5.0
 class Election:
     id: int
     resumed: bool
+    name: str | None = None
+    """The run's name as the worker announced it with the id (a run it just created); None:
+    read it from the run's ``info`` hash."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +67,7 @@ def elect(client: redis.Redis, keys: Keys, req: CreateRequest, lease: float,
     refresh = client.register_script(_REFRESH)
     deadline = time.monotonic() + timeout
     seen: bytes | str = "0-0"
+    announced: dict[bytes, bytes] = {}
     won_once = requested = False
     next_refresh = 0.0
     while True:
@@ -75,7 +79,9 @@ def elect(client: redis.Redis, keys: Keys, req: CreateRequest, lease: float,
         if value.isdigit():
             # Only the process whose request created the run is not resumed.
             resumed = not won_once or client.get(keys.created(token)) != b"0"
-            return Election(int(value), resumed)
+            name = announced.get(b"name") if announced.get(b"id") == value else None
+            return Election(int(value), resumed,
+                            None if name is None else name.decode(errors="replace"))
         wake = deadline
         if value.decode() == mine:
             if not requested:
@@ -102,4 +108,4 @@ def elect(client: redis.Redis, keys: Keys, req: CreateRequest, lease: float,
         block = min(wake - now, lease / 3, MAX_BLOCK)
         news: Any = client.xread({announce: seen}, block=max(1, int(block * 1000)))
         if news:
-            seen = news[0][1][-1][0]
+            seen, announced = news[0][1][-1]

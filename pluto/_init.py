@@ -82,7 +82,9 @@ def init(project: str | None = None, name: str | None = None, config: Any = None
     won = elect(client, keys, CreateRequest(project, run_id, name, cfg, tag_list), s.lease,
                 s.init_timeout, redact(s.redis_url))
     given_name = name
-    if won.resumed:  # the run's real name, as its creator gave it (kept by the worker)
+    if won.resumed and won.name is not None:  # announced with the id: no round trip
+        name = won.name
+    elif won.resumed:  # the run's real name, as its creator gave it (kept by the worker)
         stored: Any = client.hget(keys.info(won.id), "name")
         name = stored.decode(errors="replace") if stored else name
     if won.resumed and given_name is not None and given_name != name:

@@ -191,7 +191,9 @@ class Keys:
 
     def announce(self, project: str, run_id: str) -> str:
         """Stream: one entry each time a worker answers a create request for this run, so that
-        waiting ``init`` calls block on it (XREAD) instead of polling the run key."""
+        waiting ``init`` calls block on it (XREAD) instead of polling the run key. Fields:
+        ``id`` (the run's id, ``""`` after a refused create) and, for a run just created,
+        ``name`` (what ``info`` holds: the waiters need not ask for it)."""
         return f"{self.root}:announce:{quote(project)}:{quote(run_id)}"
 
     def info(self, run: int | str) -> str:

@@ -117,22 +117,25 @@ class Control:
         # already be readable by every worker (in the runs set, with its group).
         self.r.set(self.keys.created(token), "1" if resumed else "0", ex=CREATED_TTL)
         self.activate(run)
-        if not resumed:  # what attaching processes show as run.name (the creator's name stands)
+        name = None if resumed else msg.get("name") or run_id
+        if name is not None:  # what attaching processes show as run.name (the creator's stands)
             info = self.keys.info(run)
             with self.r.pipeline(transaction=False) as pipe:
-                pipe.hset(info, mapping={"name": msg.get("name") or run_id, "project": project,
-                                         "run_id": run_id})
+                pipe.hset(info, mapping={"name": name, "project": project, "run_id": run_id})
                 pipe.expire(info, RUN_KEY_TTL)
                 pipe.execute()
         self.r.set(self.keys.run(project, run_id), str(run), ex=RUN_KEY_TTL)
-        self.announce(project, run_id, str(run))
+        self.announce(project, run_id, str(run), name)
         log.info("run %s/%s -> id %d (%s)", project, run_id, run, "resumed" if resumed else "new")
 
-    def announce(self, project: str, run_id: str, run: str) -> None:
-        """Wake every init blocked on this run (they re-read the run key, the source of truth)."""
+    def announce(self, project: str, run_id: str, run: str, name: str | None = None) -> None:
+        """Wake every init blocked on this run (they re-read the run key, the source of truth);
+        the name of a run just created comes along, so they need not read it (one round trip
+        less for each of 64 ranks woken at once)."""
         key = self.keys.announce(project, run_id)
+        fields = {"id": run} if name is None else {"id": run, "name": name}
         with self.r.pipeline(transaction=False) as pipe:
-            pipe.xadd(key, {"id": run}, maxlen=1, approximate=False)
+            pipe.xadd(key, fields, maxlen=1, approximate=False)  # type: ignore[arg-type]
             pipe.expire(key, CREATED_TTL)
             pipe.execute()
 

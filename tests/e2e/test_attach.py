@@ -102,11 +102,15 @@ def test_the_worker_announces_each_answer_to_the_waiting_ranks(stack: Stack, r: 
     """Waiting ranks block on the announce stream; the worker appends the id right after the
     run key holds it (and the entry expires with the answer)."""
     run_id = f"announce-{uuid.uuid4().hex[:6]}"
-    results = _attach(stack, tmp_path, 3, project="jobs", run_id=run_id)
+    results = _attach(stack, tmp_path, 3, project="jobs", run_id=run_id, name="shared")
     key = stack.keys.announce("jobs", run_id)
     entries = r.xrange(key)
-    assert [fields for _, fields in entries] == [{b"id": str(results[0]["id"]).encode()}]
+    want = {b"id": str(results[0]["id"]).encode(), b"name": b"shared"}  # a new run's name too
+    assert [fields for _, fields in entries] == [want]
+    assert [x["name"] for x in results] == ["shared"] * 3
     assert 0 < r.ttl(key) <= 3600
+    again = _attach(stack, tmp_path, project="jobs", run_id=run_id)  # exists: nothing announced
+    assert again[0]["resumed"] and again[0]["name"] == "shared"
 
 
 def test_resume_survives_an_expired_run_key(stack: Stack, tmp_path: Path) -> None:
