@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import os
 import re
 import secrets
 from collections.abc import Mapping, Sequence
@@ -28,9 +27,10 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote, urlsplit
 
-from .env import env_tenants, redact, redis_tls
+from ._settings import AclSettings
+from .env import redact, redis_tls
 from .errors import ConfigError, PlutoError
-from .protocol import DEFAULT_REDIS_URL, Keys, glob_escape
+from .protocol import Keys, glob_escape
 
 RANK_COMMANDS = ("+ping", "+select")
 """Commands a rank may send on no key; every other one is tied to its keys by
@@ -88,8 +88,10 @@ def password_env(user: str) -> str:
 
 def users(prefix: str, tenants: Sequence[str], worker_user: str = "pluto-worker",
           generate: bool = False, env: Mapping[str, str] | None = None) -> list[User]:
-    """One rank user per tenant (``pluto-rank`` without one), one worker user for all."""
-    env = os.environ if env is None else env
+    """One rank user per tenant (``pluto-rank`` without one), one worker user for all; their
+    passwords from ``env`` (``PLUTO_ACL_PASSWORD_<USER>``, as :class:`AclSettings` read them
+    once; none: no password given), so that this module never reads the environment itself."""
+    env = {} if env is None else env
     if re.search(r"\s", prefix):
         raise ConfigError(f"PLUTO_PREFIX={prefix!r} contains whitespace; ACL rules cannot "
                           "name it")
@@ -153,10 +155,9 @@ def add_parser(sub: Any) -> None:
 
 
 def cmd_acl(args: argparse.Namespace) -> int:
-    env = os.environ
-    tenants = [t for t in env_tenants(env, args.tenant) if t]
-    url = args.redis_url or env.get("PLUTO_REDIS_URL") or DEFAULT_REDIS_URL
-    made = users(env.get("PLUTO_PREFIX") or "pluto", tenants, args.worker_user, args.generate)
+    s = AclSettings.from_env(args.tenant)
+    url = args.redis_url or s.redis_url
+    made = users(s.prefix, list(s.tenants), args.worker_user, args.generate, env=s.passwords)
     if args.apply:
         apply(url, made)
         print(f"applied {len(made)} ACL users at {redact(url)}: "

@@ -13,62 +13,24 @@ import secrets
 import signal
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from . import _acl, _servers
-from .env import env_tenant, redact, redis_tls
+from ._settings import CliSettings
+from .env import redact
 from .errors import PlutoError
-from .protocol import (
-    DEFAULT_API_URL,
-    DEFAULT_DB_URL,
-    DEFAULT_REDIS_URL,
-    F_RANK,
-    F_STEP,
-    F_TIME,
-    Keys,
-)
+from .protocol import F_RANK, F_STEP, F_TIME, Keys
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-@dataclass(frozen=True)
-class CliSettings:
-    redis_url: str = DEFAULT_REDIS_URL
-    prefix: str = "pluto"
-    tenant: str = ""
-    api_url: str = DEFAULT_API_URL
-    api_key: str | None = None
-    db_url: str = DEFAULT_DB_URL
-    home: Path = Path(".pluto")
-
-    @classmethod
-    def from_env(cls) -> CliSettings:
-        env = os.environ
-        return cls(redis_url=env.get("PLUTO_REDIS_URL") or DEFAULT_REDIS_URL,
-                   prefix=env.get("PLUTO_PREFIX") or "pluto",
-                   tenant=env_tenant(env),
-                   api_url=(env.get("PLUTO_API_URL") or DEFAULT_API_URL).rstrip("/"),
-                   api_key=env.get("PLUTO_API_KEY") or None,
-                   db_url=env.get("PLUTO_DB_URL") or DEFAULT_DB_URL,
-                   home=Path(env.get("PLUTO_HOME") or ".pluto"))
-
-    def key(self) -> str | None:
-        """``PLUTO_API_KEY``, else the key ``pluto up`` wrote to ``.pluto/api_key``."""
-        if self.api_key:
-            return self.api_key
-        path = self.home / "api_key"
-        return path.read_text().strip() if path.exists() else None
-
-
-def api_verify() -> Any:
-    """How httpx verifies an ``https://`` backend: the CA of ``PLUTO_API_CA``, else the
-    system's."""
+def api_verify(ca: str) -> Any:
+    """How httpx verifies an ``https://`` backend: with the CA file ``ca``
+    (:attr:`CliSettings.api_ca`, from ``PLUTO_API_CA``), else with the system's."""
     import ssl
 
-    ca = os.environ.get("PLUTO_API_CA", "").strip()
     return ssl.create_default_context(cafile=ca) if ca else True
 
 
@@ -181,10 +143,9 @@ def cmd_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     try:
         try:
-            redis.Redis.from_url(s.redis_url, socket_connect_timeout=1,
-                                 **redis_tls(s.redis_url, os.environ)).ping()
+            redis.Redis.from_url(s.redis_url, socket_connect_timeout=1, **s.tls()).ping()
             print(f"pluto up: using the Redis at {redact(s.redis_url)}", flush=True)
-            if urlsplit(s.redis_url).password and _open_to_anyone(s.redis_url):
+            if urlsplit(s.redis_url).password and _open_to_anyone(s.redis_url, s.tls()):
                 print("pluto up: WARNING: that Redis accepts connections without a password "
                       "(PLUTO_REDIS_URL has one): set requirepass or ACL users on it",
                       flush=True)
@@ -219,14 +180,14 @@ def cmd_up(args: argparse.Namespace) -> int:
             print("pluto up: stopped", flush=True)
 
 
-def _open_to_anyone(url: str) -> bool:
-    """Whether the Redis at ``url`` serves a client that sends no credentials."""
+def _open_to_anyone(url: str, tls: dict[str, Any]) -> bool:
+    """Whether the Redis at ``url`` serves a client that sends no credentials (over TLS with
+    ``tls``, the redis-py keyword arguments of :meth:`CliSettings.tls`)."""
     import redis
 
     parts = urlsplit(url)
     bare = parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]).geturl()
-    client = redis.Redis.from_url(bare, socket_connect_timeout=1, socket_timeout=2,
-                                  **redis_tls(url, os.environ))
+    client = redis.Redis.from_url(bare, socket_connect_timeout=1, socket_timeout=2, **tls)
     try:
         return bool(client.ping())
     except (redis.RedisError, OSError):
@@ -300,12 +261,12 @@ def cmd_tail(args: argparse.Namespace) -> int:
     import redis
 
     s = CliSettings.from_env()
+    project = s.project if args.project is None else args.project  # PLUTO_PROJECT, else default
     keys = Keys(s.prefix, s.tenant)
-    client: Any = redis.Redis.from_url(s.redis_url, decode_responses=True,
-                                       **redis_tls(s.redis_url, os.environ))
-    run = args.run if args.run.isdigit() else client.get(keys.run(args.project, args.run))
+    client: Any = redis.Redis.from_url(s.redis_url, decode_responses=True, **s.tls())
+    run = args.run if args.run.isdigit() else client.get(keys.run(project, args.run))
     if run is None or not str(run).isdigit():
-        print(f"pluto tail: no run {args.run!r} in project {args.project!r} at "
+        print(f"pluto tail: no run {args.run!r} in project {project!r} at "
               f"{redact(s.redis_url)}", file=sys.stderr)
         return 1
     if args.logs:
@@ -357,7 +318,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
               ".pluto/api_key)", file=sys.stderr)
         return 1
     with httpx.Client(base_url=s.api_url, headers={"Authorization": f"Bearer {key}"},
-                      timeout=10, verify=api_verify()) as client:
+                      timeout=10, verify=api_verify(s.api_ca)) as client:
         try:
             if args.id is not None:
                 run = client.get(f"/api/runs/{args.id}").raise_for_status().json()
@@ -396,13 +357,13 @@ def cmd_status(args: argparse.Namespace) -> int:
         return 2
     s = CliSettings.from_env()
     try:
-        resp = httpx.get(f"{s.api_url}/healthz", timeout=3, verify=api_verify())
+        resp = httpx.get(f"{s.api_url}/healthz", timeout=3, verify=api_verify(s.api_ca))
         backend = {"url": s.api_url, "ok": resp.status_code == 200,
                    "error": None if resp.status_code == 200 else f"HTTP {resp.status_code}"}
     except httpx.HTTPError as exc:
         backend = {"url": s.api_url, "ok": False, "error": str(exc)}
     client = redis.Redis.from_url(s.redis_url, socket_connect_timeout=3, socket_timeout=5,
-                                  **redis_tls(s.redis_url, os.environ))
+                                  **s.tls())
     report = _ops.status(client, Keys(s.prefix, s.tenant), backend, args.max_pending_age)
     client.close()
     report.redis["url"] = redact(s.redis_url)
@@ -441,7 +402,7 @@ def cmd_dead(args: argparse.Namespace) -> int:
 
     s = CliSettings.from_env()
     client = redis.Redis.from_url(s.redis_url, socket_connect_timeout=3, socket_timeout=10,
-                                  **redis_tls(s.redis_url, os.environ))
+                                  **s.tls())
     keys = Keys(s.prefix, s.tenant)
     try:
         if args.action == "replay":
@@ -516,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
                    "backend and one worker; Ctrl-C stops all of it")
     tail = sub.add_parser("tail", help="print a run's metrics entries as they arrive")
     tail.add_argument("run", help="the run id given to pluto.init (or the numeric id)")
-    tail.add_argument("--project", default=os.environ.get("PLUTO_PROJECT") or "default")
+    tail.add_argument("--project", default=None, help="default: PLUTO_PROJECT, else 'default'")
     tail.add_argument("--all", action="store_true", help="start from the oldest retained entry")
     tail.add_argument("--once", action="store_true", help="print what is there and exit")
     tail.add_argument("--logs", action="store_true",

@@ -105,6 +105,7 @@ def spawn(name: str, argv: list[str], log_dir: Path, env: Mapping[str, str] | No
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
     out = open(log_path, "ab")
+    # os.environ: copied whole for the child process to inherit, not read as settings
     full_env = dict(os.environ if env is None else env)
     proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, env=full_env,
                             stdin=subprocess.DEVNULL)
@@ -197,6 +198,7 @@ def start_backend(api_url: str, db_url: str, api_key: str, log_dir: Path,
     from urllib.parse import urlsplit
 
     parts = urlsplit(api_url)
+    # os.environ: copied whole for the child process to inherit, not read as settings
     full_env = dict(os.environ if env is None else env)
     full_env.update(PLUTO_API_URL=api_url, PLUTO_DB_URL=db_url, PLUTO_API_KEY=api_key)
     child = spawn(name, module_argv("pluto_server"), log_dir, full_env)
@@ -208,6 +210,7 @@ def start_backend(api_url: str, db_url: str, api_key: str, log_dir: Path,
 
 def start_worker(redis_url: str, prefix: str, api_url: str, api_key: str, log_dir: Path,
                  env: Mapping[str, str] | None = None, name: str = "worker") -> Child:
+    # os.environ: copied whole for the child process to inherit, not read as settings
     full_env = dict(os.environ if env is None else env)
     full_env.update(PLUTO_REDIS_URL=redis_url, PLUTO_PREFIX=prefix, PLUTO_API_URL=api_url,
                     PLUTO_API_KEY=api_key)

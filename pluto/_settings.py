@@ -1,23 +1,27 @@
-"""The SDK's settings: one frozen dataclass, read from the environment once per ``init``.
+"""The settings of the SDK and the CLI: frozen dataclasses, each read from the environment once.
 
-Explicit arguments win over the environment. ``Settings.from_env`` reads ``os.environ`` once
-(through ``_launch`` and ``_sysmetrics``, which it hands the mapping); the CLI has
-``CliSettings``; nothing else in ``pluto`` reads it.
+Explicit arguments win over the environment. This is the one module of ``pluto`` that reads
+``os.environ`` (issue 15; a test walks every module), each time in a ``from_env``:
+``Settings`` once per ``init`` (through ``_launch`` and ``_sysmetrics``, which it hands the
+mapping), ``QuerySettings`` once per ``pluto.query.Client``, ``CliSettings`` and
+``AclSettings`` once per ``pluto`` command. The only other readers copy the environment for a
+child process (``_servers``) or read a variable that is not ours (``CUDA_VISIBLE_DEVICES``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from ._launch import launch_fields  # issue 20 (H4): ranks from every launcher
 from ._sysmetrics import sysmetrics_fields  # issue 20 (H4): PLUTO_SYSTEM_METRICS*
-from .env import env_flag, env_number, env_tenant, redis_tls
+from .env import env_flag, env_number, env_tenant, env_tenants, redis_tls
 from .errors import ConfigError
-from .protocol import DEFAULT_REDIS_URL
+from .protocol import DEFAULT_API_URL, DEFAULT_DB_URL, DEFAULT_REDIS_URL
 
 
 @dataclass(frozen=True)
@@ -101,3 +105,127 @@ class Settings:
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
+
+
+QUERY_API_URLS = ("PLUTO_URL_API", "MLOP_URL_API", "PLUTO_API_URL")
+"""Where ``pluto.query`` finds the server, first set wins: the official SDK's variables before
+ours, so that a script written for ``pluto-ml`` runs unchanged."""
+QUERY_INGEST_URLS = ("PLUTO_URL_INGEST", "MLOP_URL_INGEST")
+"""Where ``pluto.query`` uploads files, first set wins; none: the server of ``QUERY_API_URLS``."""
+
+
+def _first_url(env: Mapping[str, str], names: Sequence[str]) -> str | None:
+    """The first of ``names`` set to something not blank, stripped of spaces and trailing
+    ``/`` (so that paths join with one); None when none is."""
+    for name in names:
+        if env.get(name, "").strip():
+            return env[name].strip().rstrip("/")
+    return None
+
+
+@dataclass(frozen=True)
+class QuerySettings:
+    """What ``pluto.query`` reads, once per ``Client``: read then, not at import, so that a
+    script may set the variables after ``import pluto.query``.
+
+    >>> QuerySettings.from_env({"PLUTO_API_URL": "http://b:8080/"}).ingest_url
+    'http://b:8080'
+    """
+
+    api_url: str = DEFAULT_API_URL
+    """``PLUTO_URL_API``, else ``MLOP_URL_API``, else ``PLUTO_API_URL``."""
+    ingest_url: str = DEFAULT_API_URL
+    """``PLUTO_URL_INGEST``, else ``MLOP_URL_INGEST``, else :attr:`api_url`."""
+    api_key: str | None = field(default=None, repr=False)  # never in a printed settings object
+    """``PLUTO_API_KEY``, else the official SDK's ``MLOP_API_TOKEN``; None: neither is set."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> QuerySettings:
+        env = os.environ if env is None else env
+        api_url = _first_url(env, QUERY_API_URLS)
+        api_url = DEFAULT_API_URL if api_url is None else api_url
+        ingest_url = _first_url(env, QUERY_INGEST_URLS)
+        return cls(api_url=api_url, ingest_url=api_url if ingest_url is None else ingest_url,
+                   api_key=env.get("PLUTO_API_KEY") or env.get("MLOP_API_TOKEN") or None)
+
+
+@dataclass(frozen=True)
+class CliSettings:
+    """What the ``pluto`` commands ``up``, ``tail``, ``runs``, ``status``, ``dead`` and
+    ``server keys`` read, once per command (``pluto acl``: :class:`AclSettings`; ``pluto
+    worker`` and ``pluto server``: the settings of the worker and of the server)."""
+
+    redis_url: str = DEFAULT_REDIS_URL
+    prefix: str = "pluto"
+    tenant: str = ""
+    api_url: str = DEFAULT_API_URL
+    api_key: str | None = None
+    db_url: str = DEFAULT_DB_URL
+    home: Path = Path(".pluto")
+    project: str = "default"
+    """``PLUTO_PROJECT``: the project of ``pluto tail`` without ``--project``."""
+    api_ca: str = ""
+    """CA file to verify an ``https://`` backend with (``PLUTO_API_CA``; else the system's)."""
+    redis_ca: str = ""
+    """``rediss://`` only: CA, client certificate and key files (``PLUTO_REDIS_CA``,
+    ``PLUTO_REDIS_CERT``, ``PLUTO_REDIS_KEY``)."""
+    redis_cert: str = ""
+    redis_key: str = ""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> CliSettings:
+        env = os.environ if env is None else env
+        return cls(redis_url=env.get("PLUTO_REDIS_URL") or DEFAULT_REDIS_URL,
+                   prefix=env.get("PLUTO_PREFIX") or "pluto",
+                   tenant=env_tenant(env),
+                   api_url=(env.get("PLUTO_API_URL") or DEFAULT_API_URL).rstrip("/"),
+                   api_key=env.get("PLUTO_API_KEY") or None,
+                   db_url=env.get("PLUTO_DB_URL") or DEFAULT_DB_URL,
+                   home=Path(env.get("PLUTO_HOME") or ".pluto"),
+                   project=env.get("PLUTO_PROJECT") or "default",
+                   api_ca=env.get("PLUTO_API_CA", "").strip(),
+                   redis_ca=env.get("PLUTO_REDIS_CA", "").strip(),
+                   redis_cert=env.get("PLUTO_REDIS_CERT", "").strip(),
+                   redis_key=env.get("PLUTO_REDIS_KEY", "").strip())
+
+    def key(self) -> str | None:
+        """``PLUTO_API_KEY``, else the key ``pluto up`` wrote to ``.pluto/api_key``."""
+        if self.api_key:
+            return self.api_key
+        path = self.home / "api_key"
+        return path.read_text().strip() if path.exists() else None
+
+    def tls(self) -> dict[str, Any]:
+        """redis-py TLS keyword arguments for :attr:`redis_url` (none for ``redis://``)."""
+        return redis_tls(self.redis_url, {}, self.redis_ca, self.redis_cert, self.redis_key)
+
+
+ACL_PASSWORD = "PLUTO_ACL_PASSWORD_"
+"""The start of the variables holding the passwords of ``pluto acl``'s users."""
+
+
+@dataclass(frozen=True)
+class AclSettings:
+    """What ``pluto acl`` reads, once. Apart from :class:`CliSettings` because it takes its
+    tenants as a worker does: ``--tenant`` wins over ``PLUTO_TENANTS``, and then a bad
+    ``PLUTO_TENANT`` (which ``CliSettings`` refuses) is not in the way.
+
+    >>> AclSettings.from_env(["a"], {"PLUTO_TENANT": "B*"}).tenants
+    ('a',)
+    """
+
+    redis_url: str = DEFAULT_REDIS_URL
+    prefix: str = "pluto"
+    tenants: tuple[str, ...] = ()
+    """``--tenant``, else ``PLUTO_TENANTS``, else ``PLUTO_TENANT``; ``()``: no tenant."""
+    passwords: Mapping[str, str] = field(default_factory=dict, repr=False)
+    """Every ``PLUTO_ACL_PASSWORD_<USER>`` variable; never in a printed settings object."""
+
+    @classmethod
+    def from_env(cls, tenants: Sequence[str] | None = None,
+                 env: Mapping[str, str] | None = None) -> AclSettings:
+        env = os.environ if env is None else env
+        return cls(tenants=tuple(t for t in env_tenants(env, tenants) if t),
+                   redis_url=env.get("PLUTO_REDIS_URL") or DEFAULT_REDIS_URL,
+                   prefix=env.get("PLUTO_PREFIX") or "pluto",
+                   passwords={k: v for k, v in env.items() if k.startswith(ACL_PASSWORD)})

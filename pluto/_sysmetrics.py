@@ -138,6 +138,7 @@ class Sampler(threading.Thread):
         self._nvml = pynvml
         try:
             count = pynvml.nvmlDeviceGetCount()
+            # os.environ: CUDA's own variable, not a pluto setting (read when NVML opens)
             indices = _rank_gpus(count, self._local_rank, os.environ.get("CUDA_VISIBLE_DEVICES"))
             self._gpus = [(i, pynvml.nvmlDeviceGetHandleByIndex(i)) for i in indices]
         except Exception as exc:  # noqa: BLE001

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import json
 import mimetypes
-import os
 import time
 from pathlib import Path
 from typing import Any
 
 import httpx
+
+from ._settings import QuerySettings
+from .protocol import DEFAULT_API_URL
 
 __all__ = [
     "Client",
@@ -47,7 +49,7 @@ __all__ = [
     "upload_file",
 ]
 
-DEFAULT_URL = "http://127.0.0.1:8080"
+DEFAULT_URL = DEFAULT_API_URL  # the server without host= or PLUTO_URL_API / PLUTO_API_URL
 RETRIES = 4
 _SPELLED = {"NaN": float("nan"), "Infinity": float("inf"), "-Infinity": float("-inf")}
 
@@ -60,22 +62,20 @@ class QueryError(Exception):
         super().__init__(message)
 
 
-def _base_url(host: str | None) -> str:
+def _base_url(host: str | None, settings: QuerySettings) -> str:
+    """The read API: ``host=`` (a bare name: the official server's port 3001), else the
+    settings' (:class:`QuerySettings`: ``PLUTO_URL_API`` ...)."""
     if host:
         return host.rstrip("/") if "://" in host else f"http://{host}:3001"
-    for var in ("PLUTO_URL_API", "MLOP_URL_API", "PLUTO_API_URL"):
-        if os.environ.get(var, "").strip():
-            return os.environ[var].strip().rstrip("/")
-    return DEFAULT_URL
+    return settings.api_url
 
 
-def _ingest_url(host: str | None) -> str:
+def _ingest_url(host: str | None, settings: QuerySettings) -> str:
+    """Where files go: ``host=`` (a bare name: the official server's port 3003), else the
+    settings' (``PLUTO_URL_INGEST`` ..., else the read API's)."""
     if host:
         return host.rstrip("/") if "://" in host else f"http://{host}:3003"
-    for var in ("PLUTO_URL_INGEST", "MLOP_URL_INGEST"):
-        if os.environ.get(var, "").strip():
-            return os.environ[var].strip().rstrip("/")
-    return _base_url(None)
+    return settings.ingest_url
 
 
 def _frame(rows: list[dict[str, Any]]) -> Any:
@@ -130,13 +130,14 @@ class Client:
 
     def __init__(self, api_token: str | None = None, host: str | None = None,
                  timeout: float = 30) -> None:
-        token = api_token or os.environ.get("PLUTO_API_KEY") or os.environ.get("MLOP_API_TOKEN")
+        settings = QuerySettings.from_env()  # per Client: variables set after import count
+        token = api_token or settings.api_key
         if not token:
             raise QueryError("no API key: set PLUTO_API_KEY (the key of `pluto server`) or "
                              "pass api_token= to Client()")
         self._token = token
-        self._url = _base_url(host)
-        self._url_ingest = _ingest_url(host)
+        self._url = _base_url(host, settings)
+        self._url_ingest = _ingest_url(host, settings)
         self._http = httpx.Client(timeout=timeout, headers={
             "Authorization": f"Bearer {token}", "User-Agent": "pluto-stream-query"})
 

@@ -4,6 +4,7 @@ The SDK, the worker and the server share only public ``pluto`` modules (``pluto.
 ``pluto.errors``, ``pluto.env``, ``pluto.streams``...): a private ``pluto._*`` module may
 change with the SDK alone. The worker names every Redis command it sends in one protocol
 (``worker/_redis.py``); mypy checks the calls, these tests check the two redis-py clients.
+Each deployable reads the environment in its settings module alone (issue 15).
 """
 
 from __future__ import annotations
@@ -61,6 +62,70 @@ def test_worker_and_backend_import_no_private_pluto_module(folder: str) -> None:
     assert len(files) > 5, files  # the folder is really there
     found = {str(f.relative_to(ROOT)): private_pluto_imports(f.read_text()) for f in files}
     assert {f: names for f, names in found.items() if names} == {}
+
+
+ENVIRONMENT = {"environ", "environb", "getenv", "getenvb"}
+"""What reads the process environment in ``os``."""
+SETTINGS_MODULES = {"pluto/_settings.py", "worker/_settings.py", "backend/_settings.py"}
+"""The one settings module of each deployable (the SDK and the CLI share ``pluto``'s): the only
+places that read the environment, and there only in a ``from_env``, so that every variable is
+read once, with the same rule, and a test can pass a mapping instead."""
+EXEMPT = {
+    "pluto/_servers.py": "copies the whole environment for the child processes it starts",
+    "pluto/_sysmetrics.py": "CUDA_VISIBLE_DEVICES: CUDA's variable, not a pluto setting",
+}
+"""Modules that touch ``os.environ`` without reading a setting from it, and why."""
+
+
+def environment_reads(source: str) -> list[tuple[int, str]]:
+    """``(line, enclosing function or "<module>")`` of every read of the process environment
+    in ``source``: ``os.environ`` / ``os.getenv`` under any name ``os`` is imported as, and
+    ``from os import environ`` (or ``getenv``)."""
+    tree = ast.parse(source)
+    names = {a.asname or "os" for n in ast.walk(tree) if isinstance(n, ast.Import)
+             for a in n.names if a.name == "os" or (a.name.startswith("os.") and not a.asname)}
+    found: list[tuple[int, str]] = []
+
+    def visit(node: ast.AST, function: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ImportFrom) and child.level == 0 and child.module == "os":
+                found.extend((child.lineno, function) for a in child.names
+                             if a.name in ENVIRONMENT)
+            elif (isinstance(child, ast.Attribute) and child.attr in ENVIRONMENT
+                  and isinstance(child.value, ast.Name) and child.value.id in names):
+                found.append((child.lineno, function))
+            inner = child.name if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) \
+                else function
+            visit(child, inner)
+
+    visit(tree, "<module>")
+    return sorted(found)
+
+
+def test_the_environment_check_sees_every_form() -> None:
+    source = ("import os\nimport os as o\nimport os.path\nfrom os import environ, getenv as g\n"
+              "def from_env():\n    return os.environ.get('A')\n"
+              "class C:\n    def f(self):\n        return o.getenv('B')\n"
+              "x = os.path.join('a', 'b')\ny = os.environ\n")
+    assert environment_reads(source) == [(4, "<module>"), (4, "<module>"), (6, "from_env"),
+                                         (9, "f"), (11, "<module>")]
+
+
+def test_only_the_settings_modules_read_the_environment() -> None:
+    """Every other module takes its settings (or an ``env`` mapping) from its deployable's
+    settings module, instead of reading ``os.environ`` where it happens to need a value."""
+    assert all((ROOT / m).is_file() for m in SETTINGS_MODULES | set(EXEMPT))  # none renamed
+    files = sorted(f for folder in ("pluto", "worker", "backend") for f in (ROOT / folder).rglob("*.py"))
+    assert len(files) > 30, files
+    found = {}
+    for path in files:
+        name = path.relative_to(ROOT).as_posix()
+        reads = environment_reads(path.read_text())
+        if name in SETTINGS_MODULES:
+            reads = [(line, f) for line, f in reads if f != "from_env"]
+        if reads and name not in EXEMPT:
+            found[name] = reads
+    assert found == {}
 
 
 def _members(proto: type) -> dict[str, inspect.Signature]:

@@ -9,7 +9,7 @@ import sys
 import threading
 from types import FrameType
 
-from pluto.env import env_tenants, redact
+from pluto.env import redact
 
 from ._metrics import serve_metrics
 from ._settings import WorkerSettings
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None, tenants: list[str] | None = None) -> int
     """Run the worker with settings from the environment (``tenants``, from ``pluto worker
     --tenant``, win over ``PLUTO_TENANTS``): one :class:`Worker` per tenant, each in a thread
     of its own, so that one tenant's trouble never holds up another's; 0 after a warm stop."""
-    settings = WorkerSettings.from_env(tenants=env_tenants(os.environ, tenants))
+    settings = WorkerSettings.from_env(tenants=tenants)
     logging.basicConfig(stream=sys.stderr, level=settings.log_level,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per request otherwise

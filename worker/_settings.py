@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,13 +78,19 @@ class WorkerSettings:
     """CA file to verify an ``https://`` backend with (``PLUTO_API_CA``; else the system's)."""
 
     @classmethod
-    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> WorkerSettings:
+    def from_env(cls, env: Mapping[str, str] | None = None, tenants: Sequence[str] | None = None,
+                 **overrides: Any) -> WorkerSettings:
+        """Settings from ``env`` (default ``os.environ``), ``overrides`` winning. ``tenants``
+        (``pluto worker --tenant``) win over ``PLUTO_TENANTS``, yet those are still checked,
+        so a bad variable is reported rather than left for the next start without the flag."""
         env = os.environ if env is None else env
+        chosen = env_tenants(env, tenants)  # a bad --tenant is the first error
+        env_tenants(env)  # then a bad PLUTO_TENANTS (or PLUTO_TENANT), even when --tenant wins
         values: dict[str, Any] = dict(
             redis_url=env.get("PLUTO_REDIS_URL") or DEFAULT_REDIS_URL,
             cluster=_flag(env, "PLUTO_REDIS_CLUSTER"),
             prefix=env.get("PLUTO_PREFIX") or "pluto",
-            tenants=env_tenants(env),
+            tenants=chosen,
             api_url=(env.get("PLUTO_API_URL") or DEFAULT_API_URL).rstrip("/"),
             api_key=env.get("PLUTO_API_KEY") or "",
             name=env.get("PLUTO_WORKER_NAME") or f"{socket.gethostname()}:{os.getpid()}",
