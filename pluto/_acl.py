@@ -28,7 +28,7 @@ from typing import Any
 from urllib.parse import quote, urlsplit
 
 from ._settings import AclSettings
-from .env import redact, redis_tls
+from .env import redact
 from .errors import ConfigError, PlutoError
 from .protocol import Keys, glob_escape
 
@@ -111,8 +111,9 @@ def users(prefix: str, tenants: Sequence[str], worker_user: str = "pluto-worker"
     return out
 
 
-def apply(url: str, given: list[User], env: Mapping[str, str] | None = None) -> None:
-    """Send every ``ACL SETUSER`` to the Redis at ``url`` (an admin's credentials)."""
+def apply(url: str, given: list[User], tls: Mapping[str, Any] | None = None) -> None:
+    """Send every ``ACL SETUSER`` to the Redis at ``url`` (an admin's credentials; ``tls``:
+    redis-py's TLS arguments for a ``rediss://`` URL, ``AclSettings.tls``)."""
     import redis
 
     missing = [u.name for u in given if u.password is None]
@@ -121,7 +122,7 @@ def apply(url: str, given: list[User], env: Mapping[str, str] | None = None) -> 
             password_env(m) for m in missing) + ", or pass --generate")
     try:
         client: Any = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10,
-                                           **redis_tls(url, env))
+                                           **(tls or {}))
         with client:
             for u in given:
                 client.execute_command("ACL", "SETUSER", *u.setuser(for_print=False))
@@ -159,7 +160,7 @@ def cmd_acl(args: argparse.Namespace) -> int:
     url = args.redis_url or s.redis_url
     made = users(s.prefix, list(s.tenants), args.worker_user, args.generate, env=s.passwords)
     if args.apply:
-        apply(url, made)
+        apply(url, made, s.tls(url))
         print(f"applied {len(made)} ACL users at {redact(url)}: "
               f"{', '.join(u.name for u in made)} (persist them with ACL SAVE or CONFIG "
               "REWRITE)")

@@ -19,7 +19,7 @@ from typing import Any
 
 from ._launch import launch_fields  # issue 20 (H4): ranks from every launcher
 from ._sysmetrics import sysmetrics_fields  # issue 20 (H4): PLUTO_SYSTEM_METRICS*
-from .env import env_flag, env_number, env_tenant, env_tenants, redis_tls
+from .env import env_flag, env_number, env_tenant, env_tenants, redis_tls, redis_tls_files
 from .errors import ConfigError
 from .protocol import DEFAULT_API_URL, DEFAULT_DB_URL, DEFAULT_REDIS_URL
 
@@ -89,9 +89,7 @@ class Settings:
             finish_timeout=env_number(env, "PLUTO_FINISH_TIMEOUT", 30.0),
             term_timeout=env_number(env, "PLUTO_TERM_TIMEOUT", 10.0),
             **launch_fields(env), **sysmetrics_fields(env),  # issue 20 (H4)
-            redis_ca=env.get("PLUTO_REDIS_CA", "").strip(),
-            redis_cert=env.get("PLUTO_REDIS_CERT", "").strip(),
-            redis_key=env.get("PLUTO_REDIS_KEY", "").strip(),
+            **redis_tls_files(env),
             capture_console=env.get("PLUTO_CAPTURE_CONSOLE", "1").strip().lower()
             not in ("0", "false", "no", "off"),
             console_buffer=int(env_number(env, "PLUTO_CONSOLE_BUFFER", 100_000, low=0.5)),
@@ -183,10 +181,7 @@ class CliSettings:
                    db_url=env.get("PLUTO_DB_URL") or DEFAULT_DB_URL,
                    home=Path(env.get("PLUTO_HOME") or ".pluto"),
                    project=env.get("PLUTO_PROJECT") or "default",
-                   api_ca=env.get("PLUTO_API_CA", "").strip(),
-                   redis_ca=env.get("PLUTO_REDIS_CA", "").strip(),
-                   redis_cert=env.get("PLUTO_REDIS_CERT", "").strip(),
-                   redis_key=env.get("PLUTO_REDIS_KEY", "").strip())
+                   api_ca=env.get("PLUTO_API_CA", "").strip(), **redis_tls_files(env))
 
     def key(self) -> str | None:
         """``PLUTO_API_KEY``, else the key ``pluto up`` wrote to ``.pluto/api_key``."""
@@ -220,6 +215,10 @@ class AclSettings:
     """``--tenant``, else ``PLUTO_TENANTS``, else ``PLUTO_TENANT``; ``()``: no tenant."""
     passwords: Mapping[str, str] = field(default_factory=dict, repr=False)
     """Every ``PLUTO_ACL_PASSWORD_<USER>`` variable; never in a printed settings object."""
+    redis_ca: str = ""
+    """For a ``rediss://`` admin URL: as :attr:`CliSettings.redis_ca`."""
+    redis_cert: str = ""
+    redis_key: str = ""
 
     @classmethod
     def from_env(cls, tenants: Sequence[str] | None = None,
@@ -228,4 +227,10 @@ class AclSettings:
         return cls(tenants=tuple(t for t in env_tenants(env, tenants) if t),
                    redis_url=env.get("PLUTO_REDIS_URL") or DEFAULT_REDIS_URL,
                    prefix=env.get("PLUTO_PREFIX") or "pluto",
-                   passwords={k: v for k, v in env.items() if k.startswith(ACL_PASSWORD)})
+                   passwords={k: v for k, v in env.items() if k.startswith(ACL_PASSWORD)},
+                   **redis_tls_files(env))
+
+    def tls(self, url: str) -> dict[str, Any]:
+        """redis-py TLS keyword arguments for ``url`` (``--redis-url`` may replace
+        :attr:`redis_url`)."""
+        return redis_tls(url, {}, self.redis_ca, self.redis_cert, self.redis_key)

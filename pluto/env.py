@@ -83,6 +83,15 @@ def redact(url: str) -> str:
     return url
 
 
+def redis_tls_files(env: Mapping[str, str]) -> dict[str, str]:
+    """The ``redis_ca``, ``redis_cert`` and ``redis_key`` fields of every settings class that
+    connects to Redis, from ``PLUTO_REDIS_CA`` / ``PLUTO_REDIS_CERT`` / ``PLUTO_REDIS_KEY``
+    (checked by :func:`redis_tls` when a ``rediss://`` URL uses them)."""
+    return {"redis_ca": env.get("PLUTO_REDIS_CA", "").strip(),
+            "redis_cert": env.get("PLUTO_REDIS_CERT", "").strip(),
+            "redis_key": env.get("PLUTO_REDIS_KEY", "").strip()}
+
+
 def redis_tls(url: str, env: Mapping[str, str] | None = None, ca: str = "", cert: str = "",
               key: str = "") -> dict[str, Any]:
     """redis-py keyword arguments for a ``rediss://`` URL: the CA to verify the server with

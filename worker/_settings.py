@@ -15,7 +15,7 @@ from typing import Any
 
 from pluto.env import env_flag as _flag
 from pluto.env import env_number as _num
-from pluto.env import env_tenants, redis_tls
+from pluto.env import env_tenants, redis_tls, redis_tls_files
 from pluto.protocol import DEFAULT_API_URL, DEFAULT_REDIS_URL
 
 
@@ -107,9 +107,7 @@ class WorkerSettings:
             read_timeout=_num(env, "PLUTO_HTTP_READ_TIMEOUT", 10.0),
             log_level=(env.get("PLUTO_LOG_LEVEL") or "INFO").strip().upper(),
             metrics_port=int(_num(env, "PLUTO_METRICS_PORT", 0, low=-0.5)),
-            redis_ca=env.get("PLUTO_REDIS_CA", "").strip(),
-            redis_cert=env.get("PLUTO_REDIS_CERT", "").strip(),
-            redis_key=env.get("PLUTO_REDIS_KEY", "").strip(),
+            **redis_tls_files(env),
             api_ca=env.get("PLUTO_API_CA", "").strip(),
         )
         values.update({k: v for k, v in overrides.items() if v is not None})

@@ -121,3 +121,27 @@ def test_tls_settings_are_checked(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="PLUTO_REDIS_CERT='/nonexistent' is not a readable"):
         Settings.from_env(env).tls()
     assert Settings.from_env({**env, "PLUTO_REDIS_URL": "redis://h:1/0"}).tls() == {}
+
+
+def test_acl_apply_over_tls(tls_redis: tuple[str, str, _servers.Child], certs: Certs) -> None:
+    """`pluto acl --apply` to a rediss:// admin URL uses PLUTO_REDIS_CA/CERT/KEY like every
+    other command (it used none of them, so a server demanding a client certificate refused
+    it); the users it made are there, read back over TLS."""
+    url, password, _ = tls_redis
+    tenant = "tls" + uuid.uuid4().hex[:6]
+    files = {"PLUTO_REDIS_CA": str(certs.ca), "PLUTO_REDIS_CERT": str(certs.client_cert),
+             "PLUTO_REDIS_KEY": str(certs.client_key)}
+    args = [PYTHON, "-m", "pluto._cli", "acl", "--tenant", tenant, "--generate", "--apply",
+            "--redis-url", url]
+    done = subprocess.run(args, env=clean_env(PYTHONPATH=str(ROOT), **files),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert password not in done.stdout + done.stderr
+    with redis.Redis.from_url(url, ssl_ca_certs=files["PLUTO_REDIS_CA"],
+                              ssl_certfile=files["PLUTO_REDIS_CERT"],
+                              ssl_keyfile=files["PLUTO_REDIS_KEY"]) as admin:
+        assert admin.acl_getuser(f"pluto-rank-{tenant}") is not None
+        assert admin.acl_getuser("pluto-worker") is not None
+    without = subprocess.run(args, env=clean_env(PYTHONPATH=str(ROOT)), capture_output=True,
+                             text=True, timeout=60)  # no client certificate: refused, said so
+    assert without.returncode == 1 and "could not apply" in without.stderr
