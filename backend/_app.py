@@ -12,7 +12,7 @@ from typing import Any
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -31,6 +31,7 @@ from ._headers import BodyTimeout, CreateRate, SecurityHeaders
 from ._http import (
     PathIds,
     broken_row,
+    client_gone,
     error,
     http_error,
     in_thread,
@@ -343,7 +344,7 @@ def create_app(settings: ServerSettings | None = None) -> Starlette:
                                 Middleware(BodyTimeout, timeout=settings.body_timeout),
                                 Middleware(PathIds)],
                     exception_handlers={HTTPException: http_error, BrokenRow: broken_row,
-                                        Unstorable: unstorable})
+                                        Unstorable: unstorable, ClientDisconnect: client_gone})
     app.state.settings = settings
     state["app"] = app
     return app

@@ -95,6 +95,13 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return resp
 
 
+async def client_gone(request: Request, exc: Exception) -> Response:
+    """The client hung up before its body arrived (a killed rank, a proxy's timeout): not
+    the server's error, so no traceback; the answer is never read, 400 keeps the count
+    honest in ``pluto_backend_requests_total``."""
+    return error(400, "the client disconnected before sending its whole body")
+
+
 async def broken_row(request: Request, exc: Exception) -> Response:
     """A stored row that cannot be returned (written before today's checks) is the row's
     fault, not the server's: 409 naming it, never a 500 (DESIGN.md §6)."""

@@ -8,10 +8,13 @@ that names the field; after each, the read routes still answer.
 from __future__ import annotations
 
 import json
+import socket
 import sqlite3
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import msgpack
@@ -378,3 +381,22 @@ def test_a_wrong_method_is_405_json_naming_the_allowed_ones(c: TestClient) -> No
     assert resp.status_code == 405
     assert "error" in resp.json()
     assert "GET" in resp.headers["allow"]  # the exception's headers are kept (RFC 9110)
+
+
+def test_a_client_gone_mid_body_is_no_traceback(private_backend: Backend) -> None:
+    """A client that hangs up before its declared body arrived (a killed rank, a proxy's
+    timeout) is not the server's error: no traceback in the log, and the server goes on."""
+    assert private_backend.child is not None
+    where = urlsplit(private_backend.url)
+    for path in ("/api/runs/trigger", "/ingest/metrics", "/api/runs/create"):
+        with socket.create_connection((where.hostname, where.port)) as s:
+            s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n"
+                      f"Authorization: Bearer {private_backend.key}\r\nX-Run-Id: 1\r\n"
+                      "Content-Type: application/json\r\n\r\n{\"runId\": ".encode())
+            time.sleep(0.3)
+    time.sleep(1.0)
+    with private_backend.client() as c:
+        assert c.get("/api/runs").status_code == 200
+        assert 'status="400"' in c.get("/metrics").text  # counted, as a client's error
+    log = private_backend.child.log()
+    assert "Traceback" not in log and "Exception" not in log, log[-3000:]
