@@ -10,8 +10,12 @@ tag, so the script runs on one Cluster slot.
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import compress
+from operator import itemgetter
 from typing import Any
 
 import redis
@@ -51,6 +55,11 @@ return 1
 
 
 _RANK, _STEP, _TIME = K.F_RANK.encode(), K.F_STEP.encode(), K.F_TIME.encode()
+_HEAD = (_RANK, _STEP, _TIME)
+_HEAD_AT, _AT_RANK, _AT_STEP, _AT_TIME = itemgetter(0, 2, 4), itemgetter(1), itemgetter(3), \
+    itemgetter(5)
+_DIGITS = re.compile(rb"[0-9]+(?:\n[0-9]+)*")
+"""Steps and times of the usual case: plain digits (the grammar's non-negative ints)."""
 
 
 def head(flat: list[bytes] | None) -> tuple[str, int | None, int | None]:
@@ -99,6 +108,8 @@ class Acks:
         (``_rank, _step, _time`` first, as the backend's grammar already checked) take a
         short path; :func:`head` reads any other."""
         ids, newest = self.ids[stream], self.newest[stream]
+        if self._stored_columns(ids, newest, entries):
+            return
         ranks: dict[bytes, tuple[str, list[bytes]]] = {}  # rank as sent -> (text, its ids)
         step: int | None
         time_ms: int | None
@@ -118,6 +129,41 @@ class Acks:
                 best = newest.get(rank)
                 if best is None or step > best[0]:
                     newest[rank] = (step, time_ms)
+
+    @staticmethod
+    def _stored_columns(ids: Fields, newest: dict[str, tuple[int, int]],
+                        entries: list[tuple[bytes, list[bytes] | None]]) -> bool:
+        """:meth:`stored_all` for a batch wholly in the SDK's layout with plain-digit steps and
+        times (the usual case), column by column in C: a handful of passes per rank instead of
+        a Python loop per entry (~2 µs an entry). False, having done nothing, for any other."""
+        flats = [flat or () for _, flat in entries]
+        try:
+            if set(map(_HEAD_AT, flats)) != {_HEAD}:
+                return False
+        except IndexError:  # an entry of fewer than six fields
+            return False
+        steps_raw, times_raw = list(map(_AT_STEP, flats)), list(map(_AT_TIME, flats))
+        if not (_DIGITS.fullmatch(b"\n".join(steps_raw))
+                and _DIGITS.fullmatch(b"\n".join(times_raw))):
+            return False
+        steps = list(map(int, steps_raw))
+        entry_ids = [entry_id for entry_id, _ in entries]
+        ranks_raw = list(map(_AT_RANK, flats))
+        distinct = set(ranks_raw)
+        at: Sequence[int]
+        for raw in distinct:
+            rank = head([_RANK, raw])[0]
+            if len(distinct) == 1:
+                mine, at = entry_ids, range(len(steps))
+            else:
+                mask = list(map(raw.__eq__, ranks_raw))
+                mine, at = list(compress(entry_ids, mask)), list(compress(range(len(steps)), mask))
+            ids[f"{K.LEDGER_STORED}:{rank}"] += mine
+            i = max(at, key=steps.__getitem__)  # the first of the newest steps
+            best = newest.get(rank)
+            if best is None or steps[i] > best[0]:
+                newest[rank] = (steps[i], int(times_raw[i]))
+        return True
 
     def bury(self, dead_stream: str, stream: str, entry_id: bytes, flat: list[bytes],
              reason: str, count: bool = True) -> None:

@@ -12,6 +12,7 @@ and the error messages are exactly ``decode_entry``'s.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from operator import itemgetter
 from typing import Any
 
@@ -42,17 +43,22 @@ def flatten(fields: dict[bytes, bytes]) -> list[bytes]:
     return [x for kv in fields.items() for x in kv]
 
 
-def _learn(fields: dict[bytes, bytes]) -> None:
-    """Remember the names of an entry ``decode_entry`` accepted."""
+def _learn(fields: Iterable[bytes]) -> None:
+    """Remember the names of an entry ``decode_entry`` accepted, or of a group's field list
+    (a name that is not valid text, or not a valid name, stays unknown: its entries then go
+    to ``decode_entry``, which refuses them with the reason)."""
     if len(_names) > _MAX_CACHE:
         _names.clear()
     for raw in fields:
         if raw.startswith(b"_"):
             _names[raw] = _SKIP
-        else:
+            continue
+        try:
             name = raw.decode("utf-8")
-            if name_problem(name) is None:
-                _names[raw] = name
+        except UnicodeDecodeError:
+            continue
+        if name_problem(name) is None:
+            _names[raw] = name
 
 
 def record(entry_id: bytes, flat: list[bytes]) -> dict[str, Any]:
@@ -193,6 +199,8 @@ class Columns:
                    ) -> bool:
         """All of ``entries`` (one field list), or nothing and False if any is not plain."""
         names = fields[3:]
+        if fields[:3] == _HEAD and not all(map(_names.__contains__, names)):
+            _learn(names)  # first sight: checked once here, not by decode_entry per entry
         if (fields[:3] != _HEAD or not names or len(set(names)) != len(names)
                 or not all(map(_names.get, names))):  # each a metric name validated before
             return False

@@ -211,3 +211,29 @@ def test_add_many_takes_a_uniform_batch() -> None:
     assert cols.add_many(batch) == (batch, [])  # type: ignore[arg-type]
     assert cols.step == list(range(1, 40)) and cols.value[:2] == [0.5, -3]
     assert type(cols.value[1]) is int and cols.seq_ms == list(range(1, 40))
+
+
+def test_add_many_takes_a_group_whose_names_it_never_saw() -> None:
+    """A rank's first batch goes column-wise too (its names are checked once, for the group,
+    instead of by decode_entry per entry); a group with a name decode_entry refuses (not
+    UTF-8, a control character) is left to the per-entry path, which dead-letters it."""
+    import uuid
+
+    fresh = uuid.uuid4().hex
+    good = [(f"{i}-0".encode(), flatten({b"_rank": b"3", b"_step": str(i).encode(),
+                                         b"_time": b"1000", f"{fresh}/a".encode(): b"1.5",
+                                         f"{fresh}/b".encode(): str(i).encode()}))
+            for i in range(1, 41)]
+    many = Columns()
+    taken, left = many.add_many(good)  # type: ignore[arg-type]
+    assert len(taken) == 40 and not left
+    assert many.names == [f"{fresh}/a", f"{fresh}/b"]
+    assert many.value[:4] == [1.5, 1, 1.5, 2] and many.step[:2] == [1, 2]
+    for bad_name in (b"\xff" + fresh.encode(), f"{fresh}\x01".encode()):
+        bad = [(f"{i}-0".encode(), flatten({b"_rank": b"3", b"_step": str(i).encode(),
+                                            b"_time": b"1000", bad_name: b"1.5"}))
+               for i in range(1, 41)]
+        taken, left = Columns().add_many(bad)  # type: ignore[arg-type]
+        assert not taken and len(left) == 40
+        with pytest.raises(ValueError):
+            decode_entry(dict(zip(bad[0][1][0::2], bad[0][1][1::2])))
