@@ -14,8 +14,8 @@ import re
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from itertools import compress
-from operator import itemgetter
+from itertools import compress, pairwise
+from operator import itemgetter, ne
 from typing import Any
 
 import redis
@@ -58,6 +58,8 @@ _RANK, _STEP, _TIME = K.F_RANK.encode(), K.F_STEP.encode(), K.F_TIME.encode()
 _HEAD = (_RANK, _STEP, _TIME)
 _HEAD_AT, _AT_RANK, _AT_STEP, _AT_TIME = itemgetter(0, 2, 4), itemgetter(1), itemgetter(3), \
     itemgetter(5)
+_SPANS = 64
+"""Rank changes in a batch beyond which :meth:`Acks._stored_columns` groups by rank instead."""
 _DIGITS = re.compile(rb"[0-9]+(?:\n[0-9]+)*")
 """Steps and times of the usual case: plain digits (the grammar's non-negative ints)."""
 
@@ -149,20 +151,26 @@ class Acks:
         steps = list(map(int, steps_raw))
         entry_ids = [entry_id for entry_id, _ in entries]
         ranks_raw = list(map(_AT_RANK, flats))
-        distinct = set(ranks_raw)
-        at: Sequence[int]
-        for raw in distinct:
-            rank = head([_RANK, raw])[0]
-            if len(distinct) == 1:
-                mine, at = entry_ids, range(len(steps))
-            else:
+        n = len(flats)
+        # Runs of one rank (a post holds a rank's entries together): cut where the rank changes.
+        cuts = [0, *compress(range(1, n), map(ne, ranks_raw[1:], ranks_raw)), n]
+        spans: list[tuple[bytes, list[bytes], list[int], Sequence[int]]]  # rank, ids, steps, at
+        if len(cuts) <= _SPANS:
+            spans = [(ranks_raw[a], entry_ids[a:b], steps[a:b], range(a, b))
+                     for a, b in pairwise(cuts)]
+        else:  # ranks interleaved: one pass per rank instead
+            spans = []
+            for raw in set(ranks_raw):
                 mask = list(map(raw.__eq__, ranks_raw))
-                mine, at = list(compress(entry_ids, mask)), list(compress(range(len(steps)), mask))
+                spans.append((raw, list(compress(entry_ids, mask)), list(compress(steps, mask)),
+                              list(compress(range(n), mask))))
+        for raw, mine, their_steps, at in spans:
+            rank = head([_RANK, raw])[0]
             ids[f"{K.LEDGER_STORED}:{rank}"] += mine
-            i = max(at, key=steps.__getitem__)  # the first of the newest steps
+            top = max(their_steps)
             best = newest.get(rank)
-            if best is None or steps[i] > best[0]:
-                newest[rank] = (steps[i], int(times_raw[i]))
+            if best is None or top > best[0]:  # the time of the first of the newest steps
+                newest[rank] = (top, int(times_raw[at[their_steps.index(top)]]))
         return True
 
     def bury(self, dead_stream: str, stream: str, entry_id: bytes, flat: list[bytes],

@@ -256,6 +256,19 @@ class Columns:
             self.names.append(name)
         return slot
 
+    def extend(self, other: Columns) -> None:
+        """Append ``other``'s entries (a later read of the same run) after this batch's."""
+        slot = [self._slot(raw, name) for raw, name in zip(other.index, other.names)]
+        self.name += other.name if slot == list(range(len(slot))) else \
+            list(map(slot.__getitem__, other.name))
+        self.value += other.value
+        self.count += other.count
+        self.step += other.step
+        self.time += other.time
+        self.seq_ms += other.seq_ms
+        self.seq_n += other.seq_n
+        self.big = self.big or other.big
+
     def points(self) -> int:
         return len(self.value)
 

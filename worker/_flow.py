@@ -1,7 +1,10 @@
 """Which runs the loop may read right now, and what each of the others waits for.
 
 Each run has at most one post in flight on the poster threads and one decoded post queued
-behind it (so reading and decoding overlap posting, as one pipeline per run). A run whose
+behind it (so reading and decoding overlap posting, as one pipeline per run). The queued post
+keeps growing with new reads up to ``queue_cap`` entries: while the backend stores one post the
+worker goes on reading and decoding the next, instead of waiting with one batch in hand, and a
+slower backend gets fewer, larger posts. A run whose
 post failed transiently is *parked* until its back-off expires (doubling up to ``retry_max``,
 with jitter); its entries stay pending in the group. A run coming back from parking, or every
 run after a start or an error, is *recovering*: it is read from its pending entries (id ``0``)
@@ -30,6 +33,8 @@ class Parked:
 @dataclass
 class Flow:
     retry_max: float = 5.0
+    queue_cap: int = 20_000
+    """Entries a run's queued post may grow to before its stream is no longer read."""
     flight: dict[int, Future[Post]] = field(default_factory=dict)
     queued: dict[int, Post] = field(default_factory=dict)
     parked: dict[int, Parked] = field(default_factory=dict)
@@ -41,11 +46,18 @@ class Flow:
         """Nothing of ``run`` is queued or parked: its stream may be read."""
         return run not in self.queued and run not in self.parked
 
+    def growing(self, run: int) -> bool:
+        """New entries of ``run`` may be read: it is not parked, and its queued post (if any)
+        is below ``queue_cap``."""
+        post = self.queued.get(run)
+        return run not in self.parked and (post is None or post.entries() < self.queue_cap)
+
     def reads(self, runs: list[int]) -> tuple[list[int], list[int]]:
         """``(new, pending)``: runs to read new entries of (``>``), and recovering runs to
-        read pending entries of (``0``: only with nothing of theirs in flight)."""
+        read pending entries of (``0``: only with nothing of theirs queued or in flight, as
+        a pending read starts from the oldest again)."""
         self.unpark()
-        new = [r for r in runs if self.free(r) and r not in self.recovering]
+        new = [r for r in runs if self.growing(r) and r not in self.recovering]
         old = [r for r in runs if self.free(r) and r in self.recovering
                and r not in self.flight]
         return new, old

@@ -35,6 +35,21 @@ class Part:
     entries: list[Entry]
     columns: Columns | None = None
     records: list[dict[str, Any]] = field(default_factory=list)
+    size: int = 0
+    """Raw bytes of ``entries`` (as :func:`size` counts them)."""
+
+    def absorb(self, other: Part, batch_bytes: int) -> bool:
+        """Take ``other`` (decoded the same way, from a later read) into this part if the two
+        fit in ``batch_bytes`` together: one body instead of two."""
+        if self.size + other.size > batch_bytes or (self.columns is None) != (
+                other.columns is None):
+            return False
+        if self.columns is not None and other.columns is not None:
+            self.columns.extend(other.columns)
+        self.records += other.records
+        self.entries += other.entries
+        self.size += other.size
+        return True
 
 
 @dataclass
@@ -50,6 +65,8 @@ class Post:
     failed: str | None = None
     """Why the rest was not sent (the backend was unavailable); those entries stay pending."""
     splits: int = 0
+    sent_at: float = 0.0
+    """``time.monotonic()`` when it went to a poster thread."""
 
     def entries(self) -> int:
         return sum(len(p.entries) for p in self.parts)
@@ -63,25 +80,28 @@ def decode(post: Post, entries: list[Entry], columns: bool, batch_bytes: int,
            bury: Bury) -> None:
     """Append ``entries`` to ``post`` as parts of at most ``batch_bytes`` raw bytes each."""
     flats = [flat or () for _, flat in entries]
-    if sum(map(len, chain.from_iterable(flats))) + 4 * sum(map(len, flats)) <= batch_bytes:
-        _add_part(post, entries, columns, bury)  # the usual case, measured in C: one part
+    total = sum(map(len, chain.from_iterable(flats))) + 4 * sum(map(len, flats))
+    if total <= batch_bytes:
+        _add_part(post, entries, columns, bury, total, batch_bytes)  # the usual case: one part
         return
     chunk: list[Entry] = []
     used = 0
     for entry in entries:
         n = size(entry[1])
         if chunk and used + n > batch_bytes:
-            _add_part(post, chunk, columns, bury)
+            _add_part(post, chunk, columns, bury, used, batch_bytes)
             chunk, used = [], 0
         chunk.append(entry)
         used += n
     if chunk:
-        _add_part(post, chunk, columns, bury)
+        _add_part(post, chunk, columns, bury, used, batch_bytes)
 
 
-def _add_part(post: Post, entries: list[Entry], columns: bool, bury: Bury) -> None:
+def _add_part(post: Post, entries: list[Entry], columns: bool, bury: Bury, used: int,
+              batch_bytes: int) -> None:
     part = make_part(entries, columns, bury)
-    if part.entries:
+    part.size = used
+    if part.entries and not (post.parts and post.parts[-1].absorb(part, batch_bytes)):
         post.parts.append(part)
 
 

@@ -90,7 +90,7 @@ class Worker:
                                   s.retention, self.problems)
         self.acker = Acker(self.r, self.keys, s.retention, self.problems)
         self.reader = Reader(self.r, self.name, s.cluster, self.problems)
-        self.flow = Flow(s.retry_max)
+        self.flow = Flow(s.retry_max, queue_cap=4 * s.batch)
         self.logs = LogShipper(connect(s), self.keys,  # console lines, in a thread of their own
                                Backend(s, self._stop, attempts=s.http_attempts), self.name,
                                s.claim_idle_ms)
@@ -111,7 +111,6 @@ class Worker:
         self._check: Future[None] | None = None
         self._due: dict[str, float] = {}
         self.metrics = Metrics(self.name, __version__)
-        self._submitted: dict[int, float] = {}
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -140,8 +139,9 @@ class Worker:
             for stream, entries in self._read(block_ms).items():
                 batch.setdefault(stream, []).extend(entries)
             self._persist(batch, acks)
-            self._settle(acks)
-            self._submit()
+            landed = self._landed()
+            self._submit(landed)  # before settling what landed: the backend is not kept waiting
+            self._settle(landed, acks)
         finally:
             self.acker(acks)
             for dead_stream, *_ in acks.dead:
@@ -162,7 +162,7 @@ class Worker:
             acks = Acks()
             try:
                 self.control.apply([], acks)
-                self._settle(acks)
+                self._settle(self._landed(), acks)
             finally:
                 self.acker(acks)
             settled += acks.count()
@@ -275,18 +275,24 @@ class Worker:
             if post.parts:
                 self.flow.queued[run] = post
 
-    def _submit(self) -> None:
-        """Start the queued post of each run that has nothing in flight."""
-        for run in [r for r in self.flow.queued if r not in self.flow.flight]:
+    def _submit(self, landed: dict[int, Future[Post]] | None = None) -> None:
+        """Start the queued post of each run that has nothing in flight, unless its post
+        that just ``landed`` failed (:meth:`_settle` parks the run and drops what is queued)."""
+        failed = {run for run, f in (landed or {}).items()
+                  if f.exception() is not None or f.result().failed}
+        for run in [r for r in self.flow.queued if r not in self.flow.flight and r not in failed]:
             post = self.flow.queued.pop(run)
-            self._submitted[run] = time.monotonic()
+            post.sent_at = time.monotonic()
             self.flow.flight[run] = self._poster.submit(deliver, self.backend, post,
                                                         self.projects)
 
-    def _settle(self, acks: Acks) -> None:
+    def _landed(self) -> dict[int, Future[Post]]:
+        """The posts that came back, out of flight: their runs may post again."""
+        return {run: self.flow.flight.pop(run) for run in self.flow.done()}
+
+    def _settle(self, landed: dict[int, Future[Post]], acks: Acks) -> None:
         """Ack what the backend stored, dead-letter what it refused, park what failed."""
-        for run in self.flow.done():
-            future = self.flow.flight.pop(run)
+        for run, future in landed.items():
             try:
                 post = future.result()
             except Exception as exc:  # noqa: BLE001 - deliver() catches; a bug lands here
@@ -304,7 +310,7 @@ class Worker:
         points = (sum(map(len, filter(None, map(itemgetter(1), stored)))) - 6 * len(stored)) // 2
         self.stored += points
         if stored:
-            took = time.monotonic() - self._submitted.pop(run, time.monotonic())
+            took = time.monotonic() - post.sent_at
             sample = stored[:: max(1, len(stored) // 20)]  # ~20 per batch: the ingest delay
             self.metrics.on_persisted(len(stored), points, took, [i for i, _ in sample])
         if post.bad:

@@ -179,6 +179,55 @@ def test_a_read_is_posted_in_parts_of_at_most_batch_bytes() -> None:
     assert [len(p.records) for p in post.parts] == [10] * 10
 
 
+def _entries(rank: int, steps: range) -> list[tuple[bytes, list[bytes] | None]]:
+    return [(b"%d-%d" % (step, rank), flatten({b"_rank": b"%d" % rank, b"_step": b"%d" % step,
+                                               b"_time": b"5", b"r%d/a" % rank: b"0.5",
+                                               b"r%d/b" % rank: b"%d" % step}))
+            for step in steps]
+
+
+def test_a_later_read_joins_the_queued_post_while_it_fits() -> None:
+    """Reads decoded while the run's previous post is in flight join the one queued behind it
+    (one body, not one per read), with the values one decode of all of them gives."""
+    from pluto_worker._entries import Columns
+    from pluto_worker._persist import Post, decode, size
+
+    first = _entries(0, range(1, 41)) + _entries(1, range(1, 41))
+    second = _entries(1, range(41, 81)) + _entries(2, range(1, 41))
+    post = Post(1, "s")
+    for read in (first, second):
+        decode(post, read, columns=True, batch_bytes=8 << 20, bury=lambda e, why: None)
+    assert len(post.parts) == 1 and post.parts[0].entries == first + second
+    cols, whole = post.parts[0].columns, Columns()
+    assert cols is not None
+    whole.add_many(first + second)  # type: ignore[arg-type]
+    by_point = lambda c: sorted(zip(map(c.names.__getitem__, c.name), c.value))  # noqa: E731
+    assert by_point(cols) == by_point(whole) and sorted(cols.step) == sorted(whole.step)
+    assert cols.names == ["r0/a", "r0/b", "r1/a", "r1/b", "r2/a", "r2/b"]
+    full = max(sum(size(f) for _, f in read) for read in (first, second))
+    small = Post(1, "s")
+    for read in (first, second):
+        decode(small, read, columns=True, batch_bytes=full, bury=lambda e, why: None)
+    assert [p.entries for p in small.parts] == [first, second]  # together they do not fit
+
+
+def test_a_run_is_read_on_while_its_queued_post_is_below_the_cap() -> None:
+    from pluto_worker._flow import Flow
+    from pluto_worker._persist import Part, Post
+
+    flow = Flow(queue_cap=3)
+    assert flow.reads([1, 2]) == ([1, 2], [])
+    flow.queued[1] = Post(1, "s", parts=[Part(_entries(0, range(2)))])  # type: ignore[arg-type]
+    assert flow.reads([1, 2]) == ([1, 2], [])
+    flow.queued[1].parts.append(Part(_entries(0, range(2, 3))))  # type: ignore[arg-type]
+    assert flow.reads([1, 2]) == ([2], [])  # at the cap: wait for the post in flight
+    flow.recovering.add(2)
+    flow.queued[2] = Post(2, "s")
+    assert flow.reads([1, 2]) == ([], [])  # a pending read would start from the oldest again
+    del flow.queued[2]
+    assert flow.reads([1, 2]) == ([], [2])
+
+
 @pytest.mark.parametrize("sizes, first", [
     ([1] * 10, 5), ([1, 1, 1, 1000, 1, 1], 3), ([1000, 1, 1], 1), ([1, 1, 1000], 2), ([5, 5], 1),
 ])
@@ -203,12 +252,14 @@ def _by_entry(entries: list[tuple[bytes, list[bytes] | None]]) -> Acks:
     return acks
 
 
-@pytest.mark.parametrize("seed", range(60))
+@pytest.mark.parametrize("seed", range(90))
 def test_stored_all_equals_the_rule_entry_by_entry(seed: int) -> None:
+    """Ranks interleaved (few or many changes of rank: both ways of grouping) or each rank's
+    entries together (as a post holds them)."""
     rng = random.Random(seed)
     ranks = [b"0", b"1", b"07", b"12"][: rng.randint(1, 4)]
     entries: list[tuple[bytes, list[bytes] | None]] = []
-    for i in range(rng.randint(1, 40)):
+    for i in range(rng.randint(1, 40 if seed % 2 else 300)):
         step = str(rng.choice([rng.randint(0, 50), 7])).encode()  # ties on purpose
         flat = [b"_rank", rng.choice(ranks), b"_step", step, b"_time", str(1000 + i).encode(),
                 b"a", b"1.5"]
@@ -218,6 +269,8 @@ def test_stored_all_equals_the_rule_entry_by_entry(seed: int) -> None:
                                [b"_rank", b"x", b"_step", step, b"_time", b"5"],
                                [b"_rank", b"1", b"_step", b"-3", b"_time", b"5"], [b"a"]])
         entries.append((f"{1000 + i}-0".encode(), flat))
+    if seed % 5 == 1:
+        entries.sort(key=lambda e: e[1][1] if e[1] and len(e[1]) > 1 else b"")
     got = Acks()
     got.stored_all("s", entries)
     want = _by_entry(entries)
