@@ -39,6 +39,7 @@ from typing import Any
 from pluto.protocol import INT64_MAX, INT64_MIN
 
 from . import _json, _rows
+from ._blocks import MERGE_BLOCK, summarise
 from ._rows import MEMBER_FIELDS, RANK_FIELDS
 from ._schema import BLOCK_SHIFT, REFRESH_BLOCK, block_rows, migrate
 
@@ -51,6 +52,7 @@ Stored = int | float | str | None
 Entry = tuple[int, int, int | None, int | None, dict[str, Stored]]
 """One ingest line, validated: ``(step, time_ms, seq_ms, seq_n, {name: stored value})``."""
 
+_TAIL = "SELECT last FROM point_blocks WHERE run = ? AND name = ? ORDER BY block DESC LIMIT 1"
 _UPSERT_POINT = """
 INSERT INTO points (run, name, step, value, time, seq_ms, seq_n) VALUES (?, ?, ?, ?, ?, ?, ?)
 ON CONFLICT (run, name, step) DO UPDATE SET
@@ -140,6 +142,8 @@ class Store:
         self._names: dict[str, int] = {
             n: i for i, n in self._db.execute("SELECT id, name FROM names")}
         self._run_metrics: set[tuple[int, int]] = set()
+        self._tails: dict[tuple[int, int], int | None] = {}
+        """The highest step stored per ``(run, name id)``, as far as learnt (see ``_blocks``)."""
         self._runs: set[int] = set()
 
     def _connect(self) -> sqlite3.Connection:
@@ -164,9 +168,11 @@ class Store:
             self._db.close()
 
     @contextmanager
-    def _write(self, undo: Callable[[], None] | None = None) -> Iterator[sqlite3.Connection]:
+    def _write(self, undo: Callable[[], None] | None = None,
+               done: Callable[[], None] | None = None) -> Iterator[sqlite3.Connection]:
         """One transaction under the writer lock; ``undo`` reverts in-memory caches on failure
-        while the lock is still held, so no other writer ever sees a rolled-back cache entry.
+        and ``done`` updates them after COMMIT, both while the lock is still held, so no other
+        writer ever sees a rolled-back or a not yet committed cache entry.
         """
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
@@ -179,6 +185,8 @@ class Store:
                 if undo is not None:
                     undo()
                 raise
+            if done is not None:
+                done()
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -378,8 +386,10 @@ class Store:
             if not rows:
                 return 0
             db.executemany(_UPSERT_POINT, rows)
-            db.executemany(REFRESH_BLOCK, block_rows({(run, r[1], r[2] >> BLOCK_SHIFT)
-                                                      for r in rows}))
+            touched = {(run, r[1], r[2] >> BLOCK_SHIFT) for r in rows}
+            db.executemany(REFRESH_BLOCK, block_rows(sorted(touched)))
+            for key in {(r, nid) for r, nid, _ in touched}:  # learnt again when next needed
+                self._tails.pop(key, None)
             new = {(run, names[n]) for n in used} - self._run_metrics
             if new:
                 db.executemany("INSERT OR IGNORE INTO run_metrics (run, name) VALUES (?, ?)",
@@ -397,6 +407,8 @@ class Store:
         ``OverflowError`` and rolls the batch back."""
         fresh: list[str] = []
 
+        tops: dict[tuple[int, int], int] = {}  # the batch's highest steps: after COMMIT
+
         def undo() -> None:
             for name in fresh:
                 self._names.pop(name, None)
@@ -404,7 +416,7 @@ class Store:
         def each(col: list[int]) -> Iterator[int]:
             return chain.from_iterable(map(repeat, col, counts))
 
-        with self._write(undo) as db:
+        with self._write(undo, lambda: self._raise_tails(tops)) as db:
             known = self._names
             for name in names:
                 if name not in known:
@@ -416,10 +428,7 @@ class Store:
             db.executemany(_UPSERT_POINT, zip(repeat(run), map(ids.__getitem__, name_idx),
                                               each(steps), values, each(times), each(seq_ms),
                                               each(seq_n)))
-            blocks = [step >> BLOCK_SHIFT for step in steps]
-            touched = set(zip(name_idx, each(blocks)))
-            db.executemany(REFRESH_BLOCK, block_rows((run, ids[i], block)
-                                                     for i, block in sorted(touched)))
+            tops.update(self._summarise(db, run, ids, name_idx, values, counts, steps))
             new = {(run, ids[i]) for i in set(name_idx)} - self._run_metrics
             if new:
                 db.executemany("INSERT OR IGNORE INTO run_metrics (run, name) VALUES (?, ?)",
@@ -427,6 +436,42 @@ class Store:
             db.execute("UPDATE runs SET updated_at = ? WHERE id = ?", (now_ms(), run))
         self._run_metrics |= new
         return len(values)
+
+    def _summarise(self, db: sqlite3.Connection, run: int, ids: list[int], name_idx: list[int],
+                   values: list[Any], counts: list[int], steps: list[int]
+                   ) -> dict[tuple[int, int], int]:
+        """Bring the summaries of the blocks a columnar batch touched up to date: merged from
+        the batch where it only appended to a series (``_blocks``), else from the stored
+        points. Returns the batch's highest step per series, for ``_tails`` once committed.
+        Runs in the batch's transaction under the writer lock, so no writer sees a stale tail."""
+        tails = self._tails
+
+        def tail(nid: int) -> int | None:
+            key = (run, nid)
+            if key not in tails:  # what is committed: this batch's blocks are written below
+                row = db.execute(_TAIL, key).fetchone()
+                tails[key] = None if row is None else int(row[0])
+            return tails[key]
+
+        summary = summarise(ids, name_idx, values, counts, steps, tail)
+        if summary is None:  # entries of many shapes: from the stored points
+            each = chain.from_iterable(map(repeat, [s >> BLOCK_SHIFT for s in steps], counts))
+            touched = {(ids[i], block) for i, block in zip(name_idx, each)}
+            for nid in {nid for nid, _ in touched}:
+                tails.pop((run, nid), None)  # learnt again when next needed
+            tops = {}
+        else:
+            db.executemany(MERGE_BLOCK, [(run, *row) for row in summary.merged])
+            touched = summary.refresh
+            tops = {(run, nid): top for nid, top in summary.tops.items()}
+        db.executemany(REFRESH_BLOCK, block_rows((run, nid, block)
+                                                 for nid, block in sorted(touched)))
+        return tops
+
+    def _raise_tails(self, tops: dict[tuple[int, int], int]) -> None:
+        for key, top in tops.items():
+            old = self._tails.get(key)
+            self._tails[key] = top if old is None else max(old, top)
 
     @staticmethod
     def _intern(db: sqlite3.Connection, name: str) -> int:

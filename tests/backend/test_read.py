@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
+from pluto_server import _store
 from pluto_server._read import downsample, read_series
 from pluto_server._store import Store
 from tests.conftest import Backend
@@ -248,3 +250,107 @@ def test_m4_over_block_summaries_matches_the_rule(tmp_path: Path) -> None:
             _check_m4(store, run, name, rows, rng)
     finally:
         store.close()
+
+
+_FROM_POINTS = """
+SELECT name, step >> 6, min(step), max(step), min(value), max(ifnull(value, 9e999))
+FROM points WHERE run = ? GROUP BY name, step >> 6 ORDER BY 1, 2
+"""
+
+
+def _blocks_match_points(path: str, run: int) -> None:
+    db = sqlite3.connect(path)
+    try:
+        got = db.execute("SELECT name, block, first, last, lo, hi FROM point_blocks"
+                         " WHERE run = ? ORDER BY 1, 2", (run,)).fetchall()
+        assert got == db.execute(_FROM_POINTS, (run,)).fetchall()
+    finally:
+        db.close()
+
+
+def _batch(rng: random.Random, names: list[str], tops: dict[str, int], case: int
+           ) -> tuple[list[str], list[int], list[Any], list[int], list[int]]:
+    """A columnar batch as the worker sends it (runs of entries of one rank's names), and now
+    and then what makes a batch more than an append: a step again or an older one, a NaN, both
+    infinities, a name twice, entries of every shape."""
+    names_used: list[str] = []
+    name_idx: list[int] = []
+    values: list[Any] = []
+    counts: list[int] = []
+    steps: list[int] = []
+    odd = case % 4 == 0
+    for _ in range(rng.randint(1, 4)):
+        group = rng.sample(names, rng.randint(2 if case % 8 == 0 else 1, 3)) if not (odd and rng.random() < 0.3) \
+            else []
+        if odd and group and rng.random() < 0.2:
+            group.append(group[0])  # a name twice in one entry
+        start = tops.get(group[0], -1) + 1 if group else 0
+        if odd and rng.random() < 0.4:
+            start = rng.randint(-100, max(start, 1))  # older steps, written again
+        n = rng.randint(1, 300)
+        step = start
+        for _ in range(n if not (odd and rng.random() < 0.2) else 1):
+            slots = []
+            for name in group:
+                if name not in names_used:
+                    names_used.append(name)
+                slots.append(names_used.index(name))
+            if odd and rng.random() < (0.7 if case % 8 == 0 else 0.1):
+                rng.shuffle(slots)  # entries of every shape
+            name_idx += slots
+            special = [math.nan, math.inf, -math.inf, 7, -0.0] if odd else [7, 3.5]
+            values += [rng.choice(special) if rng.random() < 0.05 else round(rng.gauss(0, 1), 2)
+                       for _ in slots]
+            counts.append(len(slots))
+            steps.append(step)
+            step += rng.choice([1, 1, 1, 2, 70]) if not (odd and rng.random() < 0.05) else 0
+        for name in group:
+            tops[name] = max(tops.get(name, -1), step)
+    return names_used, name_idx, values, counts, steps
+
+
+def test_block_summaries_of_columnar_batches_equal_their_points(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A columnar batch that only appends merges its own points into the blocks' summaries
+    (``_blocks``); anything else summarises them from the stored points. Either way every
+    summary equals what its stored points give, after each batch — also after a batch rolled
+    back (an int beyond 64 bits) and in a store opened afresh (nothing learnt yet)."""
+    path = str(tmp_path / "cols.db")
+    store = Store(path)
+    rng = random.Random(21)
+    run, _ = store.create_run("p", "cols", "", None, None)
+    names = [f"r{i}/{m}" for i in range(3) for m in ("loss", "acc")]
+    tops: dict[str, int] = {}
+    ways: list[tuple[int, int]] = []  # per batch: (blocks merged, blocks read back)
+    summarise = _store.summarise
+
+    def counted(*args: Any) -> Any:
+        out = summarise(*args)
+        ways.append((len(out.merged), len(out.refresh)) if out else (0, -1))
+        return out
+
+    monkeypatch.setattr(_store, "summarise", counted)
+    for case in range(120):
+        batch = _batch(rng, names, tops, case)
+        n = len(batch[3])
+        if case == 60:
+            store.close()
+            store = Store(path)
+        if case % 29 == 3:  # rolled back as a whole: nothing of it is stored or learnt
+            bad = batch[2][:-1] + [2**70] if batch[2] else batch[2]
+            try:
+                store.write_columns(run, batch[0], batch[1], bad, batch[3], batch[4], [1] * n,
+                                    [1] * n, list(range(n)))
+            except OverflowError:
+                pass
+        store.write_columns(run, batch[0], batch[1], batch[2], batch[3], batch[4], [1] * n,
+                            [case] * n, list(range(n)))
+        _blocks_match_points(path, run)
+    # a step twice in one run of entries: its first value (the block's maximum) is replaced
+    store.write_columns(run, ["again"], [0] * 4, [0.1, 1e6, 0.2, 0.3], [1] * 4,
+                        [1000, 1001, 1001, 1002], [1] * 4, [1] * 4, [0, 1, 2, 3])
+    _blocks_match_points(path, run)
+    store.close()
+    # every way was taken (else this proves little): merged, read back, both, not summarised
+    assert {(m > 0, r > 0) for m, r in ways} >= {(True, False), (False, True), (True, True)}
+    assert (0, -1) in ways
