@@ -2,6 +2,9 @@
 
 Python start-up is excluded: every process imports pluto, connects, says it is ready and
 blocks (BLPOP) until the parent releases all of them together; only then does it call ``init``.
+Finishing is excluded too: each process reports through Redis and waits until all have
+returned from ``init`` before it finishes, so the first ranks' ``finish`` (console lines,
+ledger, finish op) does not take the CPU from the ranks still attaching.
 "Served" is the moment the worker wrote the numeric id into the run key, seen through a
 keyspace notification; "after served" is each process's return time minus that moment.
 Target (issue 3): slowest init <= 500 ms, median <= 50 ms after the creator's request is served.
@@ -43,9 +46,10 @@ def child(ready: str, go: str, run_id: str) -> None:
     start, cpu = time.time(), time.process_time()
     run = pluto.init(project="bench", run_id=run_id, settings=settings)
     end, cpu = time.time(), time.process_time() - cpu
-    print("RESULT " + json.dumps({"start": start, "end": end, "elected": elected[0], "cpu": cpu,
-                                  "resumed": run.resumed, "id": run.id}), flush=True)
-    run.finish()
+    r.rpush(f"{go}:results", json.dumps({"start": start, "end": end, "elected": elected[0],
+                                         "cpu": cpu, "resumed": run.resumed, "id": run.id}))
+    r.blpop([f"{go}:finish"], timeout=60)  # the ranks still in init must not share the CPU
+    run.finish()  # with those finishing (each sends its console lines, its ledger, ...)
 
 
 def watch_served(r: redis.Redis, key: str, out: dict[str, float], ready: threading.Event) -> None:
@@ -77,7 +81,7 @@ def main() -> None:
         run_id = f"attach-{time.time_ns()}"
         ready, go = f"{s.prefix}:bench:ready", f"{s.prefix}:bench:go"
         procs = [subprocess.Popen([sys.executable, __file__, "--child", f"{ready}|{go}|{run_id}"],
-                                  env=s.env(), stdout=subprocess.PIPE, text=True)
+                                  env=s.env(), stdout=subprocess.DEVNULL)
                  for _ in range(n)]
         deadline = time.monotonic() + 120
         while r.llen(ready) < n and time.monotonic() < deadline:
@@ -92,10 +96,13 @@ def main() -> None:
         released = time.time()
         r.rpush(go, *range(n))
         results = []
+        while len(results) < n and time.monotonic() < deadline + 60:
+            got = r.blpop([f"{go}:results"], timeout=1)
+            if got:
+                results.append(json.loads(got[1]))
+        r.rpush(f"{go}:finish", *range(n))
         for p in procs:
-            out, _ = p.communicate(timeout=180)
-            results += [json.loads(line[7:]) for line in out.splitlines()
-                        if line.startswith("RESULT ")]
+            p.communicate(timeout=60)
         watcher.join(5)
     ok = len(results) == n and len({x["id"] for x in results}) == 1 \
         and sum(not x["resumed"] for x in results) == 1
