@@ -1,7 +1,8 @@
 """One run's entries on their way to the backend: decode, post, and what came of it.
 
 :func:`decode` turns a run's share of one read into a :class:`Post` of parts no larger than
-``batch_bytes`` (raw entry bytes), dead-lettering each entry that is not what the SDK writes.
+``batch_bytes`` (raw entry bytes), dead-lettering each entry that is not what the SDK writes;
+a later read decoded into the same (queued) post joins its last part while both fit.
 :func:`deliver` runs on a poster thread, one post per run at a time: it looks the run's
 project up if needed, then posts each part. An answer of 413 splits a part in halves until it
 fits (halves of about equal bytes; only a single entry too large on its own is

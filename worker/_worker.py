@@ -1,10 +1,12 @@
-"""The worker loop: claim stale -> read -> persist -> settle -> ack -> maintain.
+"""The worker loop: claim stale -> read -> decode -> submit -> settle -> ack -> maintain.
 
 One iteration reads the control stream and the active runs' metrics streams in one
 XREADGROUP (bounded COUNT, so an iteration stays short and control is served even while a
-large backlog drains), applies control entries at once, decodes each run's share into a post,
-and hands posts to the poster threads — one post per run at a time, so a run the backend
-cannot serve is parked (:mod:`._flow`) while every other run flows. An entry is acknowledged
+large backlog drains), applies control entries at once, decodes each run's share into the
+post queued for it, hands queued posts to the poster threads — one post per run at a time,
+so a run the backend cannot serve is parked (:mod:`._flow`) while every other run flows —
+and only then settles (acks) the posts that came back: batch N is acknowledged in the
+iteration that submits batch N+1, and the backend is not kept waiting meanwhile. An entry is acknowledged
 only after the backend stored it or it was dead-lettered with its reason: a crash at any point
 leaves the rest pending, to be re-read by this consumer or claimed by another (XAUTOCLAIM).
 
