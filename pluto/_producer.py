@@ -341,6 +341,7 @@ class Producer(threading.Thread):
         if not errors:
             inflight.popleft()
             self.ledger.sent += chunk.count
+            self._uncertain = max(0, self._uncertain - len(chunk.items))  # answered for
             return
         start = chunk.end - chunk.count
         retry = next((i - start for i, text in errors if transient(text)), None)
@@ -365,7 +366,10 @@ class Producer(threading.Thread):
     def _requeue(self, inflight: deque[Chunk]) -> None:
         for chunk in reversed(inflight):
             self.queue.extendleft(reversed(chunk.items))
-        self._uncertain = sum(len(chunk.items) for chunk in inflight if chunk.written)
+        # Still uncertain after a retry that could not even connect: what an earlier write may
+        # have left in Redis stays at the head until Redis answers for it.
+        self._uncertain = max(self._uncertain,
+                              sum(len(chunk.items) for chunk in inflight if chunk.written))
         inflight.clear()
         self._disconnect()
 

@@ -144,6 +144,27 @@ def test_entries_survive_a_redis_that_refuses_connections(keys: Keys) -> None:
     assert producer.pending() == 10_000 and producer.queue[0] == 1 and producer.queue[-5] == 10_000
 
 
+def test_entries_redis_may_hold_are_not_dropped_after_a_failed_reconnect(keys: Keys) -> None:
+    """Entries in flight when the connection broke may be in Redis already (it answers for
+    them after a restart from its dump): the buffer keeps them at its head, uncounted, however
+    many retries fail to connect before Redis is back, and drops the oldest behind them."""
+    producer = Producer(_nobody_listens(), _target(keys, 11), 0, 0.01, 1.0, 100)
+    width = 5
+    for step in range(1, 1001):
+        producer.queue.extend((step, 1.0, ("a", "b"), step, 0.5))
+    sent = _producer.Chunk([producer.queue.popleft() for _ in range(50 * width)], 50,
+                           written=True)  # written on a connection that had answered
+    producer._requeue(producer._inflight.__class__([sent]))
+    step = 1000
+    for _ in range(3):  # Redis still away, the rank logs on; each retry fails to connect
+        for step in range(step + 1, step + 101):
+            producer.queue.extend((step, 1.0, ("a", "b"), step, 0.5))
+        assert not producer._send_all()
+    assert producer.queue[0] == 1 and producer.queue[49 * width] == 50  # kept, in order
+    assert producer.queue[50 * width] == step - 50 + 1  # then the newest 50 of the rest
+    assert producer.dropped == 1300 - 100 and producer.pending() == 100
+
+
 @pytest.mark.parametrize("raw", [True, False])
 def test_wire_sends_past_a_full_socket_buffer_and_reports_a_closed_peer(raw: bool) -> None:
     import socket
