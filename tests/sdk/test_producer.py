@@ -155,13 +155,12 @@ def test_entries_redis_may_hold_are_not_dropped_after_a_failed_reconnect(keys: K
     sent = _producer.Chunk([producer.queue.popleft() for _ in range(50 * width)], 50,
                            written=True)  # written on a connection that had answered
     producer._requeue(producer._inflight.__class__([sent]))
-    step = 1000
-    for _ in range(3):  # Redis still away, the rank logs on; each retry fails to connect
-        for step in range(step + 1, step + 101):
+    for retry in range(3):  # Redis still away, the rank logs on; each retry fails to connect
+        for step in range(1001 + 100 * retry, 1101 + 100 * retry):
             producer.queue.extend((step, 1.0, ("a", "b"), step, 0.5))
         assert not producer._send_all()
     assert producer.queue[0] == 1 and producer.queue[49 * width] == 50  # kept, in order
-    assert producer.queue[50 * width] == step - 50 + 1  # then the newest 50 of the rest
+    assert producer.queue[50 * width] == 1300 - 50 + 1  # then the newest 50 of the rest
     assert producer.dropped == 1300 - 100 and producer.pending() == 100
 
 
