@@ -71,10 +71,11 @@ def summarise(ids: list[int], name_idx: list[int], values: list[Any], counts: li
         touched = set(blocks)
         nids = [ids[slot] for slot in signature]
         rising = all(map(lt, span, span[1:]))
+        top = span[-1] if rising else max(span)
         edges = [0, *compress(range(1, len(blocks)), map(ne, blocks[1:], blocks)), len(blocks)]
         for j, nid in enumerate(nids):
             before = seen[nid] if nid in seen else tail(nid)
-            seen[nid] = max(seen.get(nid, span[-1]), max(span))
+            seen[nid] = max(seen.get(nid, top), top)
             column = values[offsets[a] + j:offsets[b]:width]
             if (nid in slow or not rising or not _plain(column)
                     or (before is not None and span[0] <= before)):
