@@ -39,8 +39,16 @@ def wait_until(check: Any, timeout: float = 30.0, what: str = "condition") -> An
 
 
 def write_script(tmp: Path, code: str, name: str = "rank.py") -> Path:
+    """Write a rank script atomically: tests start rank after rank with the same file, and a
+    rank whose interpreter opened it mid-rewrite (truncated, not yet written) would run an
+    empty script and exit 0 having done nothing (seen in CI: a rank with no result, exit 0)."""
     path = tmp / name
-    path.write_text(textwrap.dedent(code))
+    text = textwrap.dedent(code)
+    if path.exists() and path.read_text() == text:
+        return path
+    part = path.with_name(f".{name}.{os.getpid()}.tmp")
+    part.write_text(text)
+    os.replace(part, path)
     return path
 
 

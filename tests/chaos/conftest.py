@@ -85,7 +85,9 @@ class FaultBackend(Backend):
     starts: int = 0
 
     def fault(self, spec: str) -> None:
-        self.faults.write_text(spec)
+        part = self.faults.with_name(self.faults.name + ".tmp")
+        part.write_text(spec)
+        os.replace(part, self.faults)  # the backend never reads a half-written spec
 
     def start(self) -> None:
         self.starts += 1
