@@ -388,8 +388,7 @@ class Store:
             db.executemany(_UPSERT_POINT, rows)
             touched = {(run, r[1], r[2] >> BLOCK_SHIFT) for r in rows}
             db.executemany(REFRESH_BLOCK, block_rows(sorted(touched)))
-            for key in {(r, nid) for r, nid, _ in touched}:  # learnt again when next needed
-                self._tails.pop(key, None)
+            self._forget_tails(run, {nid for _, nid, _ in touched})
             new = {(run, names[n]) for n in used} - self._run_metrics
             if new:
                 db.executemany("INSERT OR IGNORE INTO run_metrics (run, name) VALUES (?, ?)",
@@ -457,8 +456,7 @@ class Store:
         if summary is None:  # entries of many shapes: from the stored points
             each = chain.from_iterable(map(repeat, [s >> BLOCK_SHIFT for s in steps], counts))
             touched = {(ids[i], block) for i, block in zip(name_idx, each)}
-            for nid in {nid for nid, _ in touched}:
-                tails.pop((run, nid), None)  # learnt again when next needed
+            self._forget_tails(run, {nid for nid, _ in touched})
             tops = {}
         else:
             db.executemany(MERGE_BLOCK, [(run, *row) for row in summary.merged])
@@ -467,6 +465,12 @@ class Store:
         db.executemany(REFRESH_BLOCK, block_rows((run, nid, block)
                                                  for nid, block in sorted(touched)))
         return tops
+
+    def _forget_tails(self, run: int, nids: set[int]) -> None:
+        """A batch summarised from the stored points: its series' tails are learnt again
+        when next needed (cheaper than working out whether it raised them)."""
+        for nid in nids:
+            self._tails.pop((run, nid), None)
 
     def _raise_tails(self, tops: dict[tuple[int, int], int]) -> None:
         for key, top in tops.items():

@@ -258,7 +258,9 @@ def _finish_all_at_exit() -> None:
         run.finish(state=State.FAILED if _uncaught else State.FINISHED)
 
 
-_terminating = False
+_handling: list[int] = []
+"""One item per signal handler running: Python runs a pending handler at a bytecode boundary of
+the one running, so a flag tested and then set would leave a window for the second to miss."""
 _deferred: list[tuple[int, FrameType | None, Any]] = []
 """A signal that arrived while ``finish`` was running: acted on when that finish returns."""
 
@@ -273,14 +275,13 @@ def _chain_signal(signum: int) -> None:
         return  # the process ignores this signal: so do we
 
     def handler(sig: int, frame: FrameType | None) -> None:
-        global _terminating
-        runs = list(_active)
-        if _terminating or _deferred:  # a second signal: flush no longer
-            for run in runs:
-                run.terminate(0.0)
-            return
-        _terminating = True
+        _handling.append(sig)  # first, in one C call: a signal arriving next sees it
         try:
+            runs = list(_active)
+            if len(_handling) > 1 or _deferred:  # a second signal: flush no longer
+                for run in runs:
+                    run.terminate(0.0)
+                return
             interrupted = False
             for run in runs:
                 budget = run.settings.term_timeout
@@ -290,7 +291,7 @@ def _chain_signal(signum: int) -> None:
                 else:
                     run.finish(timeout=budget, state=State.TERMINATED)
         finally:
-            _terminating = False
+            _handling.pop()
         if interrupted:
             _deferred.append((sig, frame, previous))
             return

@@ -72,6 +72,9 @@ F_RANK = "_rank"
 F_STEP = "_step"
 F_TIME = "_time"
 RESERVED_FIELDS = (F_RANK, F_STEP, F_TIME)
+WIRE_HEAD: tuple[bytes, bytes, bytes] = (F_RANK.encode(), F_STEP.encode(), F_TIME.encode())
+"""The reserved fields as the producer writes them, first and in this order, in every entry
+(``_rank, _step, _time``: what readers of the raw stream test for the usual layout)."""
 
 # Control stream operations.
 OP_CREATE = "create"

@@ -54,8 +54,8 @@ return 1
 """
 
 
-_RANK, _STEP, _TIME = K.F_RANK.encode(), K.F_STEP.encode(), K.F_TIME.encode()
-_HEAD = (_RANK, _STEP, _TIME)
+_HEAD = K.WIRE_HEAD
+_RANK, _STEP, _TIME = _HEAD
 _HEAD_AT, _AT_RANK, _AT_STEP, _AT_TIME = itemgetter(0, 2, 4), itemgetter(1), itemgetter(3), \
     itemgetter(5)
 _SPANS = 64

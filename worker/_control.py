@@ -151,12 +151,22 @@ class Control:
         info = msg.get("info") or {}
         self.owned(run)
         self.backend.upsert_members(run, [member_row(member, info)])
-        if self.activate(run):
+        if not self.r.sismember(self.keys.runs, str(run)) and self._running(run, member):
             # The run had left the active set (it completed or failed before); a process has
-            # come back under the same run id, so it is running again.
+            # come back under the same run id, so it is running again. RUNNING goes first,
+            # then the run is active: a check that completes it from then on has the last
+            # word. (The other way round, a check between the two could complete the run and
+            # take it out of the set, and RUNNING written after would stay for good.)
             self.backend.update_status(run, "RUNNING")
             log.info("run %d: %s re-attached; status RUNNING again", run, member)
+        self.activate(run)
         log.info("run %d: %s attached (rank %s)", run, member, info.get("rank"))
+
+    def _running(self, run: int, member: str) -> bool:
+        """The member has not finished since it attached (a short process may be done before
+        its attach is applied: then the run needs no RUNNING, only the check that follows)."""
+        info = member_info(self.r.hget(self.keys.members(run), member))
+        return info is None or info.get("state") in (None, State.RUNNING.value)
 
     def finish(self, msg: dict[str, Any]) -> None:
         run, member, state = msg["id"], msg["member"], msg.get("state") or "finished"

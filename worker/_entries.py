@@ -21,9 +21,8 @@ import msgpack
 from pluto import protocol as K
 from pluto.protocol import FLOAT_TEXT, INT64_MAX, INT64_MIN, INT_TEXT, decode_entry, name_problem
 
-_RANK = K.F_RANK.encode()
-_STEP = K.F_STEP.encode()
-_TIME = K.F_TIME.encode()
+_HEAD = K.WIRE_HEAD
+_RANK, _STEP, _TIME = _HEAD
 _MINUS = b"-"
 _SKIP = ""
 """Cached for reserved (``_``-prefixed) field names: present, but not a metric."""
@@ -102,7 +101,6 @@ _NUM = rb"(?:-?(?:[0-9]+(?:\.[0-9]+)?(?:e[-+]?[0-9]+)?|inf)|nan)"
 _NUMS = re.compile(_NUM + rb"(?:\n" + _NUM + rb")*")
 """A column of values in the grammar of ``pluto.protocol.parse_value``, one per line."""
 _AN_INT = re.compile(rb"\n-?[0-9]+\n")
-_HEAD = (_RANK, _STEP, _TIME)
 _MANY = 16
 """Entries below which :meth:`Columns.add_many` is not worth its set-up."""
 

@@ -21,6 +21,7 @@ from tests.worker.conftest import (
     produce,
     request_create,
     run_id_of,
+    spin,
 )
 
 
@@ -155,5 +156,43 @@ def test_a_run_that_came_and_went_between_two_log_rounds_is_still_shipped(
         assert w.runs == [42]
         assert sorted(w._runs_for_logs()) == [41, 42, 42]  # joined since: 41 and 42
         assert w._runs_for_logs() == [42]  # each joined run is handed over once
+    finally:
+        w.close()
+
+
+def test_a_check_between_reattach_and_its_status_update_leaves_the_run_completed(
+        redis_url: str, prefix: str, backend: Any, r: redis.Redis, keys: Keys) -> None:
+    """A run that completed is re-attached by a short process, which finishes before the
+    next check: that check (here, forced at the worst moment: right after the attach made the
+    run active again) completes the run, and nothing written by the attach may undo it (CI:
+    a restarted rank's run stayed RUNNING, out of the active set, for good)."""
+    w = in_process_worker(redis_url, prefix, backend)
+    try:
+        request_create(r, keys, f"proj-{prefix}", "reattach-race")
+        run = int(spin(w, lambda: run_id_of(r, keys, f"proj-{prefix}", "reattach-race"),
+                       what="the run created"))
+        attach(r, keys, run, "h:1")
+        finish(r, keys, run, "h:1")
+        spin(w, lambda: backend.run(run)["status"] == "COMPLETED", what="COMPLETED")
+        control = w.control.control
+        activate = control.activate
+
+        def activate_then_check(run_: int) -> bool:
+            added = activate(run_)
+            if run_ == run:  # the process finishes, and a check runs, right now
+                finish(r, keys, run, "h:7")
+                w.watcher.check([run])
+            return added
+
+        control.activate = activate_then_check
+        attach(r, keys, run, "h:7")
+        spin(w, lambda: not r.sismember(keys.runs, str(run))
+             and backend.run(run)["members"] and len(backend.run(run)["members"]) == 2
+             and all(m["state"] == "finished" for m in backend.run(run)["members"]),
+             what="the re-attached member applied and finished")
+        for _ in range(20):  # nothing left to come: the run stays COMPLETED
+            w.run_once(block_ms=10)
+        assert backend.run(run)["status"] == "COMPLETED"
+        assert not r.sismember(keys.runs, str(run))
     finally:
         w.close()
