@@ -19,16 +19,15 @@ from typing import Any
 
 from ._launch import launch_fields  # issue 20 (H4): ranks from every launcher
 from ._sysmetrics import sysmetrics_fields  # issue 20 (H4): PLUTO_SYSTEM_METRICS*
-from .env import env_flag, env_number, env_tenant, env_tenants, redis_tls, redis_tls_files
+from .env import RedisTarget, env_flag, env_number, env_tenant, env_tenants, redis_tls_files
 from .errors import ConfigError
 from .protocol import DEFAULT_API_URL, DEFAULT_DB_URL, DEFAULT_REDIS_URL
 
 
 @dataclass(frozen=True)
-class Settings:
+class Settings(RedisTarget):
     """What a training process needs to know; see DESIGN.md §2 for the variables."""
 
-    redis_url: str = DEFAULT_REDIS_URL
     cluster: bool = False
     prefix: str = "pluto"
     tenant: str = ""
@@ -58,11 +57,6 @@ class Settings:
     job_run_id: str | None = None
     system_metrics: bool = True
     system_metrics_interval: float = 5.0
-    redis_ca: str = ""
-    """``rediss://`` only: CA file to verify the server (``PLUTO_REDIS_CA``)."""
-    redis_cert: str = ""
-    """``rediss://`` only: client certificate and key (``PLUTO_REDIS_CERT`` / ``_KEY``)."""
-    redis_key: str = ""
     capture_console: bool = True
     """Stream this process's stdout/stderr lines to the run (``PLUTO_CAPTURE_CONSOLE=0``: off)."""
     console_buffer: int = 100_000
@@ -96,10 +90,6 @@ class Settings:
         )
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
-
-    def tls(self) -> dict[str, Any]:
-        """redis-py TLS keyword arguments (none for ``redis://``); see :func:`redis_tls`."""
-        return redis_tls(self.redis_url, {}, self.redis_ca, self.redis_cert, self.redis_key)
 
     def replace(self, **changes: Any) -> Settings:
         return dataclasses.replace(self, **changes)
@@ -148,12 +138,11 @@ class QuerySettings:
 
 
 @dataclass(frozen=True)
-class CliSettings:
+class CliSettings(RedisTarget):
     """What the ``pluto`` commands ``up``, ``tail``, ``runs``, ``status``, ``dead`` and
     ``server keys`` read, once per command (``pluto acl``: :class:`AclSettings`; ``pluto
     worker`` and ``pluto server``: the settings of the worker and of the server)."""
 
-    redis_url: str = DEFAULT_REDIS_URL
     prefix: str = "pluto"
     tenant: str = ""
     api_url: str = DEFAULT_API_URL
@@ -164,11 +153,6 @@ class CliSettings:
     """``PLUTO_PROJECT``: the project of ``pluto tail`` without ``--project``."""
     api_ca: str = ""
     """CA file to verify an ``https://`` backend with (``PLUTO_API_CA``; else the system's)."""
-    redis_ca: str = ""
-    """``rediss://`` only: CA, client certificate and key files (``PLUTO_REDIS_CA``,
-    ``PLUTO_REDIS_CERT``, ``PLUTO_REDIS_KEY``)."""
-    redis_cert: str = ""
-    redis_key: str = ""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> CliSettings:
@@ -190,17 +174,13 @@ class CliSettings:
         path = self.home / "api_key"
         return path.read_text().strip() if path.exists() else None
 
-    def tls(self) -> dict[str, Any]:
-        """redis-py TLS keyword arguments for :attr:`redis_url` (none for ``redis://``)."""
-        return redis_tls(self.redis_url, {}, self.redis_ca, self.redis_cert, self.redis_key)
-
 
 ACL_PASSWORD = "PLUTO_ACL_PASSWORD_"
 """The start of the variables holding the passwords of ``pluto acl``'s users."""
 
 
 @dataclass(frozen=True)
-class AclSettings:
+class AclSettings(RedisTarget):
     """What ``pluto acl`` reads, once. Apart from :class:`CliSettings` because it takes its
     tenants as a worker does: ``--tenant`` wins over ``PLUTO_TENANTS``, and then a bad
     ``PLUTO_TENANT`` (which ``CliSettings`` refuses) is not in the way.
@@ -209,16 +189,11 @@ class AclSettings:
     ('a',)
     """
 
-    redis_url: str = DEFAULT_REDIS_URL
     prefix: str = "pluto"
     tenants: tuple[str, ...] = ()
     """``--tenant``, else ``PLUTO_TENANTS``, else ``PLUTO_TENANT``; ``()``: no tenant."""
     passwords: Mapping[str, str] = field(default_factory=dict, repr=False)
     """Every ``PLUTO_ACL_PASSWORD_<USER>`` variable; never in a printed settings object."""
-    redis_ca: str = ""
-    """For a ``rediss://`` admin URL: as :attr:`CliSettings.redis_ca`."""
-    redis_cert: str = ""
-    redis_key: str = ""
 
     @classmethod
     def from_env(cls, tenants: Sequence[str] | None = None,
@@ -229,8 +204,3 @@ class AclSettings:
                    prefix=env.get("PLUTO_PREFIX") or "pluto",
                    passwords={k: v for k, v in env.items() if k.startswith(ACL_PASSWORD)},
                    **redis_tls_files(env))
-
-    def tls(self, url: str) -> dict[str, Any]:
-        """redis-py TLS keyword arguments for ``url`` (``--redis-url`` may replace
-        :attr:`redis_url`)."""
-        return redis_tls(url, {}, self.redis_ca, self.redis_cert, self.redis_key)

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from .errors import ConfigError
-from .protocol import tenant_problem
+from .protocol import DEFAULT_REDIS_URL, tenant_problem
 
-__all__ = ["env_flag", "env_number", "env_tenant", "env_tenants", "redact", "redis_tls"]
+__all__ = ["RedisTarget", "env_flag", "env_number", "env_tenant", "env_tenants", "redact",
+           "redis_tls", "redis_tls_files"]
 
 
 def env_number(env: Mapping[str, str], name: str, default: float, low: float = 0.0) -> float:
@@ -81,6 +83,26 @@ def redact(url: str) -> str:
     except ValueError:
         pass
     return url
+
+
+@dataclass(frozen=True)
+class RedisTarget:
+    """The Redis URL and, for a ``rediss://`` one, the CA, client certificate and key files:
+    the fields every settings class that connects to Redis starts with (the SDK's, the CLI's,
+    ``pluto acl``'s and the worker's), so the rule for them is written once."""
+
+    redis_url: str = DEFAULT_REDIS_URL
+    redis_ca: str = ""
+    """``rediss://`` only: CA file to verify the server (``PLUTO_REDIS_CA``; else the system's)."""
+    redis_cert: str = ""
+    """``rediss://`` only: client certificate and key (``PLUTO_REDIS_CERT`` / ``_KEY``)."""
+    redis_key: str = ""
+
+    def tls(self, url: str | None = None) -> dict[str, Any]:
+        """redis-py TLS keyword arguments for ``url`` (else :attr:`redis_url`; none for
+        ``redis://``); a ``ConfigError`` naming the variable when a file is missing."""
+        return redis_tls(self.redis_url if url is None else url, {}, self.redis_ca,
+                         self.redis_cert, self.redis_key)
 
 
 def redis_tls_files(env: Mapping[str, str]) -> dict[str, str]:

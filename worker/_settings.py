@@ -13,21 +13,20 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pluto.env import RedisTarget, env_tenants, redis_tls_files
 from pluto.env import env_flag as _flag
 from pluto.env import env_number as _num
-from pluto.env import env_tenants, redis_tls, redis_tls_files
 from pluto.protocol import DEFAULT_API_URL, DEFAULT_REDIS_URL
 
 
 @dataclass(frozen=True)
-class WorkerSettings:
+class WorkerSettings(RedisTarget):
     """What one worker replica needs; DESIGN.md §2 lists the shared variables.
 
     >>> WorkerSettings.from_env({"PLUTO_PREFIX": "demo"}).prefix
     'demo'
     """
 
-    redis_url: str = DEFAULT_REDIS_URL
     cluster: bool = False
     prefix: str = "pluto"
     tenants: tuple[str, ...] = ("",)
@@ -69,11 +68,6 @@ class WorkerSettings:
     """``PLUTO_METRICS_PORT``: serve Prometheus metrics there (``/metrics``); 0 = off."""
     metrics_interval: float = 5.0
     """Seconds between two samples of the stream-group gauges (a few commands per run)."""
-    redis_ca: str = ""
-    """``rediss://`` only: CA, client certificate and key files (``PLUTO_REDIS_CA``,
-    ``PLUTO_REDIS_CERT``, ``PLUTO_REDIS_KEY``)."""
-    redis_cert: str = ""
-    redis_key: str = ""
     api_ca: str = ""
     """CA file to verify an ``https://`` backend with (``PLUTO_API_CA``; else the system's)."""
 
@@ -123,10 +117,6 @@ class WorkerSettings:
         if len(self.tenants) <= 1:
             return [self]
         return [self.replace(tenants=(t,), name=f"{self.name}@{t}") for t in self.tenants]
-
-    def tls(self) -> dict[str, Any]:
-        """redis-py TLS keyword arguments (none for ``redis://``)."""
-        return redis_tls(self.redis_url, {}, self.redis_ca, self.redis_cert, self.redis_key)
 
     def replace(self, **changes: Any) -> WorkerSettings:
         return dataclasses.replace(self, **changes)
