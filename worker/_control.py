@@ -165,13 +165,17 @@ class Control:
     def _running(self, run: int, member: str) -> bool:
         """The member has not finished since it attached (a short process may be done before
         its attach is applied: then the run needs no RUNNING, only the check that follows)."""
-        info = member_info(self.r.hget(self.keys.members(run), member))
+        info = self._member(run, member)
         return info is None or info.get("state") in (None, State.RUNNING.value)
+
+    def _member(self, run: int, member: str) -> dict[str, Any] | None:
+        """The member's value in the members hash as the SDK last wrote it (None: unreadable)."""
+        return member_info(self.r.hget(self.keys.members(run), member))
 
     def finish(self, msg: dict[str, Any]) -> None:
         run, member, state = msg["id"], msg["member"], msg.get("state") or "finished"
         self.owned(run)
-        info = member_info(self.r.hget(self.keys.members(run), member)) or {}
+        info = self._member(run, member) or {}
         self.backend.upsert_members(run, [member_row(member, info, state)])
         log.info("run %d: %s %s", run, member, state)
 
@@ -179,8 +183,7 @@ class Control:
         self.owned(msg["id"])
         self.backend.update_config(msg["id"], msg.get("config") or {})
 
-    def activate(self, run: int) -> bool:
-        """Make ``run`` one the workers read; True if it was not active before."""
-        added = bool(self.r.sadd(self.keys.runs, str(run)))
+    def activate(self, run: int) -> None:
+        """Make ``run`` one the workers read (in the runs set, with its group)."""
+        self.r.sadd(self.keys.runs, str(run))
         ensure_group(self.r, self.keys.metrics(run))
-        return added

@@ -177,12 +177,11 @@ def test_a_check_between_reattach_and_its_status_update_leaves_the_run_completed
         control = w.control.control
         activate = control.activate
 
-        def activate_then_check(run_: int) -> bool:
-            added = activate(run_)
+        def activate_then_check(run_: int) -> None:
+            activate(run_)
             if run_ == run:  # the process finishes, and a check runs, right now
                 finish(r, keys, run, "h:7")
                 w.watcher.check([run])
-            return added
 
         control.activate = activate_then_check
         attach(r, keys, run, "h:7")
